@@ -1,0 +1,103 @@
+"""Mask keystreams for secure aggregation, and the seeds they grow from.
+
+Mask generation, not the network, is the cost of secure aggregation, so the keystream is written
+straight into a preallocated numpy array through cffi (no Python ``bytes`` copies, GIL released).
+
+Keystream (algorithm ``"aegis256"``, the default; ~10 GB/s here): the output is cut into chunks of
+:data:`CHUNK_BYTES`; chunk ``i`` is AEGIS-256 encryption of zeros under key = seed and nonce =
+:data:`_NONCE_PREFIX` (24 bytes) || ``i`` as u64 little-endian, with its tag dropped. AEGIS is an
+AEAD, so its ciphertext under a unique (key, nonce) is indistinguishable from random: a PRG.
+``"chacha20"`` (~2 GB/s) is libsodium's ``randombytes_buf_deterministic`` for libsodium builds
+without AEGIS (< 1.0.19, i.e. PyNaCl < 1.6). Both ends of a mask must use the same algorithm, so a
+protocol should name it rather than rely on what each peer happens to have.
+
+Words are the keystream read as little-endian uint32 (the native order of every platform meshfl
+targets).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import nacl.bindings  # noqa: F401  (runs sodium_init(): picks the AES-NI/AVX code paths; without
+#                       it AEGIS falls back to portable code ~300x slower, same output)
+import numpy as np
+from nacl._sodium import ffi, lib
+
+from ..errors import CryptoError
+
+SEED_BYTES = 32
+CHUNK_BYTES = 256 * 1024  # part of the keystream definition: changing it changes every mask
+_NONCE_PREFIX = hashlib.blake2b(b"meshfl prg aegis256 v1", digest_size=24).digest()
+
+_HAS_AEGIS = hasattr(lib, "crypto_aead_aegis256_encrypt")
+PRG_ALGORITHMS: tuple[str, ...] = (("aegis256",) if _HAS_AEGIS else ()) + ("chacha20",)
+DEFAULT_PRG = PRG_ALGORITHMS[0]
+
+if _HAS_AEGIS:
+    _TAG_BYTES = lib.crypto_aead_aegis256_abytes()
+    _ZEROS = ffi.new("unsigned char[]", CHUNK_BYTES)  # read-only after creation: thread-safe
+
+
+def derive_seed(shared_secret: bytes, context: bytes) -> bytes:
+    """A full 256-bit mask seed: BLAKE2b-256 keyed by ``shared_secret`` over ``context``.
+
+    ``context`` should name everything the mask is for (round id, the two peer ids, purpose), so one
+    agreement never yields the same keystream twice. Never fold a seed to 32 bits (Flower's mistake:
+    a 2**32 search then recovers the mask).
+    """
+    shared_secret = bytes(shared_secret)
+    if not 16 <= len(shared_secret) <= 64:
+        raise CryptoError("a shared secret for derive_seed is 16..64 bytes", code="bad_argument")
+    return hashlib.blake2b(bytes(context), digest_size=SEED_BYTES, key=shared_secret,
+                           person=b"meshfl.seed.v1").digest()
+
+
+def prg_uint32(seed: bytes, n: int, *, out: np.ndarray | None = None,
+               algorithm: str | None = None) -> np.ndarray:
+    """Expand a 32-byte seed into ``n`` pseudorandom uint32 words (deterministic per seed).
+
+    ``out``: an optional C-contiguous uint32 array of ``n`` words to fill in place (e.g. a reused
+    mask buffer); otherwise a new array is returned.
+    """
+    seed = bytes(seed)
+    if len(seed) != SEED_BYTES:
+        raise CryptoError(f"a PRG seed is {SEED_BYTES} bytes", code="bad_argument")
+    if not isinstance(n, (int, np.integer)) or n < 0:
+        raise CryptoError("n must be a non-negative integer", code="bad_argument")
+    algorithm = algorithm or DEFAULT_PRG
+    if algorithm not in PRG_ALGORITHMS:
+        raise CryptoError(f"PRG {algorithm!r} unavailable here (have {PRG_ALGORITHMS})", code="unsupported")
+    n = int(n)
+    if out is None:
+        out = np.empty(n, dtype=np.uint32)
+    elif out.dtype != np.uint32 or out.size != n or not out.flags.c_contiguous or not out.flags.writeable:
+        raise CryptoError("out must be a writable C-contiguous uint32 array of n words", code="bad_argument")
+    if n == 0:
+        return out
+    buf = ffi.from_buffer("unsigned char[]", out, require_writable=True)
+    if algorithm == "chacha20":
+        lib.randombytes_buf_deterministic(buf, 4 * n, seed)
+    else:
+        _aegis_keystream(buf, 4 * n, seed)
+    return out
+
+
+def _aegis_keystream(buf, total: int, key: bytes) -> None:
+    scratch = None
+    offset, index = 0, 0
+    while offset < total:
+        length = min(CHUNK_BYTES, total - offset)
+        nonce = _NONCE_PREFIX + index.to_bytes(8, "little")
+        if offset + length + _TAG_BYTES <= total:
+            # The tag spills into the next chunk's space, which the next call overwrites.
+            lib.crypto_aead_aegis256_encrypt(buf + offset, ffi.NULL, _ZEROS, length,
+                                             ffi.NULL, 0, ffi.NULL, nonce, key)
+        else:  # the last chunk: no room for the tag, go through a small scratch buffer
+            if scratch is None:
+                scratch = ffi.new("unsigned char[]", CHUNK_BYTES + _TAG_BYTES)
+            lib.crypto_aead_aegis256_encrypt(scratch, ffi.NULL, _ZEROS, length,
+                                             ffi.NULL, 0, ffi.NULL, nonce, key)
+            ffi.memmove(buf + offset, scratch, length)
+        offset += length
+        index += 1

@@ -1,0 +1,98 @@
+"""One typed exception hierarchy for all of meshfl.
+
+Every error has a short machine-readable ``code`` and a readable message. Errors that cross the
+wire travel as ``{"code": ..., "message": ...}`` and are raised again on the other side as
+:class:`RemoteError` carrying the same code, so callers can branch on codes, not on strings.
+"""
+
+from __future__ import annotations
+
+
+class MeshflError(Exception):
+    """Base of every meshfl error."""
+
+    code = "error"
+
+    def __init__(self, message: str, *, code: str | None = None, details: dict | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.message = message
+        self.details = details or {}
+
+    def to_wire(self) -> dict:
+        """The form an error takes inside an error reply."""
+        out = {"code": self.code, "message": self.message}
+        if self.details:
+            out["details"] = self.details
+        return out
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.message}"
+
+
+class WireError(MeshflError):
+    """A message that cannot be decoded or does not match its declared type.
+
+    Codes: ``bad_envelope``, ``bad_version``, ``unknown_type``, ``missing_field``, ``bad_field``,
+    ``bad_dtype``, ``bad_shape``, ``bad_length``, ``too_many_frames``, ``oversize``.
+    """
+
+    code = "bad_message"
+
+
+class CryptoError(MeshflError):
+    """Bad signature, undecryptable box, malformed or insecure key material."""
+
+    code = "crypto"
+
+
+class StoreError(MeshflError):
+    """The LMDB store refused an operation (unknown table, bad state transition, ...)."""
+
+    code = "store"
+
+
+class AuditError(StoreError):
+    """The audit chain does not verify; ``details["index"]`` is the first bad record."""
+
+    code = "audit_tampered"
+
+
+class TransportError(MeshflError):
+    """A link-level failure: peer unknown or unreachable, transport closed."""
+
+    code = "transport"
+
+
+class PeerUnavailable(TransportError):
+    code = "peer_unavailable"
+
+
+class RequestTimeout(TransportError):
+    code = "timeout"
+
+
+class NotTrusted(TransportError):
+    code = "not_trusted"
+
+
+class RemoteError(MeshflError):
+    """The remote peer answered a request with an error reply (its code is kept)."""
+
+    code = "remote"
+
+    @classmethod
+    def from_wire(cls, payload: dict, peer: str | None = None) -> "RemoteError":
+        code = str(payload.get("code", "remote"))
+        message = str(payload.get("message", "remote error"))
+        details = payload.get("details") if isinstance(payload.get("details"), dict) else {}
+        if peer:
+            details = {**details, "peer": peer}
+        return cls(message, code=code, details=details)
+
+
+class ConfigError(MeshflError):
+    """A home folder or configuration that cannot be used as given."""
+
+    code = "config"

@@ -1,0 +1,144 @@
+"""Whole meshes inside one process, for meshfl's own tests and for users' tests.
+
+``PeerMesh`` starts N transport peers with temporary homes (real identity files) and mutual trust;
+peer 0 is the hub that listens, the others dial it (the researcher/node shape), or with
+``topology="full"`` every peer listens and dials every other one.
+
+Security note: libzmq applies no CURVE over ``inproc://`` (an untrusted key's message was delivered
+over inproc here, refused over ipc and tcp), so a mesh that claims CURVE uses ``ipc`` (default) or
+loopback ``tcp``; ``transport="inproc"`` requires ``curve=False`` and says so in the log.
+
+Use it as a context manager, or as the ``peer_mesh`` pytest fixture after
+``pytest_plugins = ["meshfl.testing"]`` in a conftest.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import zmq
+
+from ..crypto import Identity
+from ..errors import ConfigError
+from ..transport import Peer
+from ..wire import Message
+
+log = logging.getLogger("meshfl.testing")
+
+
+class PeerMesh:
+    def __init__(
+        self,
+        n: int = 3,
+        *,
+        transport: str = "ipc",
+        curve: bool = True,
+        topology: str = "star",
+        handler: Callable[[Message], Message | None] | None = None,
+        names: list[str] | None = None,
+        heartbeat: float = 0.5,
+        dead_after: float = 3.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        if transport not in ("ipc", "tcp", "inproc"):
+            raise ConfigError(f"unknown transport {transport!r}: ipc, tcp or inproc")
+        if transport == "inproc" and curve:
+            raise ConfigError("inproc runs no CURVE: use transport='ipc' or 'tcp', or curve=False")
+        if topology not in ("star", "full"):
+            raise ConfigError(f"unknown topology {topology!r}: star or full")
+        self.n, self.transport, self.curve, self.topology = n, transport, curve, topology
+        self._handler, self._heartbeat, self._dead_after = handler, heartbeat, dead_after
+        self._connect_timeout = connect_timeout
+        self.names = names or [f"peer{i}" for i in range(n)]
+        self.root: Path | None = None
+        self.identities: list[Identity] = []
+        self.peers: list[Peer] = []
+        self._ctx: zmq.Context | None = None
+
+    def _endpoint(self, i: int) -> str:
+        if self.transport == "ipc":
+            return f"ipc://{self.root}/peer{i}.sock"
+        if self.transport == "tcp":
+            return "tcp://127.0.0.1:0"
+        return f"inproc://meshfl-{uuid.uuid4().hex}-{i}"
+
+    def start(self) -> "PeerMesh":
+        self.root = Path(tempfile.mkdtemp(prefix="meshfl-mesh-"))
+        if self.transport == "inproc":
+            self._ctx = zmq.Context()
+            log.warning("in-process mesh over inproc: CURVE is off, links are not authenticated")
+        try:
+            for i, name in enumerate(self.names):
+                identity = Identity.create(self.root / name, name)
+                listens = i == 0 or self.topology == "full"
+                peer = Peer(
+                    identity,
+                    listen=self._endpoint(i) if listens else None,
+                    curve=self.curve,
+                    handler=self._handler,
+                    heartbeat=self._heartbeat,
+                    dead_after=self._dead_after,
+                    context=self._ctx,
+                )
+                self.identities.append(identity)
+                self.peers.append(peer.start())
+            self._link()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _link(self) -> None:
+        for i, peer in enumerate(self.peers):
+            for j, other in enumerate(self.peers):
+                if i == j:
+                    continue
+                dial = (self.topology == "full" and i < j) or (self.topology == "star" and j == 0)
+                peer.trust(other.identity.card, other.endpoint if dial else None)
+        hub = self.peers[0]
+        others = [p.peer_id for p in self.peers[1:]]
+        if not hub.wait_online(others, self._connect_timeout):
+            raise ConfigError(f"mesh did not come up in {self._connect_timeout}s: online {hub.online()}")
+
+    def close(self) -> None:
+        for peer in reversed(self.peers):
+            peer.close(linger=0)
+        self.peers.clear()
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None
+
+    def __enter__(self) -> "PeerMesh":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getitem__(self, i: int) -> Peer:
+        return self.peers[i]
+
+    def __len__(self) -> int:
+        return len(self.peers)
+
+
+try:  # the fixture is only defined where pytest is installed
+    import pytest
+
+    @pytest.fixture
+    def peer_mesh():
+        """A started 3-peer CURVE mesh over ipc, torn down after the test."""
+        with PeerMesh(3) as mesh:
+            yield mesh
+
+except ImportError:  # pragma: no cover
+    pass
+
+__all__ = ["PeerMesh"]

@@ -1,0 +1,229 @@
+"""Peers over real sockets: CURVE + ZAP trust, request/reply, errors, liveness, clean shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import pytest
+import torch
+import zmq
+
+from meshfl.crypto import Identity
+from meshfl.errors import ConfigError, NotTrusted, PeerUnavailable, RemoteError, RequestTimeout
+from meshfl.testing import PeerMesh
+from meshfl.transport import Peer
+from meshfl.wire import Message, declare, encode
+
+declare("t.echo", optional={"n": "int"}, tensors=True)
+declare("t.boom")
+
+
+def echo_handler(msg: Message) -> Message | None:
+    if msg.type == "t.boom":
+        raise ValueError("secret detail that must not leak")
+    return msg.reply("t.echo", msg.fields, msg.tensors)
+
+
+def wait_until(cond, timeout=10.0, step=0.02):
+    """Bounded wait on a condition (the transport has no event for every case a test checks)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        threading.Event().wait(step)
+    return cond()
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_request_reply_with_tensors_both_directions(transport):
+    with PeerMesh(3, transport=transport, handler=echo_handler) as mesh:
+        hub, a, b = mesh.peers
+        w = torch.randn(300, 700)  # 840 KB
+        big = torch.randn(600_000)  # 2.4 MB: several frames
+        r = a.call(hub.peer_id, Message("t.echo", {"n": 1}, {"w": w, "big": big}), timeout=10)
+        assert r.fields == {"n": 1} and r.sender == hub.peer_id
+        assert torch.equal(r.tensors["w"], w) and torch.equal(r.tensors["big"], big)
+        # The hub reaches nodes through its ROUTER although it never dialed them.
+        for node in (a, b):
+            r = hub.call(node.peer_id, Message("t.echo", {"n": 2}), timeout=10)
+            assert r.sender == node.peer_id and r.fields == {"n": 2}
+
+
+def test_many_concurrent_requests_are_matched_to_their_replies():
+    with PeerMesh(2, handler=echo_handler) as mesh:
+        hub, node = mesh.peers
+        futures = [node.request(hub.peer_id, Message("t.echo", {"n": i}), timeout=20) for i in range(300)]
+        assert [f.result().fields["n"] for f in futures] == list(range(300))
+
+
+def test_untrusted_key_cannot_exchange_a_single_message(tmp_path, caplog):
+    received = []
+
+    def handler(msg):
+        received.append(msg)
+        return None
+
+    hub = Peer(Identity.generate("hub"), listen=f"ipc://{tmp_path}/hub.sock", handler=handler).start()
+    stranger = Peer(Identity.generate("stranger")).start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="meshfl.transport"):
+            stranger.trust(hub.identity.card, hub.endpoint)  # the stranger knows the hub...
+            assert wait_until(lambda: "key not trusted" in caplog.text)  # ...the hub does not know it
+        assert stranger.identity.card.link_key.hex() in caplog.text  # the refusal names the key
+        with pytest.raises(PeerUnavailable):
+            stranger.send(hub.peer_id, Message("t.echo")).result(timeout=5)
+        # Even a raw socket speaking CURVE with an unknown key gets nothing through.
+        ident = Identity.generate("raw")
+        raw = zmq.Context.instance().socket(zmq.DEALER)
+        raw.curve_secretkey, raw.curve_publickey = ident.link_secret_z85, ident.link_public_z85
+        raw.curve_serverkey = hub.identity.link_public_z85
+        raw.routing_id = ident.peer_id.encode()
+        raw.connect(hub.endpoint)
+        raw.send_multipart(encode(Message("t.echo", sender=ident.peer_id)))
+        assert wait_until(lambda: caplog.text.count("key not trusted") >= 2)
+        assert received == [] and not hub.online()
+        raw.close(0)
+    finally:
+        stranger.close()
+        hub.close()
+
+
+def test_plain_client_is_refused_by_a_curve_peer(tmp_path, caplog):
+    with PeerMesh(2) as mesh:
+        hub = mesh.peers[0]
+        raw = zmq.Context.instance().socket(zmq.DEALER)
+        raw.linger = 0
+        raw.setsockopt(zmq.RCVTIMEO, 300)
+        raw.connect(hub.endpoint)
+        raw.send_multipart(encode(Message("t.echo", sender="x")))
+        with pytest.raises(zmq.Again):
+            raw.recv_multipart()
+        raw.close()
+        assert hub.online() == [mesh.peers[1].peer_id]
+
+
+def test_a_trusted_peer_cannot_claim_another_peers_id(caplog):
+    received = []
+    with PeerMesh(3, handler=lambda m: received.append(m)) as mesh:
+        hub, honest, liar = mesh.peers
+        raw = zmq.Context.instance().socket(zmq.DEALER)
+        raw.linger = 0
+        raw.curve_secretkey, raw.curve_publickey = liar.identity.link_secret_z85, liar.identity.link_public_z85
+        raw.curve_serverkey = hub.identity.link_public_z85
+        raw.routing_id = b"impostor-" + honest.peer_id.encode()
+        with caplog.at_level(logging.WARNING, logger="meshfl.transport"):
+            raw.connect(hub.endpoint)
+            raw.send_multipart(encode(Message("t.echo", sender=honest.peer_id)))
+            assert wait_until(lambda: "dropped a message" in caplog.text)
+        raw.close()
+        assert received == []
+
+
+def test_revoked_peer_is_cut_off():
+    with PeerMesh(2, handler=echo_handler) as mesh:
+        hub, node = mesh.peers
+        assert node.call(hub.peer_id, Message("t.echo"), timeout=5).type == "t.echo"
+        assert hub.revoke(node.peer_id)
+        with pytest.raises((RequestTimeout, PeerUnavailable)):
+            node.call(hub.peer_id, Message("t.echo"), timeout=1.0)
+        with pytest.raises(NotTrusted):
+            hub.send(node.peer_id, Message("t.echo")).result(timeout=5)
+
+
+def test_request_to_a_gone_peer_times_out_with_a_clear_error(tmp_path):
+    with PeerMesh(2, handler=echo_handler, dead_after=30) as mesh:
+        hub, node = mesh.peers
+        silent = threading.Event()
+        node._handler = lambda m: silent.wait(5) and None  # alive link, never answers
+        with pytest.raises(RequestTimeout) as info:
+            hub.call(node.peer_id, Message("t.echo"), timeout=0.5)
+        silent.set()
+        assert node.name in str(info.value) and "t.echo" in str(info.value)
+        node.close(linger=0)
+        with pytest.raises((RequestTimeout, PeerUnavailable)) as info:
+            hub.call(node.peer_id, Message("t.echo"), timeout=0.5)
+        assert node.name in str(info.value)
+
+
+def test_dead_link_is_noticed_and_redialed(tmp_path):
+    endpoint = f"ipc://{tmp_path}/hub.sock"
+    hub_id, node_id = Identity.generate("hub"), Identity.generate("node")
+    hub = Peer(hub_id, listen=endpoint, handler=echo_handler, heartbeat=0.2, dead_after=1.0).start()
+    node = Peer(node_id, heartbeat=0.2, dead_after=1.0).start()
+    try:
+        hub.trust(node_id.card)
+        node.trust(hub_id.card, endpoint)
+        assert hub.wait_online([node.peer_id], 5) and node.wait_online([hub.peer_id], 5)
+        hub.close(linger=0)
+        assert wait_until(lambda: not node.is_online(hub.peer_id), timeout=5)
+        hub = Peer(hub_id, listen=endpoint, handler=echo_handler, heartbeat=0.2, dead_after=1.0).start()
+        hub.trust(node_id.card)
+        assert node.wait_online([hub.peer_id], 10)  # the node redialed on its own
+        assert node.call(hub.peer_id, Message("t.echo", {"n": 7}), timeout=5).fields == {"n": 7}
+    finally:
+        node.close()
+        hub.close()
+
+
+def test_malformed_frames_get_error_codes_and_the_peer_keeps_running():
+    with PeerMesh(3, handler=echo_handler) as mesh:
+        hub, node, sender = mesh.peers
+        sender.close(linger=0)  # a raw socket speaks with its trusted keys instead
+        raw = zmq.Context.instance().socket(zmq.DEALER)
+        raw.linger = 0
+        raw.setsockopt(zmq.RCVTIMEO, 5000)
+        raw.curve_secretkey, raw.curve_publickey = sender.identity.link_secret_z85, sender.identity.link_public_z85
+        raw.curve_serverkey = hub.identity.link_public_z85
+        raw.routing_id = sender.peer_id.encode()
+        raw.connect(hub.endpoint)
+        cases = {
+            "bad_envelope": [b"\xff garbage"],
+            "unknown_type": encode(Message("no.such.type", sender=sender.peer_id)),
+            "bad_length": [*encode(Message("t.echo", {}, {"w": torch.ones(10)}, sender=sender.peer_id))[:1], b"short"],
+            "too_many_frames": [*encode(Message("t.echo", sender=sender.peer_id)), b"extra"],
+            "bad_field": encode(Message("t.echo", {"n": "x"}, sender=sender.peer_id)),
+        }
+        from meshfl.wire import decode
+
+        for code, frames in cases.items():
+            raw.send_multipart(frames)
+            reply = decode(raw.recv_multipart())
+            assert reply.type == "error" and reply.fields["code"] == code, (code, reply.fields)
+            assert reply.fields["message"]
+        raw.close()
+        # The handler's own failures are error replies too, without leaking internals.
+        with pytest.raises(RemoteError) as info:
+            node.call(hub.peer_id, Message("t.boom"), timeout=5)
+        assert info.value.code == "internal" and "secret detail" not in str(info.value)
+        assert node.call(hub.peer_id, Message("t.echo", {"n": 1}), timeout=5).fields == {"n": 1}
+
+
+def test_curve_over_inproc_is_refused_and_insecure_inproc_mesh_works():
+    with pytest.raises(ConfigError):
+        Peer(Identity.generate("x"), listen="inproc://x", curve=True)
+    with pytest.raises(ConfigError):
+        PeerMesh(2, transport="inproc", curve=True)
+    with PeerMesh(3, transport="inproc", curve=False, handler=echo_handler) as mesh:
+        r = mesh[1].call(mesh[0].peer_id, Message("t.echo", {"n": 5}, {"w": torch.ones(3)}), timeout=5)
+        assert r.fields == {"n": 5}
+
+
+def test_clean_shutdown_leaves_no_thread_or_file_descriptor():
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    def ours():
+        return [t for t in threading.enumerate() if t.name.startswith("meshfl-")]
+
+    with PeerMesh(2, handler=echo_handler) as mesh:  # warm-up: lazily created globals
+        mesh[1].call(mesh[0].peer_id, Message("t.echo"), timeout=5)
+    before = fds()
+    for transport in ("ipc", "tcp"):
+        with PeerMesh(3, transport=transport, handler=echo_handler) as mesh:
+            mesh[1].call(mesh[0].peer_id, Message("t.echo"), timeout=5)
+            assert len(ours()) == 6
+    assert ours() == []
+    assert wait_until(lambda: fds() <= before, timeout=5), (before, fds())
