@@ -227,3 +227,17 @@ def test_clean_shutdown_leaves_no_thread_or_file_descriptor():
             assert len(ours()) == 6
     assert ours() == []
     assert wait_until(lambda: fds() <= before, timeout=5), (before, fds())
+
+
+def test_a_node_refused_at_first_gets_in_once_trusted(tmp_path):
+    hub = Peer(Identity.generate("hub"), listen=f"ipc://{tmp_path}/hub.sock", handler=echo_handler).start()
+    node = Peer(Identity.generate("node")).start()
+    try:
+        node.trust(hub.identity.card, hub.endpoint)  # dials before the hub knows it: refused
+        assert not hub.wait_online([node.peer_id], 0.5)
+        hub.trust(node.identity.card)  # the operator trusts it afterwards
+        assert node.wait_online([hub.peer_id], 10)
+        assert node.call(hub.peer_id, Message("t.echo", {"n": 3}), timeout=5).fields == {"n": 3}
+    finally:
+        node.close()
+        hub.close()

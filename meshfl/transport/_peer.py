@@ -124,6 +124,8 @@ class Peer:
         self._dealer_of: dict[zmq.Socket, str] = {}
         self._monitors: dict[zmq.Socket, str] = {}
         self._dealer_up: set[str] = set()
+        self._redial_at: dict[str, float] = {}
+        self._redial_delay: dict[str, float] = {}
         self._last_seen: dict[str, float] = {}
         self._names: dict[str, str] = {}
         self._online: set[str] = set()
@@ -387,12 +389,14 @@ class Peer:
             self._link_up(peer_id)  # inproc has no handshake, hence no monitor event
 
     def _link_up(self, peer_id: str) -> None:
+        self._redial_delay.pop(peer_id, None)
         self._dealer_up.add(peer_id)
         hello = encode(Message("hello", {"name": self.name}, sender=self.peer_id))
         self._dealers[peer_id].send_multipart(hello, flags=zmq.DONTWAIT)
         self._set_online(peer_id, True)
 
     def _hang_up(self, peer_id: str) -> None:
+        self._redial_at.pop(peer_id, None)
         sock = self._dealers.pop(peer_id, None)
         if sock is not None:
             del self._dealer_of[sock]
@@ -434,7 +438,11 @@ class Peer:
             fut.set_result(None)
 
     def _beat(self, now: float) -> None:
-        """App heartbeat on dialed links (so the far ROUTER sees us), and expiry of silent ones."""
+        """App heartbeat on dialed links (so the far ROUTER sees us), expiry of silent ones, redials."""
+        for pid, when in list(self._redial_at.items()):
+            if when <= now:
+                del self._redial_at[pid]
+                self._dial(pid)
         if self._dealer_up:
             hb = encode(Message("hb", sender=self.peer_id), self.frame_bytes)
             for pid in list(self._dealer_up):
@@ -479,7 +487,12 @@ class Peer:
             self._dealer_up.discard(peer_id)
             self._set_online(peer_id, False)
         else:
-            self.log.warning("handshake with %s refused (are we trusted there? is its key right?)", name)
+            # libzmq gives up on a peer that refused our key; try again later, backing off, so a
+            # node started before its researcher trusted it still gets in once it is trusted.
+            delay = min(30.0, 2 * self._redial_delay.get(peer_id, 0.5))
+            self._redial_delay[peer_id] = delay
+            self._redial_at[peer_id] = time.monotonic() + delay
+            self.log.warning("handshake with %s refused (are we trusted there?); retrying in %.0fs", name, delay)
 
     def _recv_dealer(self, sock: zmq.Socket) -> None:
         peer_id = self._dealer_of[sock]

@@ -6,9 +6,10 @@ each tensor cut into frames of at most ``frame_bytes`` (a few MB: libzmq moves 1
 faster than one huge one, which costs fresh-page faults, and ~4x faster again under CURVE).
 
 Sending copies no tensor byte: frames are memoryviews over the tensors' own storage. Receiving
-copies none either for a tensor that fits in one frame (``torch.frombuffer`` over the frame); a
-tensor cut into several frames is gathered once into fresh memory. Every length is checked
-against the envelope before anything is allocated, and nothing is ever unpickled.
+copies none either: a tensor that fits in one frame is a ``torch.frombuffer`` view over it, and
+one cut into several frames is gathered only when a caller asks for it whole (:class:`TensorMap`;
+its pieces can be read, aggregated or relayed without that copy). Every length is checked against
+the envelope before anything is allocated, and nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -73,12 +74,12 @@ class Message:
 
     type: str
     fields: dict[str, Any] = field(default_factory=dict)
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
     id: str = field(default_factory=new_id)
     reply_to: str | None = None
     sender: str | None = None
 
-    def reply(self, type: str, fields: dict | None = None, tensors: dict | None = None) -> "Message":
+    def reply(self, type: str, fields: dict | None = None, tensors: Mapping | None = None) -> "Message":
         """A message answering this one."""
         return Message(type, fields or {}, tensors or {}, reply_to=self.id)
 
@@ -98,7 +99,15 @@ def encode(msg: Message, frame_bytes: int = DEFAULT_FRAME_BYTES) -> list:
     """Message -> list of frames (bytes envelope, then memoryviews), ready for ``copy=False``."""
     descriptors = []
     frames: list = []
-    for name, tensor in msg.tensors.items():
+    received = msg.tensors if isinstance(msg.tensors, TensorMap) else None
+    for name in msg.tensors:
+        forwarded = received.frames_of(name, frame_bytes) if received is not None else None
+        if forwarded is not None:  # relay a received tensor frame by frame, without gathering it
+            dtype, shape, nbytes = received.spec(name)
+            descriptors.append([name, _DTYPE_NAMES[dtype], list(shape), nbytes])
+            frames.extend(forwarded)
+            continue
+        tensor = msg.tensors[name]
         if not isinstance(tensor, torch.Tensor):
             raise WireError(f"tensor {name!r} is a {type(tensor).__name__}", code="bad_dtype")
         dtype = _DTYPE_NAMES.get(tensor.dtype)
@@ -162,16 +171,66 @@ def _check_descriptor(d: Any, limits: Limits) -> tuple[str, torch.dtype, tuple[i
     return name, dtype, tuple(shape), nbytes
 
 
-def _tensor_from_frames(frames: Sequence, dtype: torch.dtype, shape: tuple, nbytes: int) -> torch.Tensor:
+class TensorMap(Mapping[str, torch.Tensor]):
+    """Received tensors, read-only mapping. No byte is copied until a caller needs one tensor.
+
+    A tensor that came in one frame is a view over it. One cut into several frames is gathered
+    into fresh memory on first access (and cached); :meth:`pieces` walks its frames without any
+    copy, and :func:`encode` forwards ungathered tensors frame by frame, so relaying or
+    aggregating a received model costs no copy at all.
+    """
+
+    def __init__(self, specs: dict[str, tuple[torch.dtype, tuple[int, ...], int, list[memoryview]]], frame_bytes: int):
+        self._specs = specs
+        self._frame_bytes = frame_bytes
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        tensor = self._cache.get(name)
+        if tensor is None:
+            dtype, shape, nbytes, parts = self._specs[name]
+            tensor = self._cache[name] = _gather(parts, dtype, shape, nbytes)
+        return tensor
+
+    def __iter__(self):
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def spec(self, name: str) -> tuple[torch.dtype, tuple[int, ...], int]:
+        dtype, shape, nbytes, _ = self._specs[name]
+        return dtype, shape, nbytes
+
+    def pieces(self, name: str):
+        """Yield ``(first_element, 1-D view)`` for each frame of a tensor: zero-copy access."""
+        dtype, shape, nbytes, parts = self._specs[name]
+        if name in self._cache or len(parts) <= 1:
+            yield 0, self[name].reshape(-1)
+            return
+        start = 0
+        for part in parts:
+            view = torch.frombuffer(part, dtype=dtype)
+            yield start, view
+            start += view.numel()
+
+    def frames_of(self, name: str, frame_bytes: int) -> list | None:
+        """The received frames of an ungathered tensor, if they fit ``frame_bytes`` framing."""
+        if name in self._cache or frame_bytes != self._frame_bytes:
+            return None
+        return self._specs[name][3]
+
+
+def _gather(parts: Sequence[memoryview], dtype: torch.dtype, shape: tuple, nbytes: int) -> torch.Tensor:
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    if len(frames) == 1:
-        return torch.frombuffer(frames[0], dtype=dtype).reshape(shape)
+    if len(parts) == 1:
+        return torch.frombuffer(parts[0], dtype=dtype).reshape(shape)
     # numpy.empty madvises huge pages for big buffers: faster first touch than torch.empty here.
     out = np.empty(nbytes, dtype=np.uint8)
     pos = 0
-    for frame in frames:
-        chunk = np.frombuffer(frame, dtype=np.uint8)
+    for part in parts:
+        chunk = np.frombuffer(part, dtype=np.uint8)
         out[pos : pos + chunk.size] = chunk
         pos += chunk.size
     return torch.from_numpy(out).view(dtype).reshape(shape)
@@ -224,7 +283,7 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
     if needed != len(frames) - 1:
         raise WireError(f"envelope describes {needed} frames, message has {len(frames) - 1}", code="too_many_frames")
 
-    tensors: dict[str, torch.Tensor] = {}
+    specs: dict[str, tuple] = {}
     pos = 1
     for name, dtype, shape, nbytes in checked:
         count = max(1, -(-nbytes // frame_bytes))
@@ -233,10 +292,11 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
             want = min(frame_bytes, nbytes - i * frame_bytes)
             if part.nbytes != want:
                 raise WireError(f"tensor {name!r}: frame of {part.nbytes} bytes, expected {want}", code="bad_length")
-        if name in tensors:
+        if name in specs:
             raise WireError(f"tensor {name!r} appears twice", code="bad_envelope")
-        tensors[name] = _tensor_from_frames(parts, dtype, shape, nbytes)
+        specs[name] = (dtype, shape, nbytes, parts)
         pos += count
+    tensors = TensorMap(specs, frame_bytes or DEFAULT_FRAME_BYTES)
     return Message(mtype, env.get("f", {}), tensors, id=mid, reply_to=reply_to, sender=src)
 
 

@@ -1,0 +1,174 @@
+"""A durable FIFO of tasks: pending -> running -> done | failed, or pending -> cancelled.
+
+Three tables per queue `name`: ``name`` (task id -> task record), ``name.order`` (sequence
+number -> task id, every task, in push order) and ``name.pending`` (the same for pending tasks
+only, so ``claim`` never scans finished work). Each state change is one transaction, so after a
+crash every task is wholly in one state, listed in both indexes it belongs to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import StoreError
+from ._codec import next_seq, seq_key
+from .store import Store, Tx
+
+PENDING, RUNNING, DONE, FAILED, CANCELLED = "pending", "running", "done", "failed", "cancelled"
+FINISHED = frozenset({DONE, FAILED, CANCELLED})
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    seq: int
+    state: str
+    payload: dict
+    result: dict | None
+    error: dict | None
+    attempts: int
+    created: float
+    updated: float
+
+
+class TaskQueue:
+    def __init__(self, store: Store, name: str = "tasks"):
+        self._store = store
+        self._tasks, self._order, self._pending = name, f"{name}.order", f"{name}.pending"
+
+    def push(self, payload: dict, task_id: str | None = None) -> str:
+        """Add a pending task; pushing an id that already exists changes nothing."""
+        task_id = uuid.uuid4().hex if task_id is None else task_id
+
+        def push(tx: Tx) -> None:
+            if tx.has(self._tasks, task_id):
+                return
+            now = time.time()
+            seq = next_seq(tx, self._order)
+            self._save(tx, Task(task_id, seq, PENDING, payload, None, None, 0, now, now))
+            tx.put(self._order, seq_key(seq), task_id)
+            tx.put(self._pending, seq_key(seq), task_id)
+
+        self._store.atomic(push)
+        return task_id
+
+    def claim(self) -> Task | None:
+        """Mark the oldest pending task running and return it; None when nothing is pending."""
+
+        def claim(tx: Tx) -> Task | None:
+            first = tx.items(self._pending, limit=1)
+            if not first:
+                return None
+            key, task_id = first[0]
+            tx.delete(self._pending, key)
+            task = self._load(tx, task_id)
+            return self._save(tx, task, state=RUNNING, attempts=task.attempts + 1)
+
+        return self._store.atomic(claim)
+
+    def done(self, task_id: str, result: dict | None = None) -> Task:
+        return self._finish(task_id, DONE, result=result)
+
+    def fail(self, task_id: str, error: dict) -> Task:
+        return self._finish(task_id, FAILED, error=error)
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel a pending task; False when it is unknown or no longer pending."""
+
+        def cancel(tx: Tx) -> bool:
+            task = self._load(tx, task_id, missing_ok=True)
+            if task is None or task.state != PENDING:
+                return False
+            tx.delete(self._pending, seq_key(task.seq))
+            self._save(tx, task, state=CANCELLED)
+            return True
+
+        return self._store.atomic(cancel)
+
+    def recover(self, requeue: bool = True) -> list[Task]:
+        """Deal with tasks a crash left running; call once at start-up, before any claim.
+
+        With `requeue` they become pending again at their original place in the queue; otherwise
+        they fail with error code "interrupted". Returns them, changed, in queue order.
+        """
+
+        def recover(tx: Tx) -> list[Task]:
+            recovered = []
+            for task in self._all(tx):
+                if task.state != RUNNING:
+                    continue
+                if requeue:
+                    tx.put(self._pending, seq_key(task.seq), task.id)
+                    recovered.append(self._save(tx, task, state=PENDING))
+                else:
+                    error = {"code": "interrupted", "message": "its process stopped mid-task"}
+                    recovered.append(self._save(tx, task, state=FAILED, error=error))
+            return recovered
+
+        return self._store.atomic(recover)
+
+    def remove_finished(self, older_than: float | None = None) -> int:
+        """Delete done, failed and cancelled tasks finished at least `older_than` seconds ago
+        (all of them when None); returns how many."""
+
+        def remove(tx: Tx) -> int:
+            cutoff = None if older_than is None else time.time() - older_than
+            removed = 0
+            for task in self._all(tx):
+                if task.state in FINISHED and (cutoff is None or task.updated <= cutoff):
+                    tx.delete(self._tasks, task.id)
+                    tx.delete(self._order, seq_key(task.seq))
+                    removed += 1
+            return removed
+
+        return self._store.atomic(remove)
+
+    def get(self, task_id: str) -> Task | None:
+        return self._store.read(lambda tx: self._load(tx, task_id, missing_ok=True))
+
+    def list(self, state: str | None = None) -> list[Task]:
+        """Tasks in queue order, optionally only those in `state`."""
+        tasks = self._store.read(self._all)
+        return tasks if state is None else [task for task in tasks if task.state == state]
+
+    def count(self, state: str | None = None) -> int:
+        if state is None:
+            return self._store.read(lambda tx: tx.count(self._tasks))
+        if state == PENDING:
+            return self._store.read(lambda tx: tx.count(self._pending))
+        return len(self.list(state))
+
+    def _finish(self, task_id: str, state: str, **changes: Any) -> Task:
+        def finish(tx: Tx) -> Task:
+            task = self._load(tx, task_id)
+            if task.state != RUNNING:
+                raise StoreError(
+                    f"task {task_id!r} is {task.state}, only a running task can become {state}",
+                    code="bad_state",
+                    details={"task_id": task_id, "state": task.state},
+                )
+            return self._save(tx, task, state=state, **changes)
+
+        return self._store.atomic(finish)
+
+    def _all(self, tx: Tx) -> list[Task]:
+        return [self._load(tx, task_id) for _, task_id in tx.items(self._order)]
+
+    def _load(self, tx: Tx, task_id: str, *, missing_ok: bool = False) -> Task | None:
+        record = tx.get(self._tasks, task_id)
+        if record is None:
+            if missing_ok:
+                return None
+            raise StoreError(f"no task {task_id!r}", code="not_found", details={"task_id": task_id})
+        return Task(**record)
+
+    def _save(self, tx: Tx, task: Task, **changes: Any) -> Task:
+        """Write `task` with `changes` applied; a change also stamps `updated`."""
+        if changes:
+            task = dataclasses.replace(task, updated=time.time(), **changes)
+        tx.put(self._tasks, task.id, dataclasses.asdict(task))
+        return task
