@@ -96,3 +96,22 @@ class ConfigError(MeshflError):
     """A home folder or configuration that cannot be used as given."""
 
     code = "config"
+
+
+class DatasetError(MeshflError):
+    """A dataset that cannot be registered or read.
+
+    Codes: ``not_found``, ``bad_format``, ``bad_target``, ``bad_name``, ``exists``,
+    ``unknown_dataset``, ``dataset_missing``.
+    """
+
+    code = "dataset"
+
+
+class PlanError(MeshflError):
+    """A training plan this node will not run, or cannot find.
+
+    Codes: ``plan_not_approved``, ``plan_rejected``, ``unknown_plan``, ``bad_plan``.
+    """
+
+    code = "plan"

@@ -1,0 +1,170 @@
+"""`meshfl node ...` and `meshfl dataset ...`: run a node and manage the data it offers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..node._datasets import FORMATS, DatasetRegistry, normalize_tags
+from ..node._plans import STATUSES, PlanRegistry
+from ..store import Outbox, TaskQueue
+from ._app import UserError, emit_json, home_option, json_option, main, open_home, table, when
+
+TASK_STATES = ("pending", "running", "done", "failed", "cancelled")
+
+
+@main.group()
+def node() -> None:
+    """Run a node, or see what it holds and does."""
+
+
+@node.command("start")
+@home_option
+@click.option("--dev", is_flag=True,
+              help="Run training plans without approval (development only; the node's "
+                   "config.toml can also turn this on).")
+def node_start(home: Path, dev: bool) -> None:
+    """Start the node and keep it running until Ctrl-C (SIGINT) or SIGTERM."""
+    from ..node import Node  # imported here: the other commands need no torch/zmq start-up
+
+    with open_home(home, role="node"):
+        pass  # a clear error for a missing or researcher home before the node starts
+    Node(home, dev=True if dev else None).run()  # None: the home's config.toml decides
+
+
+@node.command("status")
+@home_option
+@json_option
+def node_status(home: Path, as_json: bool) -> None:
+    """Summarise the node's home: trust, datasets, plans, tasks. Works while it runs or not."""
+    with open_home(home, role="node") as h:
+        plans = PlanRegistry(h.store, h.audit).list()
+        tasks = TaskQueue(h.store, "tasks")
+        info = {
+            "home": str(h.path), "name": h.config.name, "peer_id": h.identity.peer_id,
+            "dev": h.config.dev,
+            "trusted": [{"peer_id": e["peer_id"], "name": e["name"], "endpoint": e["endpoint"]}
+                        for e in h.trusted()],
+            "datasets": len(DatasetRegistry(h.store).list()),
+            "plans": {s: sum(p["status"] == s for p in plans) for s in STATUSES},
+            "tasks": {s: tasks.count(s) for s in TASK_STATES},
+            "outbox": len(Outbox(h.store, "outbox")),
+            "audit": len(h.audit),
+        }
+    if as_json:
+        emit_json(info)
+        return
+    click.echo(f"node {info['name']} ({info['peer_id']})  home {info['home']}")
+    if info["dev"]:
+        click.echo("development mode: training plans run WITHOUT approval")
+    click.echo("trusted peers: " + (", ".join(f"{e['name']} ({e['endpoint'] or 'no endpoint'})"
+                                              for e in info["trusted"]) or "none"))
+    click.echo(f"datasets:      {info['datasets']}")
+    click.echo("plans:         " + ", ".join(f"{n} {s}" for s, n in info["plans"].items()))
+    click.echo("tasks:         " + ", ".join(f"{n} {s}" for s, n in info["tasks"].items()))
+    click.echo(f"outbox:        {info['outbox']} unacknowledged")
+    click.echo(f"audit records: {info['audit']}")
+
+
+@main.group()
+def dataset() -> None:
+    """The data this node offers (files never leave it)."""
+
+
+@dataset.command("add")
+@home_option
+@click.option("--name", required=True, help="A unique name, e.g. mnist-train.")
+@click.option("--tags", required=True, metavar="A,B",
+              help="Comma-separated tags researchers search by, e.g. mnist,train.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True,
+              help="csv: header row, one sample per row. npy: one features array. npz or torch "
+                   "(.pt dict of tensors): arrays x and y. images: folder/<class>/<image files>.")
+@click.option("--path", required=True, type=click.Path(exists=True, path_type=Path),
+              help="The file or folder holding the data.")
+@click.option("--target", metavar="COLUMN",
+              help="The label: a csv column, or the npz/torch array name if not y.")
+@click.option("--description", default="", help="A note for researchers.")
+@json_option
+def dataset_add(home: Path, name: str, tags: str, fmt: str, path: Path, target: str | None,
+                description: str, as_json: bool) -> None:
+    """Register data so researchers can train on it (the node reads it in place)."""
+    with open_home(home, role="node") as h:
+        record = DatasetRegistry(h.store, h.audit).add(
+            name, normalize_tags(tags), fmt, path, target=target, description=description)
+        minimum = h.config.minimum_samples
+    if as_json:
+        emit_json(record)
+        return
+    _show(record)
+    if record["samples"] is not None and record["samples"] < minimum:
+        click.echo(f"note: fewer than minimum_samples={minimum} samples, so researchers will "
+                   f"not see it", err=True)
+
+
+@dataset.command("list")
+@home_option
+@json_option
+def dataset_list(home: Path, as_json: bool) -> None:
+    """List registered datasets."""
+    with open_home(home, role="node") as h:
+        records = DatasetRegistry(h.store).list()
+    if as_json:
+        emit_json(records)
+    elif not records:
+        click.echo("no datasets (add one with `meshfl dataset add`)")
+    else:
+        table([[r["name"], r["format"], r["samples"], _shape(r), ",".join(r["tags"])]
+               for r in records], ["NAME", "FORMAT", "SAMPLES", "SHAPE", "TAGS"])
+
+
+@dataset.command("show")
+@home_option
+@click.argument("name")
+@json_option
+def dataset_show(home: Path, name: str, as_json: bool) -> None:
+    """Show everything recorded about one dataset."""
+    with open_home(home, role="node") as h:
+        record = DatasetRegistry(h.store).get(name)
+    if as_json:
+        emit_json(record)
+    else:
+        _show(record)
+
+
+@dataset.command("remove")
+@home_option
+@click.argument("name")
+@json_option
+def dataset_remove(home: Path, name: str, as_json: bool) -> None:
+    """Stop offering a dataset (its files are left alone)."""
+    with open_home(home, role="node") as h:
+        removed = DatasetRegistry(h.store, h.audit).remove(name)
+    if as_json:
+        emit_json({"name": name, "removed": removed})
+    elif removed:
+        click.echo(f"removed dataset {name}")
+    if not removed:
+        raise UserError(f"no dataset named {name!r} (see `meshfl dataset list`)")
+
+
+def _shape(record: dict) -> str:
+    return "x".join(map(str, record["shape"])) if record.get("shape") else "-"
+
+
+def _show(record: dict) -> None:
+    click.echo(f"dataset {record['name']} ({record['format']})")
+    click.echo(f"  path:        {record['path']}")
+    click.echo(f"  tags:        {', '.join(record['tags']) or '-'}")
+    click.echo(f"  samples:     {record['samples']}")
+    click.echo(f"  shape:       {_shape(record)}")
+    if record.get("columns"):
+        click.echo("  columns:     " + ", ".join(f"{c} ({record['dtypes'][c]})"
+                                                for c in record["columns"]))
+    if record.get("target"):
+        click.echo(f"  target:      {record['target']}")
+    if record.get("classes"):
+        click.echo(f"  classes:     {', '.join(map(str, record['classes']))}")
+    if record.get("description"):
+        click.echo(f"  description: {record['description']}")
+    click.echo(f"  added:       {when(record['added'])}")
