@@ -1,5 +1,8 @@
 """Whole meshes inside one process, for meshfl's own tests and for users' tests.
 
+``FederatedMesh`` starts a whole researcher + N nodes (real homes, LMDB, CURVE over ipc or
+loopback tcp, a warm worker process per node) for integration tests and the demo.
+
 ``PeerMesh`` starts N transport peers with temporary homes (real identity files) and mutual trust;
 peer 0 is the hub that listens, the others dial it (the researcher/node shape), or with
 ``topology="full"`` every peer listens and dials every other one.
@@ -129,6 +132,86 @@ class PeerMesh:
         return len(self.peers)
 
 
+class FederatedMesh:
+    """A researcher and ``n_nodes`` nodes in this process, with temporary homes and mutual trust."""
+
+    def __init__(
+        self,
+        n_nodes: int = 3,
+        *,
+        transport: str = "ipc",
+        dev: bool = False,
+        node_config: dict | None = None,
+        names: list[str] | None = None,
+        root: str | Path | None = None,
+        heartbeat: float = 0.5,
+        dead_after: float = 5.0,
+    ) -> None:
+        if transport not in ("ipc", "tcp"):
+            raise ConfigError("a federated mesh runs CURVE: transport must be ipc or tcp")
+        self.n_nodes, self.transport, self.dev = n_nodes, transport, dev
+        self.node_config = dict(node_config or {})
+        self.names = names or [f"node{i}" for i in range(n_nodes)]
+        self._root_given = root
+        self.root: Path | None = None
+        self._timing = {"heartbeat": heartbeat, "dead_after": dead_after}
+        self.researcher = None
+        self.nodes: list = []
+
+    def start(self) -> "FederatedMesh":
+        from ..home import Home
+        from ..node import Node
+        from ..researcher import Researcher
+
+        self.root = Path(self._root_given or tempfile.mkdtemp(prefix="meshfl-fed-"))
+        try:
+            listen = f"ipc://{self.root}/researcher.sock" if self.transport == "ipc" else "tcp://127.0.0.1:0"
+            r_home = Home.init(self.root / "researcher", "researcher", "researcher", listen=listen, **self._timing)
+            node_homes = [
+                Home.init(self.root / name, "node", name, dev=self.dev, **self._timing, **self.node_config)
+                for name in self.names
+            ]
+            self.researcher = Researcher(r_home).start()
+            for home in node_homes:
+                r_home.trust(home.identity.card)
+                self.researcher.peer.trust(home.identity.card)
+                home.trust(r_home.identity.card, self.researcher.endpoint)
+                self.nodes.append(Node(home).start())
+            self.researcher.wait_for_nodes(len(self.nodes), timeout=30)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def approve(self, plan) -> str:
+        """Approve ``plan`` (class or source) on every node, as each operator would; returns its hash."""
+        from ..node._plans import plan_hash
+        from ..plans import plan_source
+
+        source = plan if isinstance(plan, str) else plan_source(plan)
+        for node in self.nodes:
+            node.plans.submit(source, getattr(plan, "__name__", ""))
+            node.plans.approve(plan_hash(source))
+        return plan_hash(source)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.nodes.clear()
+        if self.researcher is not None:
+            self.researcher.close()
+            self.researcher = None
+        if self.root is not None and self._root_given is None:
+            shutil.rmtree(self.root, ignore_errors=True)
+        self.root = None
+
+    def __enter__(self) -> "FederatedMesh":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 try:  # the fixture is only defined where pytest is installed
     import pytest
 
@@ -141,4 +224,4 @@ try:  # the fixture is only defined where pytest is installed
 except ImportError:  # pragma: no cover
     pass
 
-__all__ = ["PeerMesh"]
+__all__ = ["FederatedMesh", "PeerMesh"]

@@ -198,9 +198,13 @@ class Peer:
     def wait_online(self, peer_ids, timeout: float) -> bool:
         """Block until every peer in ``peer_ids`` has a live link, or ``timeout`` passes."""
         wanted = set(peer_ids)
+        return self.wait_links(lambda online: wanted <= online, timeout)
+
+    def wait_links(self, predicate: Callable[[set], bool], timeout: float) -> bool:
+        """Block until ``predicate(set of online peer ids)`` holds, or ``timeout`` passes."""
         deadline = time.monotonic() + timeout
         with self._links_lock:
-            while not wanted <= self._online:
+            while not predicate(set(self._online)):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False

@@ -1,0 +1,292 @@
+"""The node daemon: answers researchers, queues their training tasks, runs them, returns results.
+
+Threads: the Peer's I/O thread owns the sockets; its dispatcher thread runs :meth:`Node._handle`
+(pings, searches and plan queries are answered at once, even while a task trains); one runner
+thread takes tasks from the durable queue to the executor's worker process.
+
+Crash safety (design §3): a task is committed to the LMDB queue and its input model to a pack
+file before the researcher hears ``train.accepted``; a result is committed to the outbox before
+the task is marked done, and stays there until the researcher's ``result.ack``. On restart, tasks
+left running are run again, and every unacknowledged result is re-sent when the researcher's
+link comes up.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import threading
+from pathlib import Path
+
+from .. import __version__
+from ..errors import MeshflError
+from ..home import Home
+from ..protocol import CHUNK_BYTES, INLINE_RESULT_BYTES, chunk_plan
+from ..store import Outbox, TaskQueue
+from ..store.blobs import BlobStore
+from ..transport import Peer
+from ..wire import DTYPES, Message
+from ._datasets import DatasetRegistry, public_view
+from ._executor import Executor, TaskFailed
+from ._plans import PlanRegistry
+
+_TASK_ID = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class _NodeLog(logging.LoggerAdapter):
+    def process(self, msg, kwargs):
+        return f"[{self.extra['peer']}] {msg}", kwargs
+
+
+class Node:
+    """A data site. ``Node(home).run()`` serves until SIGINT/SIGTERM."""
+
+    def __init__(self, home: str | Path | Home, *, dev: bool | None = None, peer_options: dict | None = None) -> None:
+        self.home = home if isinstance(home, Home) else Home.open(home)
+        cfg = self.home.config
+        self.name = cfg.name
+        self.dev = cfg.dev if dev is None else dev
+        self.log = _NodeLog(logging.getLogger("meshfl.node"), {"peer": self.name})
+        store, self.audit = self.home.store, self.home.audit
+        self.datasets = DatasetRegistry(store, self.audit)
+        self.plans = PlanRegistry(store, self.audit)
+        self.queue = TaskQueue(store, "tasks")
+        self.outbox = Outbox(store, "outbox")
+        self.blobs = BlobStore(self.home.path / "blobs")
+        self.executor = Executor(name=self.name)
+        options = {"heartbeat": cfg.heartbeat, "dead_after": cfg.dead_after, **(peer_options or {})}
+        self.peer = Peer(
+            self.home.identity, listen=cfg.listen, handler=self._handle, on_link=self._on_link, **options
+        )
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._runner = threading.Thread(target=self._run_tasks, name=f"meshfl-runner-{self.name}", daemon=True)
+        self._running_task: dict | None = None
+        self._packs: dict[str, dict] = {}  # task id -> mapped result pack, while it is being pulled
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "Node":
+        for task in self.queue.recover(requeue=True):
+            self.log.warning("task %s was interrupted by a restart: running it again", task.id)
+            self.audit.append("task.recovered", task=task.id)
+        if self.dev:
+            self.log.warning("development mode: training plans run WITHOUT operator approval")
+        self.peer.start()
+        for entry in self.home.trusted():
+            self.peer.trust(entry["card"], entry.get("endpoint"))
+        self.audit.append("node.started", dev=self.dev, version=__version__)
+        self.executor.start()
+        self._runner.start()
+        self.log.info("node %s (%s) up; %d unacknowledged results", self.name, self.peer.peer_id, len(self.outbox))
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        self.executor.cancel()
+        if self._runner.is_alive():
+            self._runner.join()
+        self.peer.close()
+        self.executor.close()
+        self._packs.clear()
+        self.audit.append("node.stopped")
+        self.home.close()
+
+    def run(self) -> None:
+        """Serve in the foreground until SIGINT or SIGTERM, then stop cleanly."""
+        done = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        self.start()
+        try:
+            done.wait()
+        finally:
+            self.stop()
+
+    def __enter__(self) -> "Node":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ requests
+    def _handle(self, msg: Message) -> Message | None:
+        handler = getattr(self, "_on_" + msg.type.replace(".", "_"), None)
+        if handler is None:
+            raise MeshflError(f"a node does not handle {msg.type!r}", code="unknown_type")
+        return handler(msg)
+
+    def _on_ping(self, msg: Message) -> Message:
+        fields = {"name": self.name, "peer_id": self.peer.peer_id, "role": "node", "version": __version__, "dev": self.dev}
+        return Message("pong", fields)
+
+    def _on_datasets_search(self, msg: Message) -> Message:
+        tags = [str(t) for t in msg.fields.get("tags") or []]
+        found = self.datasets.search(tags, self.home.config.minimum_samples)
+        self.audit.append("datasets.searched", researcher=msg.sender, tags=tags, found=len(found))
+        return Message("datasets.list", {"datasets": [public_view(r) for r in found]})
+
+    def _on_plan_status(self, msg: Message) -> Message:
+        h = msg.fields["hash"]
+        return Message("plan.info", {"hash": h, "status": self.plans.status(h)})
+
+    def _on_plan_submit(self, msg: Message) -> Message:
+        record = self.plans.submit(msg.fields["source"], msg.fields.get("name", ""), requester=msg.sender)
+        return Message("plan.info", {"hash": record["hash"], "status": record["status"]})
+
+    def _on_train(self, msg: Message) -> Message:
+        f = msg.fields
+        task_id = f["task_id"]
+        if not _TASK_ID.match(task_id):
+            raise MeshflError("task ids are 1-120 characters of A-Z a-z 0-9 . _ -", code="bad_field")
+        existing = self.queue.get(task_id)
+        if existing is not None:  # a re-sent request: answer it again, never run it twice
+            if self.outbox.get(task_id) is not None:
+                self._deliver(task_id)
+            return Message("train.accepted", {"task_id": task_id, "state": existing.state})
+        if self.home.config.force_secure_aggregation and not f.get("secagg"):
+            self.audit.append("task.refused", task=task_id, researcher=msg.sender, reason="secagg_required")
+            raise MeshflError("this node only trains with secure aggregation", code="secagg_required")
+        try:
+            plan_hash = self.plans.check(f["plan_source"], dev=self.dev)
+        except MeshflError:
+            self.audit.append("task.refused", task=task_id, researcher=msg.sender, reason="plan_not_approved")
+            raise
+        found = self.datasets.search([str(t) for t in f["dataset_tags"]], self.home.config.minimum_samples)
+        if not found:
+            raise MeshflError(f"no dataset on {self.name} matches tags {f['dataset_tags']}", code="no_dataset")
+        self.blobs.write(f"{task_id}.in", msg.tensors)
+        payload = {k: f[k] for k in ("experiment", "round", "plan_source", "plan_class", "training_args", "model_args")}
+        payload.update(researcher=msg.sender, plan_hash=plan_hash, dataset=found[0]["name"])
+        self.queue.push(payload, task_id=task_id)
+        self.audit.append(
+            "task.accepted", task=task_id, researcher=msg.sender, experiment=f["experiment"],
+            round=f["round"], plan=plan_hash, dataset=found[0]["name"],
+        )
+        self._wake.set()
+        return Message("train.accepted", {"task_id": task_id, "state": "pending"})
+
+    def _on_result_pull(self, msg: Message) -> None:
+        task_id, first, count = msg.fields["task_id"], msg.fields["first"], msg.fields["count"]
+        item = self.outbox.get(task_id)
+        if item is None or item.dest != msg.sender:
+            raise MeshflError(f"no result {task_id} waits for you here", code="unknown_task")
+        tensors = self._packs.get(task_id)
+        if tensors is None:
+            tensors = self._packs[task_id] = self.blobs.read(f"{task_id}.out")
+        chunks = chunk_plan(item.envelope["layout"], CHUNK_BYTES)
+        for index in range(max(0, first), min(first + max(0, count), len(chunks))):
+            name, start, n = chunks[index]
+            piece = tensors[name].reshape(-1)[start : start + n]
+            self.peer.send(msg.sender, Message("result.chunk", {"task_id": task_id, "index": index}, {"data": piece}))
+        return None
+
+    def _on_result_ack(self, msg: Message) -> None:
+        task_id = msg.fields["task_id"]
+        item = self.outbox.get(task_id)
+        if item is not None and item.dest == msg.sender:
+            self.outbox.ack(task_id)
+            self._packs.pop(task_id, None)
+            self.blobs.delete(f"{task_id}.out")
+            self.audit.append("result.acknowledged", task=task_id, researcher=msg.sender)
+        return None
+
+    def _on_task_cancel(self, msg: Message) -> Message:
+        experiment = msg.fields["experiment"]
+        count = 0
+        for task in self.queue.list("pending"):
+            if task.payload.get("experiment") == experiment and task.payload.get("researcher") == msg.sender:
+                count += self.queue.cancel(task.id)
+                self.blobs.delete(f"{task.id}.in")
+        running = self._running_task
+        if running and running["experiment"] == experiment and running["researcher"] == msg.sender:
+            running["cancelled"] = True
+            self.executor.cancel()
+            count += 1
+        self.audit.append("experiment.cancelled", experiment=experiment, researcher=msg.sender, tasks=count)
+        return Message("task.cancelled", {"count": count})
+
+    # ------------------------------------------------------------------ results
+    def _on_link(self, peer_id: str, up: bool) -> None:
+        if up:
+            for item in self.outbox.pending(dest=peer_id):
+                self._deliver(item.msg_id)
+
+    def _deliver(self, task_id: str) -> None:
+        """Send (or re-send) a result from the outbox: inline if small, else announced for pulling."""
+        item = self.outbox.get(task_id)
+        if item is None:
+            return
+        fields = dict(item.envelope["fields"])
+        tensors = {}
+        if fields.get("inline"):
+            try:
+                tensors = self.blobs.read(f"{task_id}.out")
+            except MeshflError:  # the pack was lost (OS crash): report, never drop silently
+                fields = {**fields, "ok": False, "inline": False,
+                          "error": {"code": "result_lost", "message": "the result was lost in a crash of this node"}}
+        self.peer.send(item.dest, Message("train.done", fields, tensors))
+
+    def _run_tasks(self) -> None:
+        while not self._stopping.is_set():
+            task = self.queue.claim()
+            if task is None:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            self._run_one(task)
+
+    def _run_one(self, task) -> None:
+        p = task.payload
+        fields: dict = {"task_id": task.id, "experiment": p["experiment"], "round": p["round"]}
+        self._running_task = {"experiment": p["experiment"], "researcher": p["researcher"], "cancelled": False}
+        try:
+            self.plans.check(p["plan_source"], dev=self.dev)
+            job = {
+                "task_id": task.id,
+                "plan_source": p["plan_source"],
+                "plan_class": p["plan_class"],
+                "plan_hash": p["plan_hash"],
+                "model_args": p["model_args"],
+                "training_args": p["training_args"],
+                "dataset": self.datasets.get(p["dataset"]),
+                "input": str(self.blobs.path(f"{task.id}.in")),
+                "output": str(self.blobs.path(f"{task.id}.out")),
+                "allow_cuda": self.home.config.allow_cuda,
+            }
+            timeout = float(p["training_args"].get("timeout") or self.home.config.task_timeout)
+            result = self.executor.run(job, timeout)
+        except MeshflError as exc:
+            result = {"ok": False, "error": exc.to_wire()}
+        finally:
+            cancelled = self._running_task["cancelled"]
+            self._running_task = None
+        if cancelled:
+            result = {"ok": False, "error": TaskFailed("the researcher cancelled the experiment", code="cancelled").to_wire()}
+        fields["ok"] = bool(result.get("ok"))
+        envelope: dict = {}
+        if fields["ok"]:
+            fields.update(samples=result["samples"], metrics=result["metrics"], duration=result["duration"])
+            layout = [
+                [name, _DTYPE_NAMES[t.dtype], list(t.shape), t.numel() * t.element_size()]
+                for name, t in self.blobs.read(f"{task.id}.out").items()
+            ]
+            nbytes = sum(row[3] for row in layout)
+            fields["inline"] = nbytes <= INLINE_RESULT_BYTES
+            if not fields["inline"]:
+                fields.update(layout=layout, chunk_bytes=CHUNK_BYTES)
+            envelope["layout"] = layout
+        else:
+            fields["error"] = result["error"]
+            self.log.warning("task %s failed: %s", task.id, result["error"].get("message"))
+        envelope["fields"] = fields
+        self.outbox.put(task.id, p["researcher"], envelope)  # committed before the task is marked done
+        if fields["ok"]:
+            self.queue.done(task.id, {"samples": fields["samples"]})
+        else:
+            self.queue.fail(task.id, fields["error"])
+        self.blobs.delete(f"{task.id}.in")
+        self.audit.append("task.finished", task=task.id, ok=fields["ok"], error=fields.get("error", {}).get("code"))
+        self._deliver(task.id)

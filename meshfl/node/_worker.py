@@ -1,0 +1,140 @@
+"""The node's warm worker process: runs one training task at a time, on request.
+
+Started once (Python and torch imported once) and reused for task after task; the node kills and
+replaces it when a plan hangs past its time limit, crashes it, or runs it out of memory, so a bad
+plan fails its task and never the node. Jobs and results are orjson lines on stdin / a private
+copy of stdout (the plan's own prints go to stderr); model tensors go through pack files mapped
+by both processes, never through the pipe and never pickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import traceback
+
+import orjson
+import torch
+
+from ..plans import DEFAULT_TRAINING_ARGS, TorchTrainingPlan, load_plan_class
+from ..store.blobs import read_pack, write_pack
+from ._datasets import load_dataset
+
+log = logging.getLogger("meshfl.worker")
+_plans: dict[str, type] = {}
+_data: dict[tuple, tuple] = {}
+
+
+def _device(args: dict, allow_cuda: bool) -> torch.device:
+    wanted = args.get("device", "auto")
+    cuda = allow_cuda and torch.cuda.is_available()
+    if wanted == "cuda" and not cuda:
+        raise RuntimeError("the plan asks for CUDA but this node has none (or does not allow it)")
+    return torch.device("cuda" if cuda and wanted in ("auto", "cuda") else "cpu")
+
+
+def _batches(data, batch_size: int, generator: torch.Generator, device: torch.device):
+    x, y = data
+    order = torch.randperm(x.shape[0], generator=generator)
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        if len(idx) == 1 < len(order):
+            continue  # a last batch of one sample breaks BatchNorm and adds only noise
+        yield x[idx].to(device), (y[idx].to(device) if y is not None else None)
+
+
+def default_train(plan: TorchTrainingPlan, model, train, args: dict, device: torch.device) -> dict:
+    """The plain supervised loop: epochs (or exact steps) of mini-batches, optional FedProx term."""
+    optimizer = plan.init_optimizer(model, args["lr"])
+    generator = torch.Generator().manual_seed(int(args["seed"]))
+    mu = float(args.get("fedprox_mu") or 0.0)
+    anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else None
+    max_steps = int(args["steps"]) if args.get("steps") else None
+    epochs = 10**9 if max_steps else int(args["epochs"])
+    steps, total = 0, 0.0
+    model.train()
+    for _ in range(epochs):
+        if train[0].shape[0] == 0 or (max_steps and steps >= max_steps):
+            break
+        for batch in _batches(train, int(args["batch_size"]), generator, device):
+            optimizer.zero_grad()
+            loss = plan.training_step(model, batch)
+            if anchor is not None:
+                loss = loss + mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            total += float(loss.detach())
+            if max_steps and steps >= max_steps:
+                break
+    return {"train_loss": total / max(steps, 1), "steps": steps}
+
+
+def run_job(job: dict) -> dict:
+    started = time.monotonic()
+    key = job["plan_hash"]
+    if key not in _plans:
+        _plans[key] = load_plan_class(job["plan_source"], job["plan_class"], f"meshfl_plan_{key[:16]}")
+    plan = _plans[key]()
+    args = {**DEFAULT_TRAINING_ARGS, **job["training_args"]}
+    torch.manual_seed(int(args["seed"]))
+    device = _device(args, job.get("allow_cuda", True))
+
+    record = job["dataset"]
+    data_key = (record["name"], record["path"], record.get("added"))
+    if data_key not in _data:
+        x, y = load_dataset(record)
+        _data.clear()  # keep one dataset in memory at a time
+        _data[data_key] = plan.preprocess(x, y)
+    x, y = _data[data_key]
+    train, test = plan.split(x, y, float(args["test_fraction"]), int(args["seed"]))
+
+    model = plan.init_model(**job["model_args"])
+    model.load_state_dict(read_pack(job["input"]))
+    model.to(device)
+    if hasattr(plan, "train"):
+        metrics = plan.train(model, train, args, device) or {}
+    else:
+        metrics = default_train(plan, model, train, args, device)
+    if test[0].shape[0]:
+        model.eval()
+        test_on = (test[0].to(device), test[1].to(device) if test[1] is not None else None)
+        metrics.update({f"test_{k}": v for k, v in plan.evaluate(model, test_on).items()})
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    write_pack(job["output"], state)
+    return {
+        "ok": True,
+        "samples": int(train[0].shape[0]),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "device": device.type,
+        "duration": time.monotonic() - started,
+    }
+
+
+def _safe_message(exc: BaseException, job: dict) -> str:
+    """Exception text for the researcher, without this node's file paths."""
+    text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    path = (job.get("dataset") or {}).get("path")
+    return text.replace(path, "<dataset>") if path else text
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    out = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)  # the plan's print() goes to stderr, never into our result channel
+    torch.set_num_threads(max(1, int(os.environ.get("MESHFL_WORKER_THREADS", "1"))))
+    out.write(b'{"ready":true}\n')
+    for line in sys.stdin.buffer:
+        job = orjson.loads(line)
+        try:
+            result = run_job(job)
+        except Exception as exc:
+            log.error("task %s failed:\n%s", job.get("task_id"), traceback.format_exc())
+            result = {"ok": False, "error": {"code": "plan_failed", "message": _safe_message(exc, job)}}
+        out.write(orjson.dumps(result) + b"\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The researcher <-> node message types, declared once for both sides (see docs/protocol.md).
+
+Training is a durable exchange rather than one long request:
+
+1. researcher -> node ``train`` (plan source, training args, global model tensors);
+   node -> ``train.accepted`` once the task is committed to its queue (or an error reply:
+   plan not approved, unknown dataset, ...). Resending the same ``task_id`` is harmless.
+2. node -> researcher ``train.done`` when the task ended, kept in the node's outbox and re-sent
+   after every reconnect or restart until the researcher answers ``result.ack``. A small result
+   rides inline; a large one is announced with its ``layout`` and pulled in chunks.
+3. researcher -> node ``result.pull`` (chunk range): the node answers with that many
+   ``result.chunk`` messages. The researcher asks for a window of chunks at a time, so neither
+   ZeroMQ nor the researcher ever buffers more than a window per node (credit flow control).
+"""
+
+from __future__ import annotations
+
+from .wire import declare
+
+declare("ping")
+declare("pong", required={"name": "str", "peer_id": "str", "role": "str", "version": "str"}, optional={"dev": "bool"})
+declare("datasets.search", optional={"tags": "list"})
+declare("datasets.list", required={"datasets": "list"})
+declare("plan.status", required={"hash": "str"})
+declare("plan.submit", required={"source": "str"}, optional={"name": "str", "description": "str"})
+declare("plan.info", required={"hash": "str", "status": "str"})
+declare(
+    "train",
+    required={
+        "task_id": "str",
+        "experiment": "str",
+        "round": "int",
+        "plan_source": "str",
+        "plan_class": "str",
+        "dataset_tags": "list",
+        "training_args": "dict",
+        "model_args": "dict",
+    },
+    optional={"secagg": "dict"},
+    tensors=True,
+)
+declare("train.accepted", required={"task_id": "str", "state": "str"})
+declare(
+    "train.done",
+    required={"task_id": "str", "experiment": "str", "round": "int", "ok": "bool"},
+    optional={
+        "samples": "int",
+        "metrics": "dict",
+        "error": "dict",
+        "layout": "list",
+        "chunk_bytes": "int",
+        "inline": "bool",
+        "duration": "float",
+    },
+    tensors=True,
+)
+declare("result.pull", required={"task_id": "str", "first": "int", "count": "int"})
+declare("result.chunk", required={"task_id": "str", "index": "int"}, tensors=True)
+declare("result.ack", required={"task_id": "str"})
+declare("task.cancel", required={"experiment": "str"})
+declare("task.cancelled", required={"count": "int"})
+
+#: Results up to this size travel inside ``train.done``; larger ones are pulled in chunks.
+INLINE_RESULT_BYTES = 4 << 20
+#: Size of one pulled chunk (one frame: libzmq moves 1 MB frames fastest here).
+CHUNK_BYTES = 1 << 20
+
+
+def chunk_plan(layout: list, chunk_bytes: int) -> list[tuple[str, int, int]]:
+    """Cut a result ``layout`` ([[name, dtype, shape, nbytes], ...]) into (name, start, count)
+    element ranges of at most ``chunk_bytes``; both sides compute the same list."""
+    from math import prod
+
+    from .wire import DTYPES
+
+    chunks = []
+    for name, dtype, shape, _ in layout:
+        itemsize = DTYPES[dtype].itemsize
+        n = prod(shape)
+        step = max(1, chunk_bytes // itemsize)
+        if n == 0:
+            chunks.append((name, 0, 0))
+        for start in range(0, n, step):
+            chunks.append((name, start, min(step, n - start)))
+    return chunks

@@ -1,0 +1,417 @@
+"""Experiment: rounds of federated training, aggregated as results stream in.
+
+Per round: pick nodes (all online nodes holding a dataset with the tags, optionally a random
+fraction), send each the global model and the plan, and take results as they arrive. A small
+result comes inline and goes straight into the aggregator; a large one is pulled in chunks, a
+window at a time, into one reusable receive buffer, so the researcher holds about the global
+model, the accumulator and ``max_streams`` receive buffers whatever the number of nodes. The
+round ends when every node answered or ``round_timeout`` passed; it counts if at least
+``min_nodes`` contributed, and the history names the nodes that failed or dropped.
+
+After each round the global model, the aggregator's state and the history are checkpointed in
+the researcher's home (pack files + LMDB), so :meth:`Experiment.resume` continues after a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..aggregate import Aggregator, FedAvg, make_aggregator
+from ..errors import MeshflError
+from ..plans import DEFAULT_TRAINING_ARGS, TorchTrainingPlan, load_plan_class, plan_source
+from ..protocol import chunk_plan
+from ..store import Table
+from ..store.blobs import BlobStore
+from ..wire import DTYPES, Message
+from .._progress import Progress
+from ._researcher import Researcher
+
+log = logging.getLogger("meshfl.researcher")
+
+WINDOW = 16  # chunks in flight per stream (1 MB each): the credit a node gets at a time
+STALL_S = 5.0  # a stream silent this long is asked again for what is missing
+
+
+class RoundFailed(MeshflError):
+    code = "round_failed"
+
+
+@dataclass
+class _Stream:
+    """One node's large result, pulled chunk by chunk into a receive buffer."""
+
+    task_id: str
+    node: str
+    samples: int
+    fields: dict
+    chunks: list
+    buffer: dict[str, torch.Tensor]
+    received: set = field(default_factory=set)
+    requested: int = 0
+    last_activity: float = field(default_factory=time.monotonic)
+
+    def complete(self) -> bool:
+        return len(self.received) == len(self.chunks)
+
+
+class Experiment:
+    """Federated training of ``plan`` over the nodes whose datasets carry ``tags``."""
+
+    def __init__(
+        self,
+        researcher: Researcher,
+        plan: type[TorchTrainingPlan] | str,
+        tags: list[str],
+        rounds: int,
+        model_args: dict | None = None,
+        training_args: dict | None = None,
+        aggregator: Aggregator | None = None,
+        min_nodes: int = 1,
+        round_timeout: float = 600.0,
+        *,
+        plan_class: str | None = None,
+        fraction: float = 1.0,
+        nodes: list[str] | None = None,
+        max_streams: int = 1,
+        evaluate: Callable[[torch.nn.Module], dict] | None = None,
+        experiment_id: str | None = None,
+        progress: bool | None = None,
+        on_round: Callable[[dict], None] | None = None,
+    ) -> None:
+        self.researcher = researcher
+        if isinstance(plan, str):
+            if not plan_class:
+                raise MeshflError("give plan_class= with a plan given as source text", code="bad_argument")
+            self.plan_source, self.plan_class = plan, plan_class
+        else:
+            self.plan_source, self.plan_class = plan_source(plan), plan.__name__
+        self.tags, self.rounds = list(tags), int(rounds)
+        self.model_args = dict(model_args or {})
+        self.training_args = {**DEFAULT_TRAINING_ARGS, **(training_args or {})}
+        self.aggregator = aggregator or FedAvg()
+        self.min_nodes, self.round_timeout = int(min_nodes), float(round_timeout)
+        self.fraction, self.node_filter = float(fraction), list(nodes) if nodes else None
+        self.max_streams = max(1, int(max_streams))
+        self.evaluate = evaluate
+        self.progress = progress
+        self.on_round = on_round
+        self.id = experiment_id or f"exp-{os.urandom(4).hex()}"
+        self.history: list[dict] = []
+        self.round = 0  # rounds completed
+        self.attempt = 0  # bumped on every resume: task ids never repeat across attempts
+        home = researcher.home
+        self._table: Table = home.store.table("experiments")
+        self._blobs = BlobStore(home.path / "blobs")
+        self._audit = home.audit
+        cls = load_plan_class(self.plan_source, self.plan_class, f"meshfl_plan_local_{self.id}")
+        self.model: torch.nn.Module = cls().init_model(**self.model_args)
+        self.global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self._buffers: list[dict[str, torch.Tensor]] = []
+
+    # ------------------------------------------------------------------ persistence
+    def _record(self) -> dict:
+        return {
+            "id": self.id,
+            "plan_source": self.plan_source,
+            "plan_class": self.plan_class,
+            "tags": self.tags,
+            "rounds": self.rounds,
+            "model_args": self.model_args,
+            "training_args": self.training_args,
+            "aggregator": self.aggregator.config(),
+            "min_nodes": self.min_nodes,
+            "round_timeout": self.round_timeout,
+            "fraction": self.fraction,
+            "nodes": self.node_filter,
+            "max_streams": self.max_streams,
+            "round": self.round,
+            "attempt": self.attempt,
+            "history": self.history,
+        }
+
+    def _checkpoint(self) -> None:
+        """Model and aggregator state first (new names), then the LMDB record that points at them."""
+        name = f"{self.id}.r{self.round}"
+        self._blobs.write(f"{name}.model", self.global_state)
+        agg = self.aggregator.state_dict()
+        self._blobs.write(f"{name}.agg", agg.get("tensors", {}))
+        record = self._record()
+        record["checkpoint"] = name
+        record["aggregator_meta"] = agg.get("meta", {})
+        self._table.put(self.id, record)
+        previous = f"{self.id}.r{self.round - 1}"
+        self._blobs.delete(f"{previous}.model")
+        self._blobs.delete(f"{previous}.agg")
+
+    @classmethod
+    def resume(
+        cls, researcher: Researcher, experiment_id: str, *, evaluate=None, progress: bool | None = None, on_round=None
+    ) -> "Experiment":
+        """Rebuild an experiment from its last checkpoint; :meth:`run` then finishes it."""
+        record = researcher.home.store.table("experiments").get(experiment_id)
+        if record is None:
+            raise MeshflError(f"no experiment {experiment_id!r} in {researcher.home.path}", code="unknown_experiment")
+        exp = cls(
+            researcher,
+            record["plan_source"],
+            record["tags"],
+            record["rounds"],
+            record["model_args"],
+            record["training_args"],
+            make_aggregator(record["aggregator"]),
+            record["min_nodes"],
+            record["round_timeout"],
+            plan_class=record["plan_class"],
+            fraction=record["fraction"],
+            nodes=record["nodes"],
+            max_streams=record["max_streams"],
+            evaluate=evaluate,
+            experiment_id=experiment_id,
+            progress=progress,
+            on_round=on_round,
+        )
+        exp.round, exp.history, exp.attempt = record["round"], record["history"], record["attempt"] + 1
+        if record.get("checkpoint"):
+            state = exp._blobs.read(f"{record['checkpoint']}.model")
+            exp.global_state = {k: v.clone() for k, v in state.items()}
+            exp.model.load_state_dict(exp.global_state)
+            agg_tensors = exp._blobs.read(f"{record['checkpoint']}.agg")
+            exp.aggregator.load_state_dict({"meta": record.get("aggregator_meta", {}), "tensors": dict(agg_tensors)})
+        log.info("resuming %s after round %d of %d", experiment_id, exp.round, exp.rounds)
+        return exp
+
+    # ------------------------------------------------------------------ running
+    def run(self) -> list[dict]:
+        """Run the remaining rounds; returns the history (one dict per round)."""
+        self._table.put(self.id, self._record())
+        self._audit.append("experiment.started", experiment=self.id, rounds=self.rounds, attempt=self.attempt)
+        bar = Progress(self.rounds, f"{self.id}", enabled=self.progress)
+        bar.update(self.round)
+        try:
+            while self.round < self.rounds:
+                entry = self._run_round(self.round + 1)
+                self.round += 1
+                self.history.append(entry)
+                self._checkpoint()
+                note = " ".join(f"{k}={v:.4f}" for k, v in entry.get("global", {}).items() if isinstance(v, float))
+                bar.update(1, note)
+                if self.on_round is not None:
+                    self.on_round(entry)
+        finally:
+            bar.close()
+        self._audit.append("experiment.finished", experiment=self.id, rounds=self.round)
+        return self.history
+
+    def cancel(self) -> dict[str, int]:
+        """Ask every online node to drop this experiment's queued and running tasks."""
+        out = {}
+        for node in self.researcher.nodes():
+            try:
+                reply = self.researcher.peer.call(node, Message("task.cancel", {"experiment": self.id}), 10)
+                out[node] = reply.fields["count"]
+            except MeshflError as exc:
+                log.warning("cancel on %s failed: %s", self.researcher.node_name(node), exc)
+        self._audit.append("experiment.cancelled", experiment=self.id)
+        return out
+
+    def _select_nodes(self) -> list[str]:
+        found = self.researcher.search(self.tags)
+        nodes = sorted(n for n, datasets in found.items() if datasets)
+        if self.node_filter is not None:
+            nodes = [n for n in nodes if n in self.node_filter]
+        if self.fraction < 1.0 and nodes:
+            rng = random.Random(f"{self.id}:{self.round}")
+            nodes = sorted(rng.sample(nodes, max(self.min_nodes, round(len(nodes) * self.fraction))))
+        return nodes
+
+    def _run_round(self, rnd: int) -> dict:
+        started = time.monotonic()
+        nodes = self._select_nodes()
+        if len(nodes) < self.min_nodes:
+            raise RoundFailed(f"round {rnd}: {len(nodes)} nodes hold data tagged {self.tags}, need {self.min_nodes}")
+        args = {**self.training_args, "seed": int(self.training_args.get("seed") or 0) + rnd}
+        args.update(self.aggregator.training_args())
+        tasks = {f"{self.id}.r{rnd}.a{self.attempt}.{n}": n for n in nodes}
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.researcher._route(tasks, inbox)
+        failed: dict[str, dict] = {}
+        try:
+            accepted = self._send_tasks(rnd, tasks, args, failed)
+            contributed = self._collect(rnd, accepted, inbox, failed, started + self.round_timeout)
+        finally:
+            self.researcher._route(tasks, None)
+        name = self.researcher.node_name
+        if len(contributed) < self.min_nodes:
+            dropped = [name(n) for n in nodes if n not in contributed and n not in failed]
+            reasons = ", ".join(f"{name(n)}: {e.get('code')}" for n, e in failed.items())
+            raise RoundFailed(
+                f"round {rnd}: {len(contributed)} of {len(nodes)} nodes contributed, {self.min_nodes} needed; "
+                f"failed: [{reasons}]; dropped: {dropped}",
+                details={"failed": {name(n): e for n, e in failed.items()}, "dropped": dropped},
+            )
+        new_state = self.aggregator.finish()
+        self.global_state = new_state
+        self.model.load_state_dict(new_state)
+        entry: dict[str, Any] = {
+            "round": rnd,
+            "nodes": {name(n): info for n, info in contributed.items()},
+            "failed": {name(n): e for n, e in failed.items()},
+            "dropped": [name(n) for n in nodes if n not in contributed and n not in failed],
+            "samples": sum(info["samples"] for info in contributed.values()),
+            "seconds": round(time.monotonic() - started, 4),
+        }
+        entry["global"] = self.evaluate(self.model) if self.evaluate else _weighted_metrics(contributed)
+        for n, e in failed.items():
+            log.warning("round %d: %s failed: [%s] %s", rnd, name(n), e.get("code"), e.get("message"))
+        return entry
+
+    def _send_tasks(self, rnd: int, tasks: dict[str, str], args: dict, failed: dict) -> dict[str, str]:
+        fields = {
+            "experiment": self.id,
+            "round": rnd,
+            "plan_source": self.plan_source,
+            "plan_class": self.plan_class,
+            "dataset_tags": self.tags,
+            "training_args": args,
+            "model_args": self.model_args,
+        }
+        futures = {
+            tid: self.researcher.request(node, Message("train", {**fields, "task_id": tid}, self.global_state), 60.0)
+            for tid, node in tasks.items()
+        }
+        accepted = {}
+        for tid, fut in futures.items():
+            try:
+                fut.result()
+                accepted[tid] = tasks[tid]
+            except MeshflError as exc:
+                failed[tasks[tid]] = exc.to_wire()
+        return accepted
+
+    def _collect(self, rnd: int, tasks: dict[str, str], inbox, failed: dict, deadline: float) -> dict[str, dict]:
+        self.aggregator.begin(self.global_state)
+        waiting = dict(tasks)  # task id -> node, until its train.done
+        queued: list[_Stream] = []
+        active: dict[str, _Stream] = {}
+        contributed: dict[str, dict] = {}
+        done_ids: set[str] = set()
+        while waiting or queued or active:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                msg = inbox.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                msg = None
+            if msg is not None and msg.type == "train.done":
+                tid = msg.fields["task_id"]
+                node = waiting.pop(tid, None)
+                if node is None:  # a re-sent result we already have: acknowledge again, never re-add
+                    if tid in done_ids:
+                        self.researcher.send(msg.sender, Message("result.ack", {"task_id": tid}))
+                    continue
+                f = msg.fields
+                if not f["ok"]:
+                    failed[node] = f.get("error", {"code": "failed", "message": "no detail"})
+                    self._ack(node, tid, done_ids)
+                elif f.get("inline"):
+                    self.aggregator.add(msg.tensors, float(f["samples"]), node)
+                    contributed[node] = _info(f)
+                    self._ack(node, tid, done_ids)
+                else:
+                    queued.append(self._new_stream(tid, node, f))
+            elif msg is not None and msg.type == "result.chunk":
+                stream = active.get(msg.fields["task_id"])
+                if stream is not None:
+                    self._store_chunk(stream, msg)
+                    if stream.complete():
+                        del active[stream.task_id]
+                        self.aggregator.add(stream.buffer, float(stream.samples), stream.node)
+                        contributed[stream.node] = _info(stream.fields)
+                        self._buffers.append(stream.buffer)
+                        self._ack(stream.node, stream.task_id, done_ids)
+            while queued and len(active) < self.max_streams:
+                stream = queued.pop(0)
+                stream.buffer = self._buffer_for(stream.fields["layout"])
+                active[stream.task_id] = stream
+                self._pull(stream)
+            now = time.monotonic()
+            for stream in active.values():
+                if now - stream.last_activity > STALL_S:
+                    self._pull(stream, again=True)
+        for stream in active.values():
+            self._buffers.append(stream.buffer)
+        return contributed
+
+    # ------------------------------------------------------------------ streams
+    def _ack(self, node: str, task_id: str, done_ids: set) -> None:
+        done_ids.add(task_id)
+        self.researcher.send(node, Message("result.ack", {"task_id": task_id}))
+
+    def _new_stream(self, tid: str, node: str, fields: dict) -> _Stream:
+        layout = fields.get("layout") or []
+        expected = {k: (list(v.shape), v.dtype) for k, v in self.global_state.items()}
+        got = {name: (shape, DTYPES.get(dtype)) for name, dtype, shape, _ in layout}
+        if got != expected:
+            raise RoundFailed(f"{self.researcher.node_name(node)} returned a model of another shape")
+        return _Stream(tid, node, int(fields["samples"]), fields, chunk_plan(layout, int(fields["chunk_bytes"])), {})
+
+    def _buffer_for(self, layout: list) -> dict[str, torch.Tensor]:
+        """A receive buffer shaped like the model, reused across streams and rounds (no new pages)."""
+        while self._buffers:
+            buf = self._buffers.pop()
+            if all(name in buf and list(buf[name].shape) == shape for name, _, shape, _ in layout):
+                return buf
+        return {name: torch.empty(shape, dtype=DTYPES[dtype]) for name, dtype, shape, _ in layout}
+
+    def _pull(self, stream: _Stream, again: bool = False) -> None:
+        """Keep WINDOW chunks in flight; after a stall, ask again for everything missing in it."""
+        stream.last_activity = time.monotonic()
+        if again:
+            missing = [i for i in range(stream.requested) if i not in stream.received]
+            for i in missing:
+                self.researcher.send(stream.node, Message("result.pull", {"task_id": stream.task_id, "first": i, "count": 1}))
+            if missing:
+                return
+        in_flight = stream.requested - len(stream.received)
+        if in_flight > WINDOW // 2 or stream.requested >= len(stream.chunks):
+            return
+        count = min(WINDOW - in_flight, len(stream.chunks) - stream.requested)
+        fields = {"task_id": stream.task_id, "first": stream.requested, "count": count}
+        self.researcher.send(stream.node, Message("result.pull", fields))
+        stream.requested += count
+
+    def _store_chunk(self, stream: _Stream, msg: Message) -> None:
+        index = msg.fields["index"]
+        if not 0 <= index < len(stream.chunks) or index in stream.received:
+            return
+        name, start, count = stream.chunks[index]
+        data = msg.tensors.get("data")
+        target = stream.buffer[name].view(-1)
+        if data is None or data.numel() != count or data.dtype != target.dtype:
+            log.warning("bad chunk %d from %s: ignored", index, self.researcher.node_name(stream.node))
+            return
+        target[start : start + count].copy_(data)
+        stream.received.add(index)
+        self._pull(stream)
+
+
+def _info(fields: dict) -> dict:
+    return {"samples": int(fields.get("samples", 0)), "metrics": fields.get("metrics", {}), "duration": fields.get("duration")}
+
+
+def _weighted_metrics(contributed: dict[str, dict]) -> dict[str, float]:
+    """Sample-weighted mean of the metrics nodes reported (test_loss, test_accuracy, ...)."""
+    total = sum(info["samples"] for info in contributed.values()) or 1
+    keys = set().union(*(info["metrics"] for info in contributed.values())) if contributed else set()
+    return {
+        k: sum(info["metrics"].get(k, 0.0) * info["samples"] for info in contributed.values()) / total for k in sorted(keys)
+    }

@@ -1,0 +1,137 @@
+"""Researcher: the thin client. Binds, tracks which nodes are online, sends requests.
+
+Requests are matched to replies by id with timeouts (the Peer does that). Messages that belong
+to a running experiment — ``train.done`` and ``result.chunk`` — are routed by task id to that
+experiment's inbox; a result for a task nobody waits for (a round that already ended, or one from
+before a crash) is acknowledged and dropped, so nodes do not keep it forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+
+from ..errors import ConfigError, MeshflError
+from ..home import Home
+from ..plans import plan_source
+from ..protocol import INLINE_RESULT_BYTES  # noqa: F401  (declares the protocol's types)
+from ..transport import Peer
+from ..wire import Message
+
+log = logging.getLogger("meshfl.researcher")
+
+
+class Researcher:
+    """A researcher's endpoint. ``Researcher(home)`` opens the home made by ``meshfl init``."""
+
+    def __init__(self, home: str | Path | Home, *, listen: str | None = None, peer_options: dict | None = None) -> None:
+        self.home = home if isinstance(home, Home) else Home.open(home)
+        if self.home.config.role != "researcher":
+            raise ConfigError(f"{self.home.path} is a {self.home.config.role} home, not a researcher's")
+        cfg = self.home.config
+        endpoint = listen or cfg.listen
+        if not endpoint:
+            raise ConfigError("a researcher needs a listen endpoint (meshfl init --listen, or listen=...)")
+        options = {"heartbeat": cfg.heartbeat, "dead_after": cfg.dead_after, **(peer_options or {})}
+        self.peer = Peer(self.home.identity, listen=endpoint, handler=self._handle, **options)
+        self.name = cfg.name
+        self._routes: dict[str, queue.SimpleQueue] = {}
+        self._routes_lock = threading.Lock()
+        self._started = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "Researcher":
+        self.peer.start()
+        for entry in self.home.trusted():
+            self.peer.trust(entry["card"], entry.get("endpoint"))
+        self._started = True
+        log.info("[%s] researcher listening on %s", self.name, self.peer.endpoint)
+        return self
+
+    def close(self) -> None:
+        self.peer.close()
+        self.home.close()
+
+    def __enter__(self) -> "Researcher":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def endpoint(self) -> str:
+        return self.peer.endpoint
+
+    # ------------------------------------------------------------------ nodes
+    def nodes(self) -> list[str]:
+        """Peer ids of the nodes online now."""
+        return self.peer.online()
+
+    def node_name(self, peer_id: str) -> str:
+        entry = self.peer.trust_table.get(peer_id)
+        return entry.card.name if entry else peer_id
+
+    def wait_for_nodes(self, count: int, timeout: float = 30.0) -> list[str]:
+        """Block until at least ``count`` nodes are online; returns their ids."""
+        if not self.peer.wait_links(lambda online: len(online) >= count, timeout):
+            raise MeshflError(f"only {len(self.nodes())} of {count} nodes came online in {timeout:g}s", code="timeout")
+        return self.nodes()
+
+    def ping(self, node: str, timeout: float = 10.0) -> dict:
+        return self.peer.call(node, Message("ping"), timeout).fields
+
+    def search(self, tags: list[str] | None = None, timeout: float = 10.0) -> dict[str, list[dict]]:
+        """Datasets matching all ``tags`` on every online node: {node id: [public records]}."""
+        futures = {n: self.peer.request(n, Message("datasets.search", {"tags": list(tags or [])}), timeout) for n in self.nodes()}
+        found = {}
+        for node, fut in futures.items():
+            try:
+                found[node] = fut.result().fields["datasets"]
+            except MeshflError as exc:
+                log.warning("[%s] search on %s failed: %s", self.name, self.node_name(node), exc)
+        return found
+
+    def plan_status(self, node: str, plan, timeout: float = 10.0) -> dict:
+        """Ask a node whether it approved ``plan`` (a TorchTrainingPlan subclass or its source)."""
+        from ..node._plans import plan_hash
+
+        source = plan if isinstance(plan, str) else plan_source(plan)
+        return self.peer.call(node, Message("plan.status", {"hash": plan_hash(source)}), timeout).fields
+
+    def submit_plan(self, node: str, plan, name: str = "", timeout: float = 10.0) -> dict:
+        """Send ``plan``'s source to a node's operator for review (it lands as pending)."""
+        source = plan if isinstance(plan, str) else plan_source(plan)
+        fields = {"source": source, "name": name or getattr(plan, "__name__", "")}
+        return self.peer.call(node, Message("plan.submit", fields), timeout).fields
+
+    # ------------------------------------------------------------------ experiment plumbing
+    def _route(self, task_ids, inbox: queue.SimpleQueue | None) -> None:
+        with self._routes_lock:
+            for tid in task_ids:
+                if inbox is None:
+                    self._routes.pop(tid, None)
+                else:
+                    self._routes[tid] = inbox
+
+    def _handle(self, msg: Message) -> Message | None:
+        if msg.type in ("train.done", "result.chunk"):
+            with self._routes_lock:
+                inbox = self._routes.get(msg.fields["task_id"])
+            if inbox is not None:
+                inbox.put(msg)
+            elif msg.type == "train.done":
+                log.info("[%s] result %s is for no running round: acknowledged, dropped", self.name, msg.fields["task_id"])
+                self.send(msg.sender, Message("result.ack", {"task_id": msg.fields["task_id"]}))
+            return None
+        if msg.type == "ping":
+            return Message("pong", {"name": self.name, "peer_id": self.peer.peer_id, "role": "researcher", "version": "1"})
+        raise MeshflError(f"a researcher does not handle {msg.type!r}", code="unknown_type")
+
+    def send(self, node: str, msg: Message) -> Future:
+        return self.peer.send(node, msg)
+
+    def request(self, node: str, msg: Message, timeout: float) -> Future:
+        return self.peer.request(node, msg, timeout)

@@ -1,0 +1,56 @@
+"""Training plans used by the integration tests (own module: only these imports travel).
+
+Each plan stands alone: a plan's source is its class plus its module's imports, nothing else.
+"""
+
+import os
+import time
+
+import torch
+from torch import nn
+
+from meshfl.plans import TorchTrainingPlan
+
+
+class TinyPlan(TorchTrainingPlan):
+    """Logistic regression on whatever tabular dataset the node has."""
+
+    def init_model(self, features=4, classes=2):
+        return nn.Linear(features, classes)
+
+
+class AddOnePlan(TorchTrainingPlan):
+    """No training: every parameter += 1, so FedAvg of any nodes is exactly global + 1."""
+
+    def init_model(self, features=4, classes=2, width=1):
+        return nn.Sequential(nn.Linear(features, width), nn.Linear(width, classes))
+
+    def train(self, model, train, args, device):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        return {"steps": 0}
+
+
+class RaisingPlan(TorchTrainingPlan):
+    def init_model(self, features=4, classes=2):
+        return nn.Linear(features, classes)
+
+    def train(self, model, train, args, device):
+        raise ValueError("plan bug at step 3")
+
+
+class HangingPlan(TorchTrainingPlan):
+    def init_model(self, features=4, classes=2):
+        return nn.Linear(features, classes)
+
+    def train(self, model, train, args, device):
+        time.sleep(3600)
+
+
+class DyingPlan(TorchTrainingPlan):
+    def init_model(self, features=4, classes=2):
+        return nn.Linear(features, classes)
+
+    def train(self, model, train, args, device):
+        os._exit(3)

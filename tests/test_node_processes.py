@@ -1,0 +1,97 @@
+"""Real `meshfl node start` processes, killed with SIGKILL: nothing acknowledged is lost."""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import torch
+
+from helpers.plans import TinyPlan
+from helpers.procs import kill, make_homes, start_node, stop
+from meshfl.home import Home
+from meshfl.plans import plan_source
+from meshfl.researcher import Researcher
+from meshfl.store import Outbox
+from meshfl.wire import Message
+
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
+HELPERS = Path(__file__).parent / "helpers"
+
+
+def _next(inbox: queue.SimpleQueue, mtype: str, timeout: float = 60.0) -> Message:
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = inbox.get(timeout=max(0.01, deadline - time.monotonic()))
+        if msg.type == mtype:
+            return msg
+
+
+def test_unacknowledged_result_is_delivered_after_a_node_restart(tmp_path):
+    r_path, (n_path,) = make_homes(tmp_path, 1, plan=TinyPlan)
+    node = start_node(n_path)
+    researcher = Researcher(r_path).start()
+    try:
+        (node_id,) = researcher.wait_for_nodes(1, timeout=60)
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        task_id = "exp-t.r1.a0.n"
+        researcher._route([task_id], inbox)  # we take train.done ourselves and never acknowledge it
+        model = TinyPlan().init_model()
+        fields = {
+            "task_id": task_id, "experiment": "exp-t", "round": 1, "plan_source": plan_source(TinyPlan),
+            "plan_class": "TinyPlan", "dataset_tags": ["blobs"], "training_args": {"epochs": 1}, "model_args": {},
+        }
+        accepted = researcher.peer.call(node_id, Message("train", fields, model.state_dict()), timeout=30)
+        assert accepted.fields["state"] == "pending"
+        first = _next(inbox, "train.done")
+        assert first.fields["ok"] and first.fields["inline"]
+
+        kill(node)  # SIGKILL with the result unacknowledged
+        with Home.open(n_path) as home:
+            assert [i.msg_id for i in Outbox(home.store, "outbox").pending()] == [task_id]
+        node = start_node(n_path)
+        again = _next(inbox, "train.done")  # re-sent by the restarted node, unasked
+        assert again.fields["task_id"] == task_id
+        for name, tensor in first.tensors.items():
+            assert torch.equal(tensor, again.tensors[name])
+        # Re-sending the same request is answered, never run twice.
+        dup = researcher.peer.call(node_id, Message("train", fields, model.state_dict()), timeout=30)
+        assert dup.fields["state"] == "done"
+        researcher.send(node_id, Message("result.ack", {"task_id": task_id})).result(timeout=10)
+        assert stop(node) == 0  # SIGTERM: a clean stop
+        with Home.open(n_path) as home:
+            assert len(Outbox(home.store, "outbox")) == 0
+            assert home.audit.verify().ok
+            events = [r.event for r in home.audit.records()]
+            assert events.count("task.finished") == 1 and "result.acknowledged" in events
+    finally:
+        researcher.close()
+        kill(node)
+
+
+def test_resume_after_killing_the_researcher_between_rounds(tmp_path):
+    r_path, node_paths = make_homes(tmp_path, 2, plan=TinyPlan)
+    nodes = [start_node(p) for p in node_paths]
+    script = [sys.executable, str(HELPERS / "run_experiment.py"), str(r_path), "4", "exp-resume"]
+    first = subprocess.Popen([*script, "new"], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while "round 2 done" not in line and time.monotonic() < deadline:
+            line = first.stdout.readline()
+            assert line, "the researcher died before round 2"
+        kill(first)  # the researcher dies after its round-2 checkpoint
+        second = subprocess.run([*script, "resume"], capture_output=True, text=True, timeout=180)
+        assert second.returncode == 0, second.stderr[-2000:]
+        result = orjson.loads(second.stdout.split("RESULT ", 1)[1])
+        assert result["rounds"] == [1, 2, 3, 4] and result["attempt"] >= 1
+        assert "round 3 done" in second.stdout and "round 2 done" not in second.stdout
+    finally:
+        kill(first)
+        for node in nodes:
+            kill(node)
