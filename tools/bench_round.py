@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""Round benchmark: one FedAvg round through meshfl vs the same bytes through plain pyzmq.
+
+K real node processes (`meshfl node start`, CURVE links, LMDB homes, warm training worker) run a
+plan that returns the received model plus a small delta (no real training: this measures the
+framework). In the same run, K plain-pyzmq DEALER processes echo the same bytes as 1 MB
+copy=False frames under CURVE (tools/bench_wire.py's raw side); meshfl and raw rounds alternate,
+so machine noise hits both alike. Prints JSON: median round time of each and their ratio, the
+researcher's peak RSS above its baseline in model sizes, and the fixed cost of a small round.
+
+    python tools/bench_round.py                       # P = 5e7 and P = 1e5, K = 8
+    python tools/bench_round.py --params 1e7 --nodes 4 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from bench_wire import RawSide, rss_mb  # noqa: E402
+from meshfl.home import Home  # noqa: E402
+from meshfl.node._datasets import DatasetRegistry  # noqa: E402
+from meshfl.node._plans import PlanRegistry, plan_hash  # noqa: E402
+from meshfl.plans import plan_source  # noqa: E402
+from meshfl.researcher import Experiment, Researcher  # noqa: E402
+from bench_round_plan import DeltaPlan  # noqa: E402
+
+
+class PeakRss:
+    """Samples this process's RSS every few ms while active (peak over what it saw)."""
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+        self.active = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            if self.active.is_set():
+                self.peak = max(self.peak, rss_mb())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def setup(root: Path, k: int):
+    listen = f"ipc://{root}/researcher.sock"
+    r_home = Home.init(root / "researcher", "researcher", "bench", listen=listen, dead_after=60.0)
+    source = plan_source(DeltaPlan)
+    csv = root / "tiny.csv"
+    np.savetxt(csv, np.column_stack([np.arange(20.0), np.arange(20) % 2]), delimiter=",", header="x,target", comments="")
+    paths = []
+    for i in range(k):
+        path = root / f"node{i}"
+        with Home.init(path, "node", f"node{i}", dead_after=60.0, task_timeout=600.0) as home:
+            home.trust(r_home.identity.card, listen)
+            r_home.trust(home.identity.card)
+            DatasetRegistry(home.store, home.audit).add("tiny", ["bench"], "csv", csv, target="target")
+            plans = PlanRegistry(home.store, home.audit)
+            plans.submit(source)
+            plans.approve(plan_hash(source))
+        paths.append(path)
+    r_home.close()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MESHFL_WORKER_THREADS": "1"}
+    import subprocess
+
+    nodes = [
+        subprocess.Popen([sys.executable, "-m", "meshfl.cli", "node", "start", "--home", str(p)],
+                         stdout=subprocess.DEVNULL, stderr=open(p / "node.log", "wb"), env=env)
+        for p in paths
+    ]
+    return root / "researcher", nodes
+
+
+def run_case(params: int, k: int, rounds: int, root: Path) -> dict:
+    r_path, nodes = setup(root, k)
+    raw = None
+    try:
+        researcher = Researcher(r_path, peer_options={"dead_after": 60.0}).start()
+        researcher.wait_for_nodes(k, timeout=180)
+        raw = RawSide(k, True, "tcp://127.0.0.1:0")
+        exp = Experiment(researcher, DeltaPlan, ["bench"], rounds + 1, model_args={"params": params},
+                         min_nodes=k, round_timeout=600, progress=False)
+        model_mb = sum(t.numel() * t.element_size() for t in exp.global_state.values()) / 2**20
+        peak = PeakRss()
+        base = rss_mb()
+        raw_times: list[float] = []
+
+        def between_rounds(entry: dict) -> None:
+            peak.active.clear()
+            if entry["round"] > 1:  # after the warm-up round
+                raw_times.append(raw.round_trip(exp.global_state, entry["round"]))
+            peak.active.set()
+
+        peak.active.set()
+        exp.on_round = between_rounds
+        history = exp.run()
+        peak.close()
+        mesh_times = [h["seconds"] for h in history[1:]]
+        researcher.close()
+        return {
+            "params": params,
+            "nodes": k,
+            "rounds_timed": rounds,
+            "model_mb": round(model_mb, 2),
+            "meshfl_median_round_s": round(statistics.median(mesh_times), 4),
+            "raw_pyzmq_median_round_s": round(statistics.median(raw_times), 4),
+            "ratio_meshfl_over_raw": round(statistics.median(mesh_times) / statistics.median(raw_times), 3),
+            "researcher_rss_baseline_mb": round(base),
+            "researcher_peak_rss_above_baseline_mb": round(peak.peak - base),
+            "researcher_peak_above_baseline_in_models": round((peak.peak - base) / model_mb, 2) if model_mb else None,
+            "meshfl_round_times_s": mesh_times,
+            "raw_round_times_s": [round(t, 4) for t in raw_times],
+        }
+    finally:
+        if raw is not None:
+            raw.close()
+        for node in nodes:
+            node.terminate()
+        for node in nodes:
+            try:
+                node.wait(timeout=30)
+            except Exception:
+                node.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=float, default=5e7, help="P for the large case (default 5e7)")
+    ap.add_argument("--small-params", type=float, default=1e5, help="P for the fixed-cost case (default 1e5)")
+    ap.add_argument("--nodes", type=int, default=8, help="K node processes (default 8)")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per case, after one warm-up")
+    args = ap.parse_args()
+    out = {"benchmark": "round", "curve": True, "cases": []}
+    for params, rounds in ((int(args.small_params), max(args.rounds, 10)), (int(args.params), args.rounds)):
+        root = Path(tempfile.mkdtemp(prefix="meshfl-bench-round-"))
+        try:
+            out["cases"].append(run_case(params, args.nodes, rounds, root))
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    small, large = out["cases"]
+    out["summary"] = {
+        "ratio_at_large_P": large["ratio_meshfl_over_raw"],
+        "small_round_ms": round(small["meshfl_median_round_s"] * 1000, 2),
+        "researcher_peak_above_baseline_in_models": large["researcher_peak_above_baseline_in_models"],
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
