@@ -89,6 +89,7 @@ def run_demo(nodes: int = 3, rounds: int = 10, secagg: bool = False, json_output
     x_train, y_train, x_test, y_test = load_data(seed)
     names = [f"hospital-{chr(ord('a') + i)}" for i in range(nodes)] if nodes <= 26 else None
     say = (lambda *a: None) if json_output else (lambda *a: print(*a, flush=True))
+    clear = "\r\x1b[K" if sys.stderr.isatty() and sys.stdout.isatty() else ""  # above the progress bar
     with tempfile.TemporaryDirectory(prefix="meshfl-demo-") as tmp, FederatedMesh(nodes, names=names, root=tmp) as mesh:
         for node, (x, y) in zip(mesh.nodes, split_non_iid(x_train, y_train, nodes, seed)):
             path = node.home.path / "breast_cancer.csv"  # the data stays in the hospital's home
@@ -102,11 +103,12 @@ def run_demo(nodes: int = 3, rounds: int = 10, secagg: bool = False, json_output
             mesh.researcher, BreastCancerPlan, tags=["breast-cancer"], rounds=rounds,
             training_args={**TRAINING_ARGS, "seed": seed}, min_nodes=nodes, round_timeout=300,
             evaluate=lambda model: _accuracy(model, x_test, y_test), progress=None if not json_output else False,
+            on_round=lambda e: say(
+                f"{clear}round {e['round']:3d}  loss {e['global']['loss']:.4f}  "
+                f"accuracy {e['global']['accuracy']:.4f}  ({e['seconds']:.2f}s)"
+            ),
         )
         history = exp.run()
-    for entry in history:
-        g = entry["global"]
-        say(f"round {entry['round']:3d}  loss {g['loss']:.4f}  accuracy {g['accuracy']:.4f}  ({entry['seconds']:.2f}s)")
     central = _accuracy(train_centrally(x_train, y_train, EPOCHS_PER_ROUND * rounds, seed), x_test, y_test)
     result = {
         "nodes": nodes,

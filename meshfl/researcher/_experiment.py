@@ -202,9 +202,9 @@ class Experiment:
                 self.history.append(entry)
                 self._checkpoint()
                 note = " ".join(f"{k}={v:.4f}" for k, v in entry.get("global", {}).items() if isinstance(v, float))
-                bar.update(1, note)
                 if self.on_round is not None:
                     self.on_round(entry)
+                bar.update(1, note)
         finally:
             bar.close()
         self._audit.append("experiment.finished", experiment=self.id, rounds=self.round)

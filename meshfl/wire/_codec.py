@@ -96,7 +96,12 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def encode(msg: Message, frame_bytes: int = DEFAULT_FRAME_BYTES) -> list:
-    """Message -> list of frames (bytes envelope, then memoryviews), ready for ``copy=False``."""
+    """Message -> list of frames (bytes envelope, then memoryviews), ready for ``copy=False``.
+
+    ``frame_bytes`` must be a multiple of 8, so no element of any dtype straddles two frames.
+    """
+    if frame_bytes <= 0 or frame_bytes % 8:
+        raise ValueError(f"frame_bytes must be a positive multiple of 8, not {frame_bytes}")
     descriptors = []
     frames: list = []
     received = msg.tensors if isinstance(msg.tensors, TensorMap) else None
@@ -195,6 +200,9 @@ class TensorMap(Mapping[str, torch.Tensor]):
     def __iter__(self):
         return iter(self._specs)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default would gather the tensor
+        return name in self._specs
+
     def __len__(self) -> int:
         return len(self._specs)
 
@@ -271,8 +279,10 @@ def decode(frames: Sequence, limits: Limits = DEFAULT_LIMITS) -> Message:
     descriptors, frame_bytes = env.get("b", []), env.get("fb")
     if not isinstance(descriptors, list) or len(descriptors) > limits.max_tensors:
         raise WireError("tensor list missing or too long", code="too_many_frames")
-    if descriptors and not (isinstance(frame_bytes, int) and 0 < frame_bytes <= limits.max_frame_bytes):
-        raise WireError(f"frame size {frame_bytes!r} out of range", code="bad_envelope")
+    if descriptors and not (
+        isinstance(frame_bytes, int) and 0 < frame_bytes <= limits.max_frame_bytes and frame_bytes % 8 == 0
+    ):
+        raise WireError(f"frame size {frame_bytes!r} must be a multiple of 8 within limits", code="bad_envelope")
     lookup(mtype).check(env.get("f", {}), len(descriptors))
 
     checked = [_check_descriptor(d, limits) for d in descriptors]
