@@ -78,7 +78,7 @@ def test_resume_after_killing_the_researcher_between_rounds(tmp_path):
     r_path, node_paths = make_homes(tmp_path, 2, plan=TinyPlan)
     nodes = [start_node(p) for p in node_paths]
     script = [sys.executable, str(HELPERS / "run_experiment.py"), str(r_path), "4", "exp-resume"]
-    first = subprocess.Popen([*script, "new"], stdout=subprocess.PIPE, text=True)
+    first = subprocess.Popen([*script, "pause-after-2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         line = ""
@@ -91,6 +91,13 @@ def test_resume_after_killing_the_researcher_between_rounds(tmp_path):
         result = orjson.loads(second.stdout.split("RESULT ", 1)[1])
         assert result["rounds"] == [1, 2, 3, 4] and result["attempt"] >= 1
         assert "round 3 done" in second.stdout and "round 2 done" not in second.stdout
+        # With fixed seeds the resumed run ends with the same model as an uninterrupted one.
+        straight_cmd = [sys.executable, str(HELPERS / "run_experiment.py"), str(r_path), "4", "exp-straight", "new"]
+        straight = subprocess.run(straight_cmd, capture_output=True, text=True, timeout=180)
+        assert straight.returncode == 0, straight.stderr[-2000:]
+        expected = orjson.loads(straight.stdout.split("RESULT ", 1)[1])
+        for name, value in expected["state"].items():
+            assert torch.allclose(torch.tensor(result["state"][name]), torch.tensor(value), atol=1e-6), name
     finally:
         kill(first)
         for node in nodes:

@@ -50,7 +50,10 @@ def kill(proc: subprocess.Popen) -> None:
     """SIGKILL the process group (the node and its worker), then reap."""
     if proc.poll() is None:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            if os.getpgid(proc.pid) == proc.pid:  # its own group: take its children along
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
         except ProcessLookupError:
             pass
     proc.wait(timeout=30)

@@ -3,6 +3,7 @@
 import sys
 
 import orjson
+import torch
 
 from meshfl.researcher import Experiment, Researcher
 
@@ -15,6 +16,10 @@ with Researcher(home) as researcher:
 
     def report(entry):
         print(f"round {entry['round']} done", flush=True)
+        if mode == "pause-after-2" and entry["round"] == 2:
+            sys.stdin.readline()  # the parent kills us here, between rounds 2 and 3
+
+    torch.manual_seed(0)  # the same initial model in every run
 
     if mode == "resume":
         exp = Experiment.resume(researcher, exp_id, on_round=report, progress=False)
