@@ -96,7 +96,11 @@ def run_case(params: int, k: int, rounds: int, root: Path) -> dict:
         researcher = Researcher(r_path, peer_options={"dead_after": 60.0}).start()
         researcher.wait_for_nodes(k, timeout=180)
         raw = RawSide(k, True, "tcp://127.0.0.1:0")
-        exp = Experiment(researcher, DeltaPlan, ["bench"], rounds + 1, model_args={"params": params},
+        # Round 1 warms up; rounds 2-3 run alone, the sampler tracking the researcher's RSS (the
+        # raw side's buffers would otherwise stay in this process's heap); then the timed rounds
+        # alternate with raw-pyzmq round trips.
+        rss_rounds = 2
+        exp = Experiment(researcher, DeltaPlan, ["bench"], 1 + rss_rounds + rounds, model_args={"params": params},
                          min_nodes=k, round_timeout=600, progress=False)
         model_mb = sum(t.numel() * t.element_size() for t in exp.global_state.values()) / 2**20
         peak = PeakRss()
@@ -104,16 +108,17 @@ def run_case(params: int, k: int, rounds: int, root: Path) -> dict:
         raw_times: list[float] = []
 
         def between_rounds(entry: dict) -> None:
-            peak.active.clear()
-            if entry["round"] > 1:  # after the warm-up round
+            if entry["round"] == 1 + rss_rounds:
+                peak.active.clear()
+            if entry["round"] >= 1 + rss_rounds:
                 raw_times.append(raw.round_trip(exp.global_state, entry["round"]))
-            peak.active.set()
 
         peak.active.set()
         exp.on_round = between_rounds
         history = exp.run()
         peak.close()
-        mesh_times = [h["seconds"] for h in history[1:]]
+        raw_times = raw_times[1:]  # the first raw round trip warms up too
+        mesh_times = [h["seconds"] for h in history[1 + rss_rounds :]]
         researcher.close()
         return {
             "params": params,

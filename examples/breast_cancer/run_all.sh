@@ -63,7 +63,7 @@ for site in "${SITES[@]}"; do
     done
     [[ -n "$digest" ]] || { echo "run_all.sh: no pending plan reached $site" >&2; exit 1; }
     echo "== operator of $site reviews the plan:"
-    $MESHFL plan show "$digest" --home "$home" | sed -n '1,6p'   # header; the source follows it
+    $MESHFL plan show "$digest" --home "$home" | sed -n '1,16p'  # details, then the start of the source
     $MESHFL plan approve "$digest" --home "$home" --by "operator of $site"
 done
 

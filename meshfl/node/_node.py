@@ -26,13 +26,12 @@ from ..protocol import CHUNK_BYTES, INLINE_RESULT_BYTES, chunk_plan
 from ..store import Outbox, TaskQueue
 from ..store.blobs import BlobStore
 from ..transport import Peer
-from ..wire import DTYPES, Message
+from ..wire import Message
 from ._datasets import DatasetRegistry, public_view
 from ._executor import Executor, TaskFailed
 from ._plans import PlanRegistry
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 class _NodeLog(logging.LoggerAdapter):
@@ -269,10 +268,7 @@ class Node:
         envelope: dict = {}
         if fields["ok"]:
             fields.update(samples=result["samples"], metrics=result["metrics"], duration=result["duration"])
-            layout = [
-                [name, _DTYPE_NAMES[t.dtype], list(t.shape), t.numel() * t.element_size()]
-                for name, t in self.blobs.read(f"{task.id}.out").items()
-            ]
+            layout = result["layout"]
             nbytes = sum(row[3] for row in layout)
             fields["inline"] = nbytes <= INLINE_RESULT_BYTES
             if not fields["inline"]:

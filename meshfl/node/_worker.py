@@ -20,11 +20,15 @@ import torch
 
 from ..plans import DEFAULT_TRAINING_ARGS, TorchTrainingPlan, load_plan_class
 from ..store.blobs import read_pack, write_pack
+from ..wire import DTYPE_NAMES, DTYPES
+
+
 from ._datasets import load_dataset
 
 log = logging.getLogger("meshfl.worker")
 _plans: dict[str, type] = {}
 _data: dict[tuple, tuple] = {}
+_models: dict[tuple, torch.nn.Module] = {}
 
 
 def _device(args: dict, allow_cuda: bool) -> torch.device:
@@ -72,6 +76,16 @@ def default_train(plan: TorchTrainingPlan, model, train, args: dict, device: tor
     return {"train_loss": total / max(steps, 1), "steps": steps}
 
 
+def _model(plan: TorchTrainingPlan, job: dict, device: torch.device):
+    """The plan's model, built once per (plan, model args, device) and reused by later rounds:
+    every task overwrites all of its state, and building a big model costs fresh memory."""
+    key = (job["plan_hash"], orjson.dumps(job["model_args"], option=orjson.OPT_SORT_KEYS), device.type)
+    if key not in _models:
+        _models.clear()
+        _models[key] = plan.init_model(**job["model_args"]).to(device)
+    return _models[key]
+
+
 def run_job(job: dict) -> dict:
     started = time.monotonic()
     key = job["plan_hash"]
@@ -91,9 +105,8 @@ def run_job(job: dict) -> dict:
     x, y = _data[data_key]
     train, test = plan.split(x, y, float(args["test_fraction"]), int(args["seed"]))
 
-    model = plan.init_model(**job["model_args"])
+    model = _model(plan, job, device)
     model.load_state_dict(read_pack(job["input"]))
-    model.to(device)
     if hasattr(plan, "train"):
         metrics = plan.train(model, train, args, device) or {}
     else:
@@ -104,8 +117,10 @@ def run_job(job: dict) -> dict:
         metrics.update({f"test_{k}": v for k, v in plan.evaluate(model, test_on).items()})
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     write_pack(job["output"], state)
+    layout = [[k, DTYPE_NAMES[v.dtype], list(v.shape), v.numel() * v.element_size()] for k, v in state.items()]
     return {
         "ok": True,
+        "layout": layout,
         "samples": int(train[0].shape[0]),
         "metrics": {k: float(v) for k, v in metrics.items()},
         "device": device.type,

@@ -115,6 +115,7 @@ class Experiment:
         self.model: torch.nn.Module = cls().init_model(**self.model_args)
         self.global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self._buffers: list[dict[str, torch.Tensor]] = []
+        self._holders: dict[str, bool] = {}  # node id -> holds data with our tags (searched once)
 
     # ------------------------------------------------------------------ persistence
     def _record(self) -> dict:
@@ -223,8 +224,13 @@ class Experiment:
         return out
 
     def _select_nodes(self) -> list[str]:
-        found = self.researcher.search(self.tags)
-        nodes = sorted(n for n, datasets in found.items() if datasets)
+        """Online nodes holding data with the tags; only nodes not seen before are searched."""
+        online = self.researcher.nodes()
+        unknown = [n for n in online if n not in self._holders]
+        if unknown:
+            found = self.researcher.search(self.tags, nodes=unknown)
+            self._holders.update({n: bool(datasets) for n, datasets in found.items()})
+        nodes = sorted(n for n in online if self._holders.get(n))
         if self.node_filter is not None:
             nodes = [n for n in nodes if n in self.node_filter]
         if self.fraction < 1.0 and nodes:

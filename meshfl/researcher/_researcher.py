@@ -83,9 +83,10 @@ class Researcher:
     def ping(self, node: str, timeout: float = 10.0) -> dict:
         return self.peer.call(node, Message("ping"), timeout).fields
 
-    def search(self, tags: list[str] | None = None, timeout: float = 10.0) -> dict[str, list[dict]]:
-        """Datasets matching all ``tags`` on every online node: {node id: [public records]}."""
-        futures = {n: self.peer.request(n, Message("datasets.search", {"tags": list(tags or [])}), timeout) for n in self.nodes()}
+    def search(self, tags: list[str] | None = None, timeout: float = 10.0, nodes: list[str] | None = None) -> dict[str, list[dict]]:
+        """Datasets matching all ``tags`` on every online node (or on ``nodes``): {node id: [public records]}."""
+        ask = self.nodes() if nodes is None else nodes
+        futures = {n: self.peer.request(n, Message("datasets.search", {"tags": list(tags or [])}), timeout) for n in ask}
         found = {}
         for node, fut in futures.items():
             try:

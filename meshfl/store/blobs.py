@@ -25,10 +25,10 @@ import orjson
 import torch
 
 from ..errors import StoreError
-from ..wire import DTYPES
+from ..wire import DTYPE_NAMES, DTYPES
 
 MAGIC = b"MFLPACK1"
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
 _ALIGN = 64
 
 
@@ -58,9 +58,9 @@ def write_pack(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
     header, offset = [], 0
     for name in tensors:
         dtype, shape, nbytes = _spec(tensors, name)
-        if dtype not in _DTYPE_NAMES:
+        if dtype not in DTYPE_NAMES:
             raise StoreError(f"tensor {name!r}: unsupported dtype {dtype}", code="bad_value")
-        header.append([name, _DTYPE_NAMES[dtype], list(shape), offset, nbytes])  # offset from data start
+        header.append([name, DTYPE_NAMES[dtype], list(shape), offset, nbytes])  # offset from data start
         offset += -(-nbytes // _ALIGN) * _ALIGN
     head = orjson.dumps(header)
     data_start = -(-(16 + len(head)) // _ALIGN) * _ALIGN

@@ -3,6 +3,7 @@
 from ._codec import (
     DEFAULT_FRAME_BYTES,
     DEFAULT_LIMITS,
+    DTYPE_NAMES,
     DTYPES,
     PROTOCOL_VERSION,
     Limits,
@@ -19,6 +20,7 @@ from ._schema import MessageType, declare, lookup
 __all__ = [
     "DEFAULT_FRAME_BYTES",
     "DEFAULT_LIMITS",
+    "DTYPE_NAMES",
     "DTYPES",
     "PROTOCOL_VERSION",
     "Limits",

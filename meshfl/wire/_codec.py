@@ -41,7 +41,7 @@ DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
     "bool": torch.bool,
 }
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -109,13 +109,13 @@ def encode(msg: Message, frame_bytes: int = DEFAULT_FRAME_BYTES) -> list:
         forwarded = received.frames_of(name, frame_bytes) if received is not None else None
         if forwarded is not None:  # relay a received tensor frame by frame, without gathering it
             dtype, shape, nbytes = received.spec(name)
-            descriptors.append([name, _DTYPE_NAMES[dtype], list(shape), nbytes])
+            descriptors.append([name, DTYPE_NAMES[dtype], list(shape), nbytes])
             frames.extend(forwarded)
             continue
         tensor = msg.tensors[name]
         if not isinstance(tensor, torch.Tensor):
             raise WireError(f"tensor {name!r} is a {type(tensor).__name__}", code="bad_dtype")
-        dtype = _DTYPE_NAMES.get(tensor.dtype)
+        dtype = DTYPE_NAMES.get(tensor.dtype)
         if dtype is None:
             raise WireError(f"tensor {name!r} has unsupported dtype {tensor.dtype}", code="bad_dtype")
         raw = _raw_bytes(tensor)
