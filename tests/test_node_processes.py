@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import orjson
 import pytest
 import torch
 
-from helpers.plans import TinyPlan
+from helpers.plans import HangingPlan, TinyPlan
 from helpers.procs import kill, make_homes, start_node, stop
 from meshfl.home import Home
 from meshfl.plans import plan_source
@@ -102,3 +103,35 @@ def test_resume_after_killing_the_researcher_between_rounds(tmp_path):
         kill(first)
         for node in nodes:
             kill(node)
+
+
+def test_a_task_running_when_the_node_dies_is_reported_failed_after_restart(tmp_path):
+    r_path, (n_path,) = make_homes(tmp_path, 1, plan=HangingPlan)
+    node = start_node(n_path)
+    researcher = Researcher(r_path).start()
+    try:
+        (node_id,) = researcher.wait_for_nodes(1, timeout=60)
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        task_id = "exp-h.r1.a0.n"
+        researcher._route([task_id], inbox)
+        fields = {
+            "task_id": task_id, "experiment": "exp-h", "round": 1, "plan_source": plan_source(HangingPlan),
+            "plan_class": "HangingPlan", "dataset_tags": ["blobs"], "training_args": {}, "model_args": {},
+        }
+        researcher.peer.call(node_id, Message("train", fields, HangingPlan().init_model().state_dict()), timeout=30)
+        with Home.open(n_path) as home:  # wait until the runner has claimed it
+            from meshfl.store import TaskQueue
+
+            tasks = TaskQueue(home.store, "tasks")
+            deadline = time.monotonic() + 30
+            while tasks.get(task_id).state != "running" and time.monotonic() < deadline:
+                threading.Event().wait(0.05)
+            assert tasks.get(task_id).state == "running"
+        kill(node)  # SIGKILL mid-training
+        node = start_node(n_path)
+        done = _next(inbox, "train.done")
+        assert done.fields["task_id"] == task_id and not done.fields["ok"]
+        assert done.fields["error"]["code"] == "interrupted"
+    finally:
+        researcher.close()
+        kill(node)

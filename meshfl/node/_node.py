@@ -6,9 +6,10 @@ thread takes tasks from the durable queue to the executor's worker process.
 
 Crash safety (design §3): a task is committed to the LMDB queue and its input model to a pack
 file before the researcher hears ``train.accepted``; a result is committed to the outbox before
-the task is marked done, and stays there until the researcher's ``result.ack``. On restart, tasks
-left running are run again, and every unacknowledged result is re-sent when the researcher's
-link comes up.
+the task is marked done, and stays there until the researcher's ``result.ack``. On restart, a
+task left running is reported failed (``interrupted``: its worker trains in place in the task's
+pack, which may hold a half-trained model), and every unacknowledged result is re-sent when the
+researcher's link comes up.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..protocol import CHUNK_BYTES, INLINE_RESULT_BYTES, chunk_plan
 from ..store import Outbox, TaskQueue
 from ..store.blobs import BlobStore
 from ..transport import Peer
-from ..wire import Message
+from ..wire import DTYPE_NAMES, Message
 from ._datasets import DatasetRegistry, public_view
 from ._executor import Executor, TaskFailed
 from ._plans import PlanRegistry
@@ -67,9 +68,17 @@ class Node:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Node":
-        for task in self.queue.recover(requeue=True):
-            self.log.warning("task %s was interrupted by a restart: running it again", task.id)
-            self.audit.append("task.recovered", task=task.id)
+        for task in self.queue.recover(requeue=False):
+            # Its worker trains in place in the task's pack, so a half-trained model may be
+            # there: report the task failed rather than run it again from a corrupt start.
+            if self.outbox.get(task.id) is not None:
+                continue  # the crash came after its result was committed: that result stands
+            self.log.warning("task %s was interrupted by a restart: reporting it failed", task.id)
+            fields = {"task_id": task.id, "experiment": task.payload["experiment"],
+                      "round": task.payload["round"], "ok": False, "error": task.error}
+            self.outbox.put(task.id, task.payload["researcher"], {"fields": fields})
+            self.blobs.delete(task.id)
+            self.audit.append("task.interrupted", task=task.id)
         if self.dev:
             self.log.warning("development mode: training plans run WITHOUT operator approval")
         self.peer.start()
@@ -156,7 +165,7 @@ class Node:
         found = self.datasets.search([str(t) for t in f["dataset_tags"]], self.home.config.minimum_samples)
         if not found:
             raise MeshflError(f"no dataset on {self.name} matches tags {f['dataset_tags']}", code="no_dataset")
-        self.blobs.write(f"{task_id}.in", msg.tensors)
+        self.blobs.write(task_id, msg.tensors)
         payload = {k: f[k] for k in ("experiment", "round", "plan_source", "plan_class", "training_args", "model_args")}
         payload.update(researcher=msg.sender, plan_hash=plan_hash, dataset=found[0]["name"])
         self.queue.push(payload, task_id=task_id)
@@ -174,7 +183,7 @@ class Node:
             raise MeshflError(f"no result {task_id} waits for you here", code="unknown_task")
         tensors = self._packs.get(task_id)
         if tensors is None:
-            tensors = self._packs[task_id] = self.blobs.read(f"{task_id}.out")
+            tensors = self._packs[task_id] = self.blobs.read(task_id)
         chunks = chunk_plan(item.envelope["layout"], CHUNK_BYTES)
         for index in range(max(0, first), min(first + max(0, count), len(chunks))):
             name, start, n = chunks[index]
@@ -188,7 +197,7 @@ class Node:
         if item is not None and item.dest == msg.sender:
             self.outbox.ack(task_id)
             self._packs.pop(task_id, None)
-            self.blobs.delete(f"{task_id}.out")
+            self.blobs.delete(task_id)
             self.audit.append("result.acknowledged", task=task_id, researcher=msg.sender)
         return None
 
@@ -198,7 +207,7 @@ class Node:
         for task in self.queue.list("pending"):
             if task.payload.get("experiment") == experiment and task.payload.get("researcher") == msg.sender:
                 count += self.queue.cancel(task.id)
-                self.blobs.delete(f"{task.id}.in")
+                self.blobs.delete(task.id)
         running = self._running_task
         if running and running["experiment"] == experiment and running["researcher"] == msg.sender:
             running["cancelled"] = True
@@ -222,7 +231,7 @@ class Node:
         tensors = {}
         if fields.get("inline"):
             try:
-                tensors = self.blobs.read(f"{task_id}.out")
+                tensors = self.blobs.read(task_id)
             except MeshflError:  # the pack was lost (OS crash): report, never drop silently
                 fields = {**fields, "ok": False, "inline": False,
                           "error": {"code": "result_lost", "message": "the result was lost in a crash of this node"}}
@@ -251,8 +260,7 @@ class Node:
                 "model_args": p["model_args"],
                 "training_args": p["training_args"],
                 "dataset": self.datasets.get(p["dataset"]),
-                "input": str(self.blobs.path(f"{task.id}.in")),
-                "output": str(self.blobs.path(f"{task.id}.out")),
+                "pack": str(self.blobs.path(task.id)),
                 "allow_cuda": self.home.config.allow_cuda,
             }
             timeout = float(p["training_args"].get("timeout") or self.home.config.task_timeout)
@@ -268,7 +276,10 @@ class Node:
         envelope: dict = {}
         if fields["ok"]:
             fields.update(samples=result["samples"], metrics=result["metrics"], duration=result["duration"])
-            layout = result["layout"]
+            layout = [
+                [name, DTYPE_NAMES[t.dtype], list(t.shape), t.numel() * t.element_size()]
+                for name, t in self.blobs.read(task.id).items()
+            ]
             nbytes = sum(row[3] for row in layout)
             fields["inline"] = nbytes <= INLINE_RESULT_BYTES
             if not fields["inline"]:
@@ -283,6 +294,7 @@ class Node:
             self.queue.done(task.id, {"samples": fields["samples"]})
         else:
             self.queue.fail(task.id, fields["error"])
-        self.blobs.delete(f"{task.id}.in")
+        if not fields["ok"]:
+            self.blobs.delete(task.id)
         self.audit.append("task.finished", task=task.id, ok=fields["ok"], error=fields.get("error", {}).get("code"))
         self._deliver(task.id)

@@ -3,8 +3,9 @@
 Started once (Python and torch imported once) and reused for task after task; the node kills and
 replaces it when a plan hangs past its time limit, crashes it, or runs it out of memory, so a bad
 plan fails its task and never the node. Jobs and results are orjson lines on stdin / a private
-copy of stdout (the plan's own prints go to stderr); model tensors go through pack files mapped
-by both processes, never through the pipe and never pickled.
+copy of stdout (the plan's own prints go to stderr); the model goes through the task's pack file,
+mapped by both processes: the worker loads it, trains, and writes the result back into the same
+pages — never through the pipe, never pickled.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ import orjson
 import torch
 
 from ..plans import DEFAULT_TRAINING_ARGS, TorchTrainingPlan, load_plan_class
-from ..store.blobs import read_pack, write_pack
-from ..wire import DTYPE_NAMES, DTYPES
+from ..store.blobs import read_pack
 
 
 from ._datasets import load_dataset
@@ -106,7 +106,8 @@ def run_job(job: dict) -> dict:
     train, test = plan.split(x, y, float(args["test_fraction"]), int(args["seed"]))
 
     model = _model(plan, job, device)
-    model.load_state_dict(read_pack(job["input"]))
+    pack = read_pack(job["pack"], shared=True)  # the received model; the result goes back into it
+    model.load_state_dict(pack)
     if hasattr(plan, "train"):
         metrics = plan.train(model, train, args, device) or {}
     else:
@@ -115,12 +116,13 @@ def run_job(job: dict) -> dict:
         model.eval()
         test_on = (test[0].to(device), test[1].to(device) if test[1] is not None else None)
         metrics.update({f"test_{k}": v for k, v in plan.evaluate(model, test_on).items()})
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    write_pack(job["output"], state)
-    layout = [[k, DTYPE_NAMES[v.dtype], list(v.shape), v.numel() * v.element_size()] for k, v in state.items()]
+    state = model.state_dict()
+    if {k: (v.shape, v.dtype) for k, v in state.items()} != {k: (v.shape, v.dtype) for k, v in pack.items()}:
+        raise ValueError("the plan changed the model's tensor names, shapes or dtypes during training")
+    for name, tensor in state.items():
+        pack[name].copy_(tensor.detach())
     return {
         "ok": True,
-        "layout": layout,
         "samples": int(train[0].shape[0]),
         "metrics": {k: float(v) for k, v in metrics.items()},
         "device": device.type,

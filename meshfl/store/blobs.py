@@ -17,6 +17,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Mapping
 
@@ -49,10 +50,12 @@ def _spec(tensors, name: str) -> tuple[torch.dtype, tuple[int, ...], int]:
     return t.dtype, tuple(t.shape), t.numel() * t.element_size()
 
 
-def write_pack(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
+def write_pack(path: Path, tensors: Mapping[str, torch.Tensor], reuse: Path | None = None) -> int:
     """Write ``tensors`` to ``path`` atomically (temp file + rename); returns the file size.
 
     A received :class:`~meshfl.wire.TensorMap` is written frame by frame, never gathered first.
+    ``reuse`` names a spare pack file to overwrite instead of a new one: its pages are already
+    in memory, so writing a model costs a memcpy instead of page allocation.
     """
     path = Path(path)
     header, offset = [], 0
@@ -65,7 +68,15 @@ def write_pack(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
     head = orjson.dumps(header)
     data_start = -(-(16 + len(head)) // _ALIGN) * _ALIGN
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT
+    if reuse is not None:
+        try:
+            os.replace(reuse, tmp)
+        except FileNotFoundError:
+            flags |= os.O_TRUNC
+    else:
+        flags |= os.O_TRUNC
+    fd = os.open(tmp, flags, 0o600)
     try:
         os.ftruncate(fd, data_start + offset)
         os.pwrite(fd, MAGIC + struct.pack("<Q", len(head)) + head, 0)
@@ -82,15 +93,20 @@ def write_pack(path: Path, tensors: Mapping[str, torch.Tensor]) -> int:
     return data_start + offset
 
 
-def read_pack(path: Path) -> dict[str, torch.Tensor]:
-    """Map a pack and return its tensors as views (private copy-on-write: writable, file intact)."""
+def read_pack(path: Path, shared: bool = False) -> dict[str, torch.Tensor]:
+    """Map a pack and return its tensors as views.
+
+    By default the mapping is private (copy-on-write: writable, the file stays intact); with
+    ``shared`` writes to the tensors go straight into the file, which is how a worker returns a
+    trained model in the very pack it received, without a second file or copy.
+    """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
+        with open(path, "r+b" if shared else "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < 16:
                 raise StoreError(f"pack {path.name} is truncated", code="corrupt")
-            mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+            mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_WRITE if shared else mmap.ACCESS_COPY)
     except FileNotFoundError:
         raise StoreError(f"pack {path.name} is missing", code="not_found") from None
     if mm[:8] != MAGIC:
@@ -116,25 +132,47 @@ def read_pack(path: Path) -> dict[str, torch.Tensor]:
 
 
 class BlobStore:
-    """Pack files in one folder, addressed by name."""
+    """Pack files in one folder, addressed by name. Deleted packs are kept as spares (a few) and
+    overwritten by the next write, so a node that receives a model every round reuses memory."""
+
+    SPARES = 2
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._spares_lock = threading.Lock()
 
     def path(self, name: str) -> Path:
         if not name or "/" in name or name.startswith("."):
             raise StoreError(f"bad blob name {name!r}", code="bad_key")
         return self.folder / f"{name}.pack"
 
-    def write(self, name: str, tensors: Mapping[str, torch.Tensor]) -> int:
-        return write_pack(self.path(name), tensors)
+    def _spare(self, i: int) -> Path:
+        return self.folder / f".spare{i}"
 
-    def read(self, name: str) -> dict[str, torch.Tensor]:
-        return read_pack(self.path(name))
+    def write(self, name: str, tensors: Mapping[str, torch.Tensor]) -> int:
+        with self._spares_lock:
+            spare = next((self._spare(i) for i in range(self.SPARES) if self._spare(i).exists()), None)
+            if spare is not None:  # claim it: no other writer may reuse the same file
+                claimed = spare.with_name(spare.name + f".{threading.get_ident()}")
+                os.replace(spare, claimed)
+                spare = claimed
+        return write_pack(self.path(name), tensors, reuse=spare)
+
+    def read(self, name: str, shared: bool = False) -> dict[str, torch.Tensor]:
+        return read_pack(self.path(name), shared)
 
     def exists(self, name: str) -> bool:
         return self.path(name).exists()
 
     def delete(self, name: str) -> None:
-        self.path(name).unlink(missing_ok=True)
+        path = self.path(name)
+        with self._spares_lock:
+            free = next((self._spare(i) for i in range(self.SPARES) if not self._spare(i).exists()), None)
+            try:
+                if free is not None:
+                    os.replace(path, free)
+                else:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
