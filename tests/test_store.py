@@ -223,10 +223,30 @@ def test_atomic_reruns_after_meeting_a_new_table(store):
     assert store.table("fresh").get("k") == 1 and len(calls) == 2
 
 
+def test_nested_calls_join_the_open_transaction(store):
+    table, log = store.table("t"), AuditLog(store, "audit")
+
+    def both(tx):
+        table.put("k", 1)
+        log.append("k.set")
+        return tx.get("t", "k")
+
+    assert store.atomic(both) == 1 and len(log) == 1
+
+    def fails_after_writing(tx):
+        table.put("k", 2)
+        log.append("k.set")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        store.atomic(fails_after_writing)
+    assert table.get("k") == 1 and len(log) == 1  # neither write was kept
+
+
 def test_misuse_is_reported_not_deadlocked(store, monkeypatch):
     table = store.table("t")
     with pytest.raises(StoreError) as info:
-        store.atomic(lambda tx: table.put("k", 1))
+        store.read(lambda tx: table.put("k", 1))
     assert info.value.code == "nested_txn"
     with pytest.raises(StoreError) as info:
         Store(store.path)

@@ -168,10 +168,12 @@ class Node:
         self.blobs.write(task_id, msg.tensors)
         payload = {k: f[k] for k in ("experiment", "round", "plan_source", "plan_class", "training_args", "model_args")}
         payload.update(researcher=msg.sender, plan_hash=plan_hash, dataset=found[0]["name"])
-        self.queue.push(payload, task_id=task_id)
-        self.audit.append(
-            "task.accepted", task=task_id, researcher=msg.sender, experiment=f["experiment"],
-            round=f["round"], plan=plan_hash, dataset=found[0]["name"],
+        self._atomically(
+            lambda: self.queue.push(payload, task_id=task_id),
+            lambda: self.audit.append(
+                "task.accepted", task=task_id, researcher=msg.sender, experiment=f["experiment"],
+                round=f["round"], plan=plan_hash, dataset=found[0]["name"],
+            ),
         )
         self._wake.set()
         return Message("train.accepted", {"task_id": task_id, "state": "pending"})
@@ -195,10 +197,12 @@ class Node:
         task_id = msg.fields["task_id"]
         item = self.outbox.get(task_id)
         if item is not None and item.dest == msg.sender:
-            self.outbox.ack(task_id)
+            self._atomically(
+                lambda: self.outbox.ack(task_id),
+                lambda: self.audit.append("result.acknowledged", task=task_id, researcher=msg.sender),
+            )
             self._packs.pop(task_id, None)
             self.blobs.delete(task_id)
-            self.audit.append("result.acknowledged", task=task_id, researcher=msg.sender)
         return None
 
     def _on_task_cancel(self, msg: Message) -> Message:
@@ -251,7 +255,8 @@ class Node:
         fields: dict = {"task_id": task.id, "experiment": p["experiment"], "round": p["round"]}
         self._running_task = {"experiment": p["experiment"], "researcher": p["researcher"], "cancelled": False}
         try:
-            self.plans.check(p["plan_source"], dev=self.dev)
+            if not self.dev and self.plans.status(p["plan_hash"]) != "approved":
+                self.plans.check(p["plan_source"], dev=self.dev)  # approval withdrawn: refuse, audited
             job = {
                 "task_id": task.id,
                 "plan_source": p["plan_source"],
@@ -289,12 +294,20 @@ class Node:
             fields["error"] = result["error"]
             self.log.warning("task %s failed: %s", task.id, result["error"].get("message"))
         envelope["fields"] = fields
-        self.outbox.put(task.id, p["researcher"], envelope)  # committed before the task is marked done
-        if fields["ok"]:
-            self.queue.done(task.id, {"samples": fields["samples"]})
-        else:
-            self.queue.fail(task.id, fields["error"])
+        finish = (
+            (lambda: self.queue.done(task.id, {"samples": fields["samples"]}))
+            if fields["ok"]
+            else (lambda: self.queue.fail(task.id, fields["error"]))
+        )
+        self._atomically(  # the result, the task's end and its audit record: one commit
+            lambda: self.outbox.put(task.id, p["researcher"], envelope),
+            finish,
+            lambda: self.audit.append("task.finished", task=task.id, ok=fields["ok"], error=fields.get("error", {}).get("code")),
+        )
         if not fields["ok"]:
             self.blobs.delete(task.id)
-        self.audit.append("task.finished", task=task.id, ok=fields["ok"], error=fields.get("error", {}).get("code"))
         self._deliver(task.id)
+
+    def _atomically(self, *steps) -> None:
+        """Run store operations in one LMDB transaction (they join it): one disk flush, all or none."""
+        self.home.store.atomic(lambda tx: [step() for step in steps])

@@ -105,6 +105,10 @@ class Store:
 
         If `fn` raises, nothing it wrote is kept. `fn` may run more than once (after the map grows)
         so it must have no effects besides those made through `tx`.
+
+        Called inside another ``atomic`` function on the same thread, it joins that transaction:
+        ``store.atomic(lambda tx: (queue.done(...), audit.append(...)))`` commits both at once,
+        one disk flush instead of two.
         """
         return self._run(fn, write=True)
 
@@ -113,7 +117,11 @@ class Store:
         return self._run(fn, write=False)
 
     def _run(self, fn: Callable[[Tx], T], *, write: bool) -> T:
-        self._check_not_nested()
+        outer = getattr(self._local, "tx", None)
+        if outer is not None:
+            if write and not self._local.write:
+                raise StoreError("cannot write inside a read-only transaction", code="nested_txn")
+            return fn(outer)  # join the transaction already open on this thread
         while True:
             seen_size = self._map_size
             try:
@@ -121,11 +129,11 @@ class Store:
                     self._check_usable()
                     with self._env.begin(write=write) as txn:
                         tx = Tx(self, txn)
-                        self._local.in_txn = True
+                        self._local.in_txn, self._local.tx, self._local.write = True, tx, write
                         try:
                             result = fn(tx)
                         finally:
-                            self._local.in_txn = False
+                            self._local.in_txn, self._local.tx = False, None
                         if tx._missing_table:  # raised inside fn but swallowed by it
                             raise _MissingTable(tx._missing_table)
                         return result
