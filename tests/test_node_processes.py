@@ -100,9 +100,11 @@ def test_resume_after_killing_the_researcher_between_rounds(tmp_path):
         for name, value in expected["state"].items():
             assert torch.allclose(torch.tensor(result["state"][name]), torch.tensor(value), atol=1e-6), name
     finally:
-        kill(first)
-        for node in nodes:
-            kill(node)
+        for proc in (first, *nodes):
+            try:
+                kill(proc)
+            except Exception:  # keep killing the others
+                pass
 
 
 def test_a_task_running_when_the_node_dies_is_reported_failed_after_restart(tmp_path):

@@ -157,24 +157,30 @@ class Node:
         if self.home.config.force_secure_aggregation and not f.get("secagg"):
             self.audit.append("task.refused", task=task_id, researcher=msg.sender, reason="secagg_required")
             raise MeshflError("this node only trains with secure aggregation", code="secagg_required")
-        try:
-            plan_hash = self.plans.check(f["plan_source"], dev=self.dev)
-        except MeshflError:
-            self.audit.append("task.refused", task=task_id, researcher=msg.sender, reason="plan_not_approved")
-            raise
         found = self.datasets.search([str(t) for t in f["dataset_tags"]], self.home.config.minimum_samples)
         if not found:
             raise MeshflError(f"no dataset on {self.name} matches tags {f['dataset_tags']}", code="no_dataset")
-        self.blobs.write(task_id, msg.tensors)
+        self.blobs.write(task_id, msg.tensors)  # before the task exists: never a task without its model
         payload = {k: f[k] for k in ("experiment", "round", "plan_source", "plan_class", "training_args", "model_args")}
-        payload.update(researcher=msg.sender, plan_hash=plan_hash, dataset=found[0]["name"])
-        self._atomically(
-            lambda: self.queue.push(payload, task_id=task_id),
-            lambda: self.audit.append(
+        payload.update(researcher=msg.sender, dataset=found[0]["name"])
+
+        def accept(tx) -> None:  # the approval decision, the task and its audit record: one commit
+            payload["plan_hash"] = self.plans.check(f["plan_source"], dev=self.dev)
+            self.queue.push(payload, task_id=task_id)
+            self.audit.append(
                 "task.accepted", task=task_id, researcher=msg.sender, experiment=f["experiment"],
-                round=f["round"], plan=plan_hash, dataset=found[0]["name"],
-            ),
-        )
+                round=f["round"], plan=payload["plan_hash"], dataset=found[0]["name"],
+            )
+
+        try:
+            self.home.store.atomic(accept)
+        except MeshflError:
+            self.blobs.delete(task_id)
+            try:  # outside the rolled-back transaction: record the plan for review, audit the refusal
+                self.plans.check(f["plan_source"], dev=self.dev)
+            finally:
+                self.audit.append("task.refused", task=task_id, researcher=msg.sender, reason="plan_not_approved")
+            raise
         self._wake.set()
         return Message("train.accepted", {"task_id": task_id, "state": "pending"})
 
