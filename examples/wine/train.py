@@ -96,7 +96,7 @@ def main() -> None:
             mesh.researcher, WinePlan, tags=["wine"], rounds=args.rounds,
             model_args={"hidden": 32, "dropout": 0.2},          # passed to init_model on every node
             training_args={"epochs": 1, "batch_size": 16, "lr": 5e-3, "test_fraction": 0.2},
-            aggregator=FedAdam(server_lr=0.05, beta1=0.9, beta2=0.99, tau=1e-3),
+            aggregator=FedAdam(server_lr=0.02, beta1=0.9, beta2=0.99, tau=1e-3),
             min_nodes=args.nodes, round_timeout=120,
             evaluate=evaluate, progress=False,
         )
