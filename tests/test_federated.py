@@ -151,3 +151,33 @@ def test_unknown_request_type_gets_an_error_code(mesh):
     with pytest.raises(RemoteError) as info:
         mesh.researcher.peer.call(node, Message("pong", {"name": "x", "peer_id": "y", "role": "z", "version": "1"}), 5)
     assert info.value.code == "unknown_type"
+
+
+def test_cancel_stops_running_and_queued_tasks(mesh):
+    import threading
+
+    mesh.approve(HangingPlan)
+    exp = Experiment(mesh.researcher, HangingPlan, ["blobs"], 1, training_args={"timeout": 120},
+                     min_nodes=1, round_timeout=120, progress=False)
+    outcome = {}
+
+    def run():
+        try:
+            exp.run()
+        except RoundFailed as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    running = threading.Event()
+    for _ in range(600):  # bounded: until both nodes train (the hanging plan never returns)
+        if all(node._running_task for node in mesh.nodes):
+            running.set()
+            break
+        running.wait(0.05)
+    assert running.is_set()
+    cancelled = exp.cancel()
+    assert sum(cancelled.values()) == 2
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert {e["code"] for e in outcome["error"].details["failed"].values()} == {"cancelled"}
