@@ -178,7 +178,7 @@ class Home:
     def init(cls, path: str | os.PathLike, role: str, name: str, listen: str | None = None,
              **config_overrides: Any) -> "Home":
         """Create a new home: folder (0700), config.toml, identity keys and store."""
-        path = Path(path).absolute()
+        path = Path(path).expanduser().absolute()
         config = Config.from_dict({"role": role, "name": name, "listen": listen,
                                    **config_overrides})
         if (path / CONFIG_FILE).exists() or (path / KEYS_DIR).exists():
@@ -202,7 +202,7 @@ class Home:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Home":
         """Open an existing home; ConfigError ``no_home`` when there is none at `path`."""
-        path = Path(path).absolute()
+        path = Path(path).expanduser().absolute()
         if not (path / CONFIG_FILE).is_file():
             raise ConfigError(
                 f"no meshfl home at {path}; create one with "

@@ -364,3 +364,21 @@ def test_bad_updates_are_rejected_and_leave_the_round_intact(name):
     if isinstance(agg, FedOpt) and agg.name != "fedopt":
         return
     assert torch.allclose(out["a.weight"], torch.ones(2, 3)) and out["n"].item() == 7
+
+
+def test_server_optimizers_average_buffers_instead_of_stepping_them():
+    from meshfl.aggregate import FedAdam, FedAvgM
+
+    bn = torch.nn.BatchNorm1d(2)
+    params = [name for name, _ in bn.named_parameters()]
+    for agg in (FedAvgM(), FedAdam()):
+        glob = {k: v.clone() for k, v in bn.state_dict().items()}
+        for _ in range(3):
+            update = {k: v.clone() for k, v in glob.items()}
+            update["running_var"] = torch.full((2,), 0.01)
+            update["running_mean"] = torch.full((2,), 6.5)
+            agg.begin(glob, params)
+            agg.add(update, 10.0, "n0")
+            glob = agg.finish()
+        assert torch.allclose(glob["running_var"], torch.full((2,), 0.01)), type(agg).__name__
+        assert torch.allclose(glob["running_mean"], torch.full((2,), 6.5)), type(agg).__name__

@@ -181,3 +181,20 @@ def test_cancel_stops_running_and_queued_tasks(mesh):
     thread.join(timeout=60)
     assert not thread.is_alive()
     assert {e["code"] for e in outcome["error"].details["failed"].values()} == {"cancelled"}
+
+
+def test_a_researcher_cannot_lift_the_operators_time_limit():
+    with FederatedMesh(1, node_config={"task_timeout": 1.0}) as m:
+        _register(m)
+        m.approve(HangingPlan)
+        exp = Experiment(m.researcher, HangingPlan, ["blobs"], 1, training_args={"timeout": 600},
+                         round_timeout=60, progress=False)
+        with pytest.raises(RoundFailed) as info:
+            exp.run()
+        assert [e["code"] for e in info.value.details["failed"].values()] == ["timeout"]
+
+
+def test_fraction_with_too_few_nodes_fails_the_round_clearly(mesh):
+    mesh.approve(TinyPlan)
+    with pytest.raises(RoundFailed):
+        _experiment(mesh, TinyPlan, min_nodes=3, fraction=0.5).run()

@@ -241,3 +241,13 @@ def test_a_node_refused_at_first_gets_in_once_trusted(tmp_path):
     finally:
         node.close()
         hub.close()
+
+
+def test_listening_on_a_taken_address_fails_at_once(tmp_path):
+    hub = Peer(Identity.generate("hub"), listen="tcp://127.0.0.1:0").start()
+    try:
+        with pytest.raises(ConfigError) as info:
+            Peer(Identity.generate("second"), listen=hub.endpoint).start()
+        assert "cannot listen" in str(info.value)
+    finally:
+        hub.close()

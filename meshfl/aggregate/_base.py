@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Collection, Mapping
 
 import torch
 
@@ -79,16 +79,20 @@ class Aggregator(ABC):
     def __init__(self) -> None:
         self._rounds = 0
         self._global: dict[str, torch.Tensor] | None = None
+        self._parameters: frozenset[str] | None = None
         self._reset_round()
 
     # ------------------------------------------------------------------ contract
 
-    def begin(self, global_state: Mapping[str, torch.Tensor]) -> None:
+    def begin(self, global_state: Mapping[str, torch.Tensor], parameters: Collection[str] | None = None) -> None:
         """Start a round on ``global_state``; any unfinished round is discarded.
 
         A reference to the global model is kept (not a copy): it must not change before
         :meth:`finish`. Accumulators are allocated lazily, on the first :meth:`add`.
+        ``parameters`` names the trainable tensors: a server optimizer steps only those and
+        averages the rest (BatchNorm's running statistics are not gradients); None means all.
         """
+        self._parameters = None if parameters is None else frozenset(parameters)
         glob: dict[str, torch.Tensor] = {}
         for name in global_state:
             tensor = global_state[name]

@@ -58,6 +58,9 @@ class FedOpt(FedAvg):
     def _server_step(self, glob: Mapping[str, torch.Tensor], reduced: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
         for name, avg in reduced.items():
+            if self._parameters is not None and name not in self._parameters:
+                out[name] = avg  # a buffer (e.g. running statistics): averaged, never stepped
+                continue
             x = glob[name].reshape(-1)
             if x.dtype != avg.dtype:
                 x = x.to(avg.dtype)

@@ -165,7 +165,7 @@ class Node:
         payload.update(researcher=msg.sender, dataset=found[0]["name"])
 
         def accept(tx) -> None:  # the approval decision, the task and its audit record: one commit
-            payload["plan_hash"] = self.plans.check(f["plan_source"], dev=self.dev)
+            payload["plan_hash"] = self.plans.check(f["plan_source"], dev=self.dev, requester=msg.sender)
             self.queue.push(payload, task_id=task_id)
             self.audit.append(
                 "task.accepted", task=task_id, researcher=msg.sender, experiment=f["experiment"],
@@ -177,7 +177,7 @@ class Node:
         except MeshflError:
             self.blobs.delete(task_id)
             try:  # outside the rolled-back transaction: record the plan for review, audit the refusal
-                self.plans.check(f["plan_source"], dev=self.dev)
+                self.plans.check(f["plan_source"], dev=self.dev, requester=msg.sender)
             finally:
                 self.audit.append("task.refused", task=task_id, researcher=msg.sender, reason="plan_not_approved")
             raise
@@ -274,7 +274,8 @@ class Node:
                 "pack": str(self.blobs.path(task.id)),
                 "allow_cuda": self.home.config.allow_cuda,
             }
-            timeout = float(p["training_args"].get("timeout") or self.home.config.task_timeout)
+            limit = self.home.config.task_timeout  # the operator's limit: a researcher may only lower it
+            timeout = min(limit, float(p["training_args"].get("timeout") or limit))
             result = self.executor.run(job, timeout)
         except MeshflError as exc:
             result = {"ok": False, "error": exc.to_wire()}

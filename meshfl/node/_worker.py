@@ -97,7 +97,7 @@ def run_job(job: dict) -> dict:
     device = _device(args, job.get("allow_cuda", True))
 
     record = job["dataset"]
-    data_key = (record["name"], record["path"], record.get("added"))
+    data_key = (key, record["name"], record["path"], record.get("added"))  # preprocess() is the plan's
     if data_key not in _data:
         x, y = load_dataset(record)
         _data.clear()  # keep one dataset in memory at a time

@@ -235,7 +235,7 @@ class Experiment:
             nodes = [n for n in nodes if n in self.node_filter]
         if self.fraction < 1.0 and nodes:
             rng = random.Random(f"{self.id}:{self.round}")
-            nodes = sorted(rng.sample(nodes, max(self.min_nodes, round(len(nodes) * self.fraction))))
+            nodes = sorted(rng.sample(nodes, min(len(nodes), max(self.min_nodes, round(len(nodes) * self.fraction)))))
         return nodes
 
     def _run_round(self, rnd: int) -> dict:
@@ -303,7 +303,7 @@ class Experiment:
         return accepted
 
     def _collect(self, rnd: int, tasks: dict[str, str], inbox, failed: dict, deadline: float) -> dict[str, dict]:
-        self.aggregator.begin(self.global_state)
+        self.aggregator.begin(self.global_state, [name for name, _ in self.model.named_parameters()])
         waiting = dict(tasks)  # task id -> node, until its train.done
         queued: list[_Stream] = []
         active: dict[str, _Stream] = {}

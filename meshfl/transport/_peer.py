@@ -323,7 +323,11 @@ class Peer:
             router.curve_secretkey = self.identity.link_secret_z85
             router.curve_publickey = self.identity.link_public_z85
             router.zap_domain = b"meshfl"
-        router.bind(self._listen)
+        try:
+            router.bind(self._listen)
+        except zmq.ZMQError:
+            router.close(0)  # else the context could never terminate
+            raise
         self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._router = router
         self._poller.register(router, zmq.POLLIN)
