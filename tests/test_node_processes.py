@@ -25,6 +25,14 @@ pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 HELPERS = Path(__file__).parent / "helpers"
 
 
+def _train(plan, task_id: str, training_args: dict | None = None) -> Message:
+    fields = {
+        "task_id": task_id, "experiment": task_id.split(".")[0], "round": 1, "plan_source": plan_source(plan),
+        "plan_class": plan.__name__, "dataset_tags": ["blobs"], "training_args": training_args or {}, "model_args": {},
+    }
+    return Message("train", fields, plan().init_model().state_dict())
+
+
 def _next(inbox: queue.SimpleQueue, mtype: str, timeout: float = 60.0) -> Message:
     deadline = time.monotonic() + timeout
     while True:
@@ -42,12 +50,7 @@ def test_unacknowledged_result_is_delivered_after_a_node_restart(tmp_path):
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         task_id = "exp-t.r1.a0.n"
         researcher._route([task_id], inbox)  # we take train.done ourselves and never acknowledge it
-        model = TinyPlan().init_model()
-        fields = {
-            "task_id": task_id, "experiment": "exp-t", "round": 1, "plan_source": plan_source(TinyPlan),
-            "plan_class": "TinyPlan", "dataset_tags": ["blobs"], "training_args": {"epochs": 1}, "model_args": {},
-        }
-        accepted = researcher.peer.call(node_id, Message("train", fields, model.state_dict()), timeout=30)
+        accepted = researcher.peer.call(node_id, _train(TinyPlan, task_id, {"epochs": 1}), timeout=30)
         assert accepted.fields["state"] == "pending"
         first = _next(inbox, "train.done")
         assert first.fields["ok"] and first.fields["inline"]
@@ -61,7 +64,7 @@ def test_unacknowledged_result_is_delivered_after_a_node_restart(tmp_path):
         for name, tensor in first.tensors.items():
             assert torch.equal(tensor, again.tensors[name])
         # Re-sending the same request is answered, never run twice.
-        dup = researcher.peer.call(node_id, Message("train", fields, model.state_dict()), timeout=30)
+        dup = researcher.peer.call(node_id, _train(TinyPlan, task_id, {"epochs": 1}), timeout=30)
         assert dup.fields["state"] == "done"
         researcher.send(node_id, Message("result.ack", {"task_id": task_id})).result(timeout=10)
         assert stop(node) == 0  # SIGTERM: a clean stop
@@ -116,11 +119,7 @@ def test_a_task_running_when_the_node_dies_is_reported_failed_after_restart(tmp_
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         task_id = "exp-h.r1.a0.n"
         researcher._route([task_id], inbox)
-        fields = {
-            "task_id": task_id, "experiment": "exp-h", "round": 1, "plan_source": plan_source(HangingPlan),
-            "plan_class": "HangingPlan", "dataset_tags": ["blobs"], "training_args": {}, "model_args": {},
-        }
-        researcher.peer.call(node_id, Message("train", fields, HangingPlan().init_model().state_dict()), timeout=30)
+        researcher.peer.call(node_id, _train(HangingPlan, task_id), timeout=30)
         with Home.open(n_path) as home:  # wait until the runner has claimed it
             from meshfl.store import TaskQueue
 

@@ -23,31 +23,17 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import load_breast_cancer
 
+from meshfl.demo import load_data, split_non_iid
+
 SITES = 3
 SEED = 0
 
 
 def split(seed: int = SEED, sites: int = SITES):
-    data = load_breast_cancer()
-    x, y = data.data, data.target
-    rng = np.random.default_rng(seed)
-    test = np.zeros(len(y), dtype=bool)
-    for label in (0, 1):  # stratified 25 % held out for the researcher
-        idx = rng.permutation(np.flatnonzero(y == label))
-        test[idx[: len(idx) // 4]] = True
-    x_train, y_train = x[~test], y[~test]
-    # label skew: site i's share of class 0 (malignant) falls with i, its share of class 1 rises
-    weights = np.arange(1, sites + 1, dtype=float)
-    shares = {0: weights[::-1] / weights.sum(), 1: weights / weights.sum()}
-    parts: list[list[int]] = [[] for _ in range(sites)]
-    for label in (0, 1):
-        idx = rng.permutation(np.flatnonzero(y_train == label))
-        cuts = (np.cumsum(shares[label])[:-1] * len(idx)).astype(int)
-        for i, chunk in enumerate(np.split(idx, cuts)):
-            parts[i].extend(chunk.tolist())
-    shards = [(x_train[p], y_train[p]) for p in parts]
-    columns = [name.replace(" ", "_") for name in data.feature_names]
-    return columns, shards, (x[test], y[test])
+    """The same split as `meshfl demo` (its helpers are reused, not copied)."""
+    x_train, y_train, x_test, y_test = load_data(seed)
+    columns = [name.replace(" ", "_") for name in load_breast_cancer().feature_names]
+    return columns, split_non_iid(x_train, y_train, sites, seed), (x_test, y_test)
 
 
 def write_csv(path: Path, columns: list[str], x: np.ndarray, y: np.ndarray) -> None:
