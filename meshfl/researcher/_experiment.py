@@ -263,6 +263,7 @@ class Experiment:
                 f"failed: [{reasons}]; dropped: {dropped}",
                 details={"failed": {name(n): e for n, e in failed.items()}, "dropped": dropped},
             )
+        updates = self.aggregator.count  # one per contributing node, or something was added twice
         new_state = self.aggregator.finish()
         self.global_state = new_state
         self.model.load_state_dict(new_state)
@@ -272,6 +273,7 @@ class Experiment:
             "failed": {name(n): e for n, e in failed.items()},
             "dropped": [name(n) for n in nodes if n not in contributed and n not in failed],
             "samples": sum(info["samples"] for info in contributed.values()),
+            "updates": updates,
             "seconds": round(time.monotonic() - started, 4),
         }
         entry["global"] = self.evaluate(self.model) if self.evaluate else _weighted_metrics(contributed)
@@ -411,7 +413,12 @@ class Experiment:
 
 
 def _info(fields: dict) -> dict:
-    return {"samples": int(fields.get("samples", 0)), "metrics": fields.get("metrics", {}), "duration": fields.get("duration")}
+    return {
+        "task": fields["task_id"],
+        "samples": int(fields.get("samples", 0)),
+        "metrics": fields.get("metrics", {}),
+        "duration": fields.get("duration"),
+    }
 
 
 def _weighted_metrics(contributed: dict[str, dict]) -> dict[str, float]:
