@@ -59,15 +59,21 @@ def test_search_reply_never_reveals_a_path(mesh):
 
 
 def test_unapproved_plan_is_refused_with_its_hash_then_runs_after_approval(mesh):
-    source = plan_source(RaisingPlan).replace("plan bug at step 3", "a different bug")
+    source = plan_source(AddOnePlan).replace("p.add_(1.0)", "p.add_(3.0)")
     h = plan_hash(source)
-    exp = _experiment(mesh, source, plan_class="RaisingPlan")
+    exp = _experiment(mesh, source, plan_class="AddOnePlan")
     with pytest.raises(RoundFailed) as info:
         exp.run()
     failed = info.value.details["failed"]
     assert {e["code"] for e in failed.values()} == {"plan_not_approved"}
     assert all(h in e["message"] and "meshfl plan approve" in e["message"] for e in failed.values())
     assert all(node.plans.status(h) == "pending" for node in mesh.nodes)  # waiting for the operator
+    for node in mesh.nodes:  # what `meshfl plan approve <hash>` does on each node
+        node.plans.approve(h)
+    exp = _experiment(mesh, source, plan_class="AddOnePlan")
+    before = {k: v.clone() for k, v in exp.global_state.items()}
+    exp.run()
+    assert all(torch.allclose(exp.global_state[k], before[k] + 3.0) for k in before)
 
 
 def test_changed_plan_source_needs_a_new_approval(mesh):
