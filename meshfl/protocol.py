@@ -11,6 +11,10 @@ Training is a durable exchange rather than one long request:
 3. researcher -> node ``result.pull`` (chunk range): the node answers with that many
    ``result.chunk`` messages. The researcher asks for a window of chunks at a time, so neither
    ZeroMQ nor the researcher ever buffers more than a window per node (credit flow control).
+
+With secure aggregation, ``secagg.setup`` and ``secagg.peers`` come before ``train`` (whose
+``secagg`` field names the session and its members), the result is one masked vector, and
+``secagg.unmask`` follows the round's last result.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ declare(
         "chunk_bytes": "int",
         "inline": "bool",
         "duration": "float",
+        "metric_names": "list",
     },
     tensors=True,
 )
@@ -59,6 +64,14 @@ declare("result.chunk", required={"task_id": "str", "index": "int"}, tensors=Tru
 declare("result.ack", required={"task_id": "str"})
 declare("task.cancel", required={"experiment": "str"})
 declare("task.cancelled", required={"count": "int"})
+
+# Secure aggregation (meshfl/secagg, docs/security.md): set-up before ``train``, unmasking after.
+declare("secagg.setup", required={"session": "str", "participants": "list", "threshold": "int", "prg": "str"})
+declare("secagg.key", required={"session": "str", "public": "str", "signature": "str"})
+declare("secagg.peers", required={"session": "str", "keys": "dict"})
+declare("secagg.shared", required={"session": "str", "sent": "int"})
+declare("secagg.unmask", required={"session": "str", "survivors": "list", "dropped": "list"})
+declare("secagg.shares", required={"session": "str", "b": "dict", "s": "dict"})
 
 #: Results up to this size travel inside ``train.done``; larger ones are pulled in chunks.
 INLINE_RESULT_BYTES = 4 << 20

@@ -15,15 +15,21 @@ researcher's link comes up.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import signal
 import threading
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from .. import __version__
 from ..errors import MeshflError
 from ..home import Home
+from ..overlay import Overlay
 from ..protocol import CHUNK_BYTES, INLINE_RESULT_BYTES, chunk_plan
+from ..secagg import VECTOR, Encoding, NodeSession, NodeSessions, SecAggError, encode_update
 from ..store import Outbox, TaskQueue
 from ..store.blobs import BlobStore
 from ..transport import Peer
@@ -60,6 +66,8 @@ class Node:
         self.peer = Peer(
             self.home.identity, listen=cfg.listen, handler=self._handle, on_link=self._on_link, **options
         )
+        self.overlay = Overlay(self.peer, self._on_overlay_message, on_reject=self._on_overlay_reject)
+        self.secagg = NodeSessions()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._runner = threading.Thread(target=self._run_tasks, name=f"meshfl-runner-{self.name}", daemon=True)
@@ -157,12 +165,13 @@ class Node:
         if self.home.config.force_secure_aggregation and not f.get("secagg"):
             self.audit.append("task.refused", task=task_id, researcher=msg.sender, reason="secagg_required")
             raise MeshflError("this node only trains with secure aggregation", code="secagg_required")
+        secagg = self._secagg_spec(f["secagg"], msg.sender) if f.get("secagg") else None
         found = self.datasets.search([str(t) for t in f["dataset_tags"]], self.home.config.minimum_samples)
         if not found:
             raise MeshflError(f"no dataset on {self.name} matches tags {f['dataset_tags']}", code="no_dataset")
         self.blobs.write(task_id, msg.tensors)  # before the task exists: never a task without its model
         payload = {k: f[k] for k in ("experiment", "round", "plan_source", "plan_class", "training_args", "model_args")}
-        payload.update(researcher=msg.sender, dataset=found[0]["name"])
+        payload.update(researcher=msg.sender, dataset=found[0]["name"], secagg=secagg)
 
         def accept(tx) -> None:  # the approval decision, the task and its audit record: one commit
             payload["plan_hash"] = self.plans.check(f["plan_source"], dev=self.dev, requester=msg.sender)
@@ -273,10 +282,13 @@ class Node:
                 "dataset": self.datasets.get(p["dataset"]),
                 "pack": str(self.blobs.path(task.id)),
                 "allow_cuda": self.home.config.allow_cuda,
+                "delta": bool(p.get("secagg")),
             }
             limit = self.home.config.task_timeout  # the operator's limit: a researcher may only lower it
             timeout = min(limit, float(p["training_args"].get("timeout") or limit))
             result = self.executor.run(job, timeout)
+            if result.get("ok") and p.get("secagg"):
+                result = self._mask_result(task.id, p["secagg"], result)
         except MeshflError as exc:
             result = {"ok": False, "error": exc.to_wire()}
         finally:
@@ -286,8 +298,11 @@ class Node:
             result = {"ok": False, "error": TaskFailed("the researcher cancelled the experiment", code="cancelled").to_wire()}
         fields["ok"] = bool(result.get("ok"))
         envelope: dict = {}
-        if fields["ok"]:
+        if fields["ok"] and p.get("secagg"):  # sample count and metrics ride inside the masked vector
+            fields.update(metric_names=result["metric_names"], duration=result["duration"])
+        elif fields["ok"]:
             fields.update(samples=result["samples"], metrics=result["metrics"], duration=result["duration"])
+        if fields["ok"]:
             layout = [
                 [name, DTYPE_NAMES[t.dtype], list(t.shape), t.numel() * t.element_size()]
                 for name, t in self.blobs.read(task.id).items()
@@ -302,7 +317,7 @@ class Node:
             self.log.warning("task %s failed: %s", task.id, result["error"].get("message"))
         envelope["fields"] = fields
         finish = (
-            (lambda: self.queue.done(task.id, {"samples": fields["samples"]}))
+            (lambda: self.queue.done(task.id, {"samples": fields.get("samples")}))
             if fields["ok"]
             else (lambda: self.queue.fail(task.id, fields["error"]))
         )
@@ -314,6 +329,67 @@ class Node:
         if not fields["ok"]:
             self.blobs.delete(task.id)
         self._deliver(task.id)
+
+    # ------------------------------------------------------------------ secure aggregation
+    def _on_secagg_setup(self, msg: Message) -> Message:
+        f = msg.fields
+        participants = [str(p) for p in f["participants"]]
+        session = NodeSession(self.home.identity, f["session"], msg.sender, participants, f["threshold"], f["prg"])
+        self.secagg.open(session)
+        self.audit.append("secagg.setup", session=f["session"], researcher=msg.sender,
+                          participants=len(participants), threshold=f["threshold"])
+        return Message("secagg.key", {"session": f["session"], **session.key_fields()})
+
+    def _on_secagg_peers(self, msg: Message) -> Message:
+        session = self.secagg.get(msg.fields["session"], msg.sender)
+
+        def card_of(peer_id: str):
+            entry = self.peer.trust_table.get(peer_id)
+            return entry.card if entry is not None else None
+
+        shares = session.distribute(msg.fields["keys"], card_of)
+        for dest, payload in shares:  # sealed for each member; the researcher relays ciphertext
+            self.overlay.send(dest, payload, via=msg.sender)
+        return Message("secagg.shared", {"session": session.session, "sent": len(shares)})
+
+    def _on_secagg_unmask(self, msg: Message) -> Message:
+        f = msg.fields
+        session = self.secagg.get(f["session"], msg.sender)
+        shares = session.reveal([str(p) for p in f["survivors"]], [str(p) for p in f["dropped"]])
+        self.audit.append("secagg.revealed", session=f["session"], researcher=msg.sender,
+                          survivors=len(f["survivors"]), dropped=len(f["dropped"]))
+        return Message("secagg.shares", {"session": f["session"], **shares})
+
+    def _on_overlay_message(self, src: str, payload: dict) -> None:
+        if payload.get("type") != "secagg.share":
+            raise SecAggError(f"unknown overlay payload {str(payload.get('type'))[:40]!r}", code="unknown_type")
+        self.secagg.get(str(payload.get("session"))).receive_share(src, payload)
+
+    def _on_overlay_reject(self, src: str, code: str, message: str) -> None:
+        self.audit.append("overlay.rejected", src=src, reason=code)
+
+    def _secagg_spec(self, spec: dict, researcher: str) -> dict:
+        """The ``secagg`` field of a train request, checked against this node's open session."""
+        members, clip, frac_bits = spec.get("members"), spec.get("clip"), spec.get("frac_bits")
+        if not (isinstance(members, list) and all(isinstance(m, str) for m in members)
+                and isinstance(clip, (int, float)) and not isinstance(clip, bool) and math.isfinite(clip) and clip > 0
+                and isinstance(frac_bits, int) and not isinstance(frac_bits, bool) and 8 <= frac_bits <= 40):
+            raise MeshflError("secagg needs members (peer ids), clip > 0 and frac_bits 8..40", code="bad_field")
+        session = self.secagg.get(str(spec.get("session")), researcher)
+        if self.peer.peer_id not in members:
+            raise SecAggError("this node is not among the round's masking members", code="secagg_protocol")
+        return {"session": session.session, "members": members, "clip": float(clip), "frac_bits": frac_bits}
+
+    def _mask_result(self, task_id: str, spec: dict, result: dict) -> dict:
+        """Replace the trained delta in the task's pack by its encoded, masked vector."""
+        session = self.secagg.get(spec["session"])
+        delta = self.blobs.read(task_id)
+        enc = Encoding.for_state(delta, spec["frac_bits"], spec["clip"])
+        vector, names = encode_update(delta, result["samples"], result["metrics"], enc, len(spec["members"]))
+        del delta
+        session.mask(spec["members"], vector)
+        self.blobs.write(task_id, {VECTOR: torch.from_numpy(vector.view(np.int64))})
+        return {"ok": True, "metric_names": names, "duration": result["duration"]}
 
     def _atomically(self, *steps) -> None:
         """Run store operations in one LMDB transaction (they join it): one disk flush, all or none."""

@@ -5,7 +5,8 @@ replaces it when a plan hangs past its time limit, crashes it, or runs it out of
 plan fails its task and never the node. Jobs and results are orjson lines on stdin / a private
 copy of stdout (the plan's own prints go to stderr); the model goes through the task's pack file,
 mapped by both processes: the worker loads it, trains, and writes the result back into the same
-pages — never through the pipe, never pickled.
+pages — never through the pipe, never pickled. With ``delta`` set (secure aggregation) it writes
+trained minus received instead, which the node then encodes and masks.
 """
 
 from __future__ import annotations
@@ -120,7 +121,10 @@ def run_job(job: dict) -> dict:
     if {k: (v.shape, v.dtype) for k, v in state.items()} != {k: (v.shape, v.dtype) for k, v in pack.items()}:
         raise ValueError("the plan changed the model's tensor names, shapes or dtypes during training")
     for name, tensor in state.items():
-        pack[name].copy_(tensor.detach())
+        if job.get("delta") and tensor.dtype != torch.bool:  # secure aggregation masks the change
+            pack[name].neg_().add_(tensor.detach().to(pack[name].device))
+        else:
+            pack[name].copy_(tensor.detach())
     return {
         "ok": True,
         "samples": int(train[0].shape[0]),

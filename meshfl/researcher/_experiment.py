@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from ..aggregate import Aggregator, FedAvg, make_aggregator
-from ..errors import MeshflError
+from ..errors import ConfigError, MeshflError
 from ..plans import DEFAULT_TRAINING_ARGS, TorchTrainingPlan, load_plan_class, plan_source
 from ..protocol import chunk_plan
 from ..store import Table
@@ -33,6 +33,7 @@ from ..store.blobs import BlobStore
 from ..wire import DTYPES, Message
 from .._progress import Progress
 from ._researcher import Researcher
+from ._secure import SecureRound, secagg_options, secure_metrics
 
 log = logging.getLogger("meshfl.researcher")
 
@@ -85,6 +86,7 @@ class Experiment:
         experiment_id: str | None = None,
         progress: bool | None = None,
         on_round: Callable[[dict], None] | None = None,
+        secagg: bool | dict = False,
     ) -> None:
         self.researcher = researcher
         if isinstance(plan, str):
@@ -97,6 +99,9 @@ class Experiment:
         self.model_args = dict(model_args or {})
         self.training_args = {**DEFAULT_TRAINING_ARGS, **(training_args or {})}
         self.aggregator = aggregator or FedAvg()
+        self.secagg = secagg_options(secagg)
+        if self.secagg and not self.aggregator.streaming:
+            raise ConfigError(f"{self.aggregator.name} needs every update; secure aggregation reveals only the sum")
         self.min_nodes, self.round_timeout = int(min_nodes), float(round_timeout)
         self.fraction, self.node_filter = float(fraction), list(nodes) if nodes else None
         self.max_streams = max(1, int(max_streams))
@@ -133,6 +138,7 @@ class Experiment:
             "fraction": self.fraction,
             "nodes": self.node_filter,
             "max_streams": self.max_streams,
+            "secagg": self.secagg,
             "round": self.round,
             "attempt": self.attempt,
             "history": self.history,
@@ -178,6 +184,7 @@ class Experiment:
             experiment_id=experiment_id,
             progress=progress,
             on_round=on_round,
+            secagg=record.get("secagg") or False,
         )
         exp.round, exp.history, exp.attempt = record["round"], record["history"], record["attempt"] + 1
         if record.get("checkpoint"):
@@ -245,43 +252,87 @@ class Experiment:
             raise RoundFailed(f"round {rnd}: {len(nodes)} nodes hold data tagged {self.tags}, need {self.min_nodes}")
         args = {**self.training_args, "seed": int(self.training_args.get("seed") or 0) + rnd}
         args.update(self.aggregator.training_args())
+        failed: dict[str, dict] = {}
+        secure = None
+        if self.secagg:
+            secure = SecureRound(self.researcher, f"{self.id}.r{rnd}.a{self.attempt}", nodes, self.global_state, self.secagg)
+            try:
+                nodes = secure.setup(failed)
+            except MeshflError as exc:
+                raise RoundFailed(f"round {rnd}: {exc.message}", details=self._failure_details(failed, [])) from None
         tasks = {f"{self.id}.r{rnd}.a{self.attempt}.{n}": n for n in nodes}
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.researcher._route(tasks, inbox)
-        failed: dict[str, dict] = {}
+        if secure is None:
+            sink, layout = self.aggregator, {k: (list(v.shape), v.dtype) for k, v in self.global_state.items()}
+            self.aggregator.begin(self.global_state, [name for name, _ in self.model.named_parameters()])
+        else:
+            sink, layout = secure.sum, secure.sum.layout
         try:
-            accepted = self._send_tasks(rnd, tasks, args, failed)
-            contributed = self._collect(rnd, accepted, inbox, failed, started + self.round_timeout)
+            accepted = self._send_tasks(rnd, tasks, args, failed, secure.train_fields() if secure else None)
+            contributed = self._collect(accepted, inbox, failed, started + self.round_timeout, sink, layout)
         finally:
             self.researcher._route(tasks, None)
         name = self.researcher.node_name
+        selected = secure.nodes if secure else nodes
+        dropped = [name(n) for n in selected if n not in contributed and n not in failed]
         if len(contributed) < self.min_nodes:
-            dropped = [name(n) for n in nodes if n not in contributed and n not in failed]
             reasons = ", ".join(f"{name(n)}: {e.get('code')}" for n, e in failed.items())
             raise RoundFailed(
-                f"round {rnd}: {len(contributed)} of {len(nodes)} nodes contributed, {self.min_nodes} needed; "
+                f"round {rnd}: {len(contributed)} of {len(selected)} nodes contributed, {self.min_nodes} needed; "
                 f"failed: [{reasons}]; dropped: {dropped}",
-                details={"failed": {name(n): e for n, e in failed.items()}, "dropped": dropped},
+                details=self._failure_details(failed, dropped),
             )
-        updates = self.aggregator.count  # one per contributing node, or something was added twice
-        new_state = self.aggregator.finish()
+        updates = sink.count  # one per contributing node, or something was added twice
+        if secure is None:
+            new_state = self.aggregator.finish()
+            samples = sum(info["samples"] for info in contributed.values())
+            metrics = _weighted_metrics(contributed)
+        else:
+            try:
+                new_state, samples, metrics = self._unmask(secure, contributed, failed)
+            except MeshflError as exc:
+                raise RoundFailed(f"round {rnd}: {exc.message}", details=self._failure_details(failed, dropped)) from None
         self.global_state = new_state
         self.model.load_state_dict(new_state)
         entry: dict[str, Any] = {
             "round": rnd,
             "nodes": {name(n): info for n, info in contributed.items()},
             "failed": {name(n): e for n, e in failed.items()},
-            "dropped": [name(n) for n in nodes if n not in contributed and n not in failed],
-            "samples": sum(info["samples"] for info in contributed.values()),
+            "dropped": dropped,
+            "samples": samples,
             "updates": updates,
             "seconds": round(time.monotonic() - started, 4),
         }
-        entry["global"] = self.evaluate(self.model) if self.evaluate else _weighted_metrics(contributed)
+        if secure is not None:
+            entry["secagg"] = {"threshold": secure.threshold, "members": [name(n) for n in secure.members]}
+        entry["global"] = self.evaluate(self.model) if self.evaluate else metrics
         for n, e in failed.items():
             log.warning("round %d: %s failed: [%s] %s", rnd, name(n), e.get("code"), e.get("message"))
         return entry
 
-    def _send_tasks(self, rnd: int, tasks: dict[str, str], args: dict, failed: dict) -> dict[str, str]:
+    def _failure_details(self, failed: dict, dropped: list) -> dict:
+        return {"failed": {self.researcher.node_name(n): e for n, e in failed.items()}, "dropped": dropped}
+
+    def _unmask(self, secure: SecureRound, contributed: dict, failed: dict) -> tuple[dict, int, dict]:
+        """The survivors' sum, unmasked, as the next model: FedAvg of their updates, then the server step."""
+        deltas, samples, slots = secure.finish(sorted(contributed), failed)
+        mean = {}
+        for key, g in self.global_state.items():
+            if key not in deltas:  # bool buffers are not aggregated
+                mean[key] = g.clone()
+                continue
+            d = torch.from_numpy(deltas[key]).view(g.shape)
+            new = g.to(torch.float64) + (d if g.is_floating_point() else d.round())
+            mean[key] = new.to(g.dtype)
+        # The mean is one update holding every sample: FedAvg returns it, server optimizers step on it.
+        self.aggregator.begin(self.global_state, [n for n, _ in self.model.named_parameters()])
+        self.aggregator.add(mean, float(samples), "secure-sum")
+        names = {n: info["metric_names"] for n, info in contributed.items()}
+        return self.aggregator.finish(), samples, secure_metrics(names, slots)
+
+    def _send_tasks(self, rnd: int, tasks: dict[str, str], args: dict, failed: dict,
+                    secagg: dict | None) -> dict[str, str]:
         fields = {
             "experiment": self.id,
             "round": rnd,
@@ -291,6 +342,8 @@ class Experiment:
             "training_args": args,
             "model_args": self.model_args,
         }
+        if secagg is not None:
+            fields["secagg"] = secagg
         futures = {
             tid: self.researcher.request(node, Message("train", {**fields, "task_id": tid}, self.global_state), 60.0)
             for tid, node in tasks.items()
@@ -304,8 +357,9 @@ class Experiment:
                 failed[tasks[tid]] = exc.to_wire()
         return accepted
 
-    def _collect(self, rnd: int, tasks: dict[str, str], inbox, failed: dict, deadline: float) -> dict[str, dict]:
-        self.aggregator.begin(self.global_state, [name for name, _ in self.model.named_parameters()])
+    def _collect(self, tasks: dict[str, str], inbox, failed: dict, deadline: float, sink, layout: dict) -> dict[str, dict]:
+        """Take results as they arrive into ``sink`` (the aggregator, or the masked sum); a large
+        one must match ``layout`` ({name: (shape, dtype)}) and is pulled chunk by chunk."""
         waiting = dict(tasks)  # task id -> node, until its train.done
         queued: list[_Stream] = []
         active: dict[str, _Stream] = {}
@@ -331,8 +385,10 @@ class Experiment:
                     failed[node] = f.get("error", {"code": "failed", "message": "no detail"})
                     self._ack(node, tid, done_ids)
                 elif f.get("inline"):
-                    self.aggregator.add(msg.tensors, float(f["samples"]), node)
-                    contributed[node] = _info(f)
+                    self._take(sink, msg.tensors, f, node, contributed, failed)
+                    self._ack(node, tid, done_ids)
+                elif not self._matches(f, layout):
+                    failed[node] = {"code": "bad_update", "message": "the result has another layout than the model"}
                     self._ack(node, tid, done_ids)
                 else:
                     queued.append(self._new_stream(tid, node, f))
@@ -342,8 +398,7 @@ class Experiment:
                     self._store_chunk(stream, msg)
                     if stream.complete():
                         del active[stream.task_id]
-                        self.aggregator.add(stream.buffer, float(stream.samples), stream.node)
-                        contributed[stream.node] = _info(stream.fields)
+                        self._take(sink, stream.buffer, stream.fields, stream.node, contributed, failed)
                         self._buffers.append(stream.buffer)
                         self._ack(stream.node, stream.task_id, done_ids)
             while queued and len(active) < self.max_streams:
@@ -355,22 +410,46 @@ class Experiment:
             for stream in active.values():
                 if now - stream.last_activity > STALL_S:
                     self._pull(stream, again=True)
+            self._forget_offline(waiting, queued, active)
         for stream in active.values():
             self._buffers.append(stream.buffer)
         return contributed
+
+    def _take(self, sink, tensors, fields: dict, node: str, contributed: dict, failed: dict) -> None:
+        """Fold one result into the sink; a result the sink rejects fails its node, not the round."""
+        try:
+            sink.add(tensors, float(fields.get("samples", 0)), node)
+        except MeshflError as exc:
+            failed[node] = exc.to_wire()
+            return
+        contributed[node] = _info(fields)
+
+    def _forget_offline(self, waiting: dict, queued: list, active: dict) -> None:
+        """Stop waiting for nodes whose link is gone (silent for ``dead_after``): they dropped out."""
+        online = set(self.researcher.nodes())
+        for tid, node in list(waiting.items()):
+            if node not in online:
+                log.warning("%s went offline during the round", self.researcher.node_name(node))
+                del waiting[tid]
+        queued[:] = [s for s in queued if s.node in online]
+        for tid, stream in list(active.items()):
+            if stream.node not in online:
+                del active[tid]
+                self._buffers.append(stream.buffer)
 
     # ------------------------------------------------------------------ streams
     def _ack(self, node: str, task_id: str, done_ids: set) -> None:
         done_ids.add(task_id)
         self.researcher.send(node, Message("result.ack", {"task_id": task_id}))
 
-    def _new_stream(self, tid: str, node: str, fields: dict) -> _Stream:
+    @staticmethod
+    def _matches(fields: dict, expected: dict) -> bool:
         layout = fields.get("layout") or []
-        expected = {k: (list(v.shape), v.dtype) for k, v in self.global_state.items()}
-        got = {name: (shape, DTYPES.get(dtype)) for name, dtype, shape, _ in layout}
-        if got != expected:
-            raise RoundFailed(f"{self.researcher.node_name(node)} returned a model of another shape")
-        return _Stream(tid, node, int(fields["samples"]), fields, chunk_plan(layout, int(fields["chunk_bytes"])), {})
+        return {name: (shape, DTYPES.get(dtype)) for name, dtype, shape, _ in layout} == expected
+
+    def _new_stream(self, tid: str, node: str, fields: dict) -> _Stream:
+        chunks = chunk_plan(fields["layout"], int(fields["chunk_bytes"]))
+        return _Stream(tid, node, int(fields.get("samples", 0)), fields, chunks, {})
 
     def _buffer_for(self, layout: list) -> dict[str, torch.Tensor]:
         """A receive buffer shaped like the model, reused across streams and rounds (no new pages)."""
@@ -413,12 +492,16 @@ class Experiment:
 
 
 def _info(fields: dict) -> dict:
-    return {
+    """What the history keeps of one node's result (under secure aggregation: no samples, no metrics)."""
+    info = {
         "task": fields["task_id"],
-        "samples": int(fields.get("samples", 0)),
+        "samples": int(fields["samples"]) if "samples" in fields else None,
         "metrics": fields.get("metrics", {}),
         "duration": fields.get("duration"),
     }
+    if "metric_names" in fields:
+        info["metric_names"] = list(fields["metric_names"])
+    return info
 
 
 def _weighted_metrics(contributed: dict[str, dict]) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """Researcher: the thin client. Binds, tracks which nodes are online, sends requests.
 
-Requests are matched to replies by id with timeouts (the Peer does that). Messages that belong
+Requests are matched to replies by id with timeouts (the Peer does that). The researcher also
+relays node-to-node overlay messages (sealed: it sees ciphertext only). Messages that belong
 to a running experiment — ``train.done`` and ``result.chunk`` — are routed by task id to that
 experiment's inbox; a result for a task nobody waits for (a round that already ended, or one from
 before a crash) is acknowledged and dropped, so nodes do not keep it forever.
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, MeshflError
 from ..home import Home
+from ..overlay import Overlay, OverlayRejected
 from ..plans import plan_source
 from ..protocol import INLINE_RESULT_BYTES  # noqa: F401  (declares the protocol's types)
 from ..transport import Peer
@@ -37,6 +39,7 @@ class Researcher:
             raise ConfigError("a researcher needs a listen endpoint (meshfl init --listen, or listen=...)")
         options = {"heartbeat": cfg.heartbeat, "dead_after": cfg.dead_after, **(peer_options or {})}
         self.peer = Peer(self.home.identity, listen=endpoint, handler=self._handle, **options)
+        self.overlay = Overlay(self.peer, self._on_overlay_message)  # relays node-to-node ciphertext
         self.name = cfg.name
         self._routes: dict[str, queue.SimpleQueue] = {}
         self._routes_lock = threading.Lock()
@@ -130,6 +133,10 @@ class Researcher:
         if msg.type == "ping":
             return Message("pong", {"name": self.name, "peer_id": self.peer.peer_id, "role": "researcher", "version": "1"})
         raise MeshflError(f"a researcher does not handle {msg.type!r}", code="unknown_type")
+
+    @staticmethod
+    def _on_overlay_message(src: str, payload: dict) -> None:
+        raise OverlayRejected("a researcher takes no overlay messages for itself", code="bad_overlay")
 
     def send(self, node: str, msg: Message) -> Future:
         return self.peer.send(node, msg)

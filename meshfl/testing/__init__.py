@@ -133,7 +133,8 @@ class PeerMesh:
 
 
 class FederatedMesh:
-    """A researcher and ``n_nodes`` nodes in this process, with temporary homes and mutual trust."""
+    """A researcher and ``n_nodes`` nodes in this process, with temporary homes and mutual trust
+    (researcher and nodes, and nodes among themselves, as secure aggregation needs)."""
 
     def __init__(
         self,
@@ -171,6 +172,10 @@ class FederatedMesh:
                 Home.init(self.root / name, "node", name, dev=self.dev, **self._timing, **self.node_config)
                 for name in self.names
             ]
+            for home in node_homes:  # nodes know each other's cards: secure aggregation seals to them
+                for other in node_homes:
+                    if other is not home:
+                        home.trust(other.identity.card)
             self.researcher = Researcher(r_home).start()
             for home in node_homes:
                 r_home.trust(home.identity.card)

@@ -107,6 +107,7 @@ class Peer:
         self.log = _PeerLog(logging.getLogger("meshfl.transport"), {"peer": self.name})
         self._listen = listen
         self._handler = handler
+        self._routes: dict[str, Handler] = {}
         self._on_link = on_link
         self._heartbeat = heartbeat
         self._dead_after = dead_after
@@ -220,6 +221,11 @@ class Peer:
             ]
 
     # ------------------------------------------------------------------ messaging
+    def route(self, mtype: str, handler: Handler) -> None:
+        """Hand messages of type ``mtype`` to ``handler`` instead of the peer's main handler, so a
+        layer on top (the overlay) plugs in without the main handler knowing about it."""
+        self._routes[mtype] = handler
+
     def send(self, dest: str, msg: Message) -> Future:
         """Queue ``msg`` for ``dest``; the future resolves once libzmq has it (or fails: no link)."""
         fut: Future = Future()
@@ -603,11 +609,12 @@ class Peer:
             self._handle(item)
 
     def _handle(self, msg: Message) -> None:
-        if self._handler is None:
+        handler = self._routes.get(msg.type, self._handler)
+        if handler is None:
             answer: Message | None = error_message("unknown_type", f"{self.name} handles no requests", msg.id)
         else:
             try:
-                answer = self._handler(msg)
+                answer = handler(msg)
             except MeshflError as exc:
                 answer = error_message(exc.code, exc.message, msg.id, exc.details)
             except Exception as exc:

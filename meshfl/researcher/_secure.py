@@ -1,0 +1,128 @@
+"""The researcher's side of one secure-aggregation round: set-up before training, unmasking after.
+
+:class:`SecureRound` talks to the nodes (request/reply through the Researcher) and keeps what the
+researcher may know: the signed round keys, who took part at each step, the masked sum. The
+cryptography is in :mod:`meshfl.secagg`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from ..crypto import DEFAULT_PRG
+from ..errors import MeshflError
+from ..secagg import (
+    DEFAULT_CLIP,
+    DEFAULT_FRAC_BITS,
+    METRIC_SLOTS,
+    Encoding,
+    MaskedSum,
+    SecAggError,
+    check_threshold,
+    decode_sum,
+    unmask,
+)
+from ..wire import Message
+
+log = logging.getLogger("meshfl.researcher")
+
+SETUP_TIMEOUT_S = 30.0
+
+
+def secagg_options(value: bool | Mapping) -> dict | None:
+    """``Experiment(secagg=...)``: False, True (defaults) or ``{threshold, clip, frac_bits}``."""
+    if value is False or value is None:
+        return None
+    options = {"threshold": None, "clip": DEFAULT_CLIP, "frac_bits": DEFAULT_FRAC_BITS}
+    if value is not True:
+        if not isinstance(value, Mapping) or set(value) - set(options):
+            raise MeshflError(f"secagg is True, False or a dict of {sorted(options)}", code="bad_argument")
+        options.update(value)
+    if not (isinstance(options["clip"], (int, float)) and options["clip"] > 0):
+        raise MeshflError("secagg clip must be > 0", code="bad_argument")
+    if not (isinstance(options["frac_bits"], int) and 8 <= options["frac_bits"] <= 40):
+        raise MeshflError("secagg frac_bits must be 8..40", code="bad_argument")
+    return options
+
+
+class SecureRound:
+    """One round of secure aggregation among ``nodes`` (peer ids), driven by the experiment."""
+
+    def __init__(self, researcher, session: str, nodes: list[str], global_state: Mapping[str, torch.Tensor],
+                 options: dict) -> None:
+        self.researcher = researcher
+        self.session = session
+        self.nodes = sorted(nodes)
+        self.threshold = options["threshold"] or len(self.nodes) // 2 + 1
+        self.encoding = Encoding.for_state(global_state, options["frac_bits"], options["clip"])
+        self.prg = DEFAULT_PRG
+        self.keys: dict[str, bytes] = {}
+        self.members: list[str] = []
+        self.sum = MaskedSum(self.encoding.length)
+
+    def _ask_all(self, nodes, make, failed: dict) -> dict[str, Message]:
+        futures = {n: self.researcher.request(n, make(n), SETUP_TIMEOUT_S) for n in nodes}
+        replies = {}
+        for node, fut in futures.items():
+            try:
+                replies[node] = fut.result()
+            except MeshflError as exc:
+                failed[node] = exc.to_wire()
+        return replies
+
+    def setup(self, failed: dict) -> list[str]:
+        """Key exchange and share distribution; returns the members who completed both."""
+        try:
+            check_threshold(self.threshold, len(self.nodes))
+        except SecAggError as exc:
+            raise SecAggError(f"secure aggregation over {len(self.nodes)} nodes: {exc.message}", code=exc.code) from None
+        fields = {"session": self.session, "participants": self.nodes, "threshold": self.threshold, "prg": self.prg}
+        replies = self._ask_all(self.nodes, lambda n: Message("secagg.setup", fields), failed)
+        keys = {n: [m.fields["public"], m.fields["signature"]] for n, m in replies.items()}
+        self._need(len(keys), "completed the key exchange")
+        self.keys = {n: bytes.fromhex(k[0]) for n, k in keys.items()}
+        peers = {"session": self.session, "keys": keys}
+        replies = self._ask_all(sorted(keys), lambda n: Message("secagg.peers", peers), failed)
+        self.members = sorted(replies)
+        self._need(len(self.members), "shared their secrets")
+        return self.members
+
+    def train_fields(self) -> dict:
+        return {"session": self.session, "members": self.members, "clip": self.encoding.clip,
+                "frac_bits": self.encoding.frac_bits}
+
+    def finish(self, survivors: list[str], failed: dict) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
+        """Unmask the sum of the survivors' vectors: (mean delta per tensor, samples, mean metric slots)."""
+        survivors = sorted(survivors)
+        dropped = [n for n in self.members if n not in survivors]
+        self._need(len(survivors), "sent masked updates", unmasked=False)
+        fields = {"session": self.session, "survivors": survivors, "dropped": dropped}
+        replies = self._ask_all(survivors, lambda n: Message("secagg.unmask", fields), failed)
+        self._need(len(replies), "answered the unmasking request", unmasked=False)
+        unmask(self.sum.total, self.session, self.keys, survivors, dropped,
+               [{"b": m.fields["b"], "s": m.fields["s"]} for m in replies.values()], self.threshold, self.prg)
+        if dropped:
+            log.info("secure round %s: recovered the masks of %d dropped node(s)", self.session, len(dropped))
+        return decode_sum(self.sum.total, self.encoding)
+
+    def _need(self, count: int, what: str, unmasked: bool = True) -> None:
+        if count < self.threshold:
+            note = "" if unmasked else "; nothing was unmasked"
+            raise SecAggError(
+                f"secure aggregation needs {self.threshold} nodes, only {count} {what}{note}",
+                code="secagg_not_enough",
+            )
+
+
+def secure_metrics(names_by_node: Mapping[str, list], slots: np.ndarray) -> dict[str, float]:
+    """Sample-weighted mean metrics, when every survivor reported the same metric names."""
+    names = {tuple(v) for v in names_by_node.values()}
+    if len(names) != 1:
+        log.warning("nodes reported different metric names: no global metrics this round")
+        return {}
+    (order,) = names
+    return {name: float(slots[i]) for i, name in enumerate(order[:METRIC_SLOTS])}

@@ -1,0 +1,77 @@
+"""Secure aggregation by pairwise masking (SecAgg / SecAgg+ style): the researcher learns the sum.
+
+Per round (see docs/security.md for the whole flow and threat model):
+
+1. every node makes a round key pair and a self-mask seed, and signs the round key;
+2. the researcher passes the signed keys around; each node splits its round secret key and its
+   self-mask seed into Shamir shares (threshold t) and seals one of each to every other member over
+   the overlay (the researcher relays ciphertext it cannot read);
+3. each node trains, encodes ``n * (trained - global)`` plus ``n`` and ``n * metrics`` in fixed
+   point (:mod:`._fixed`), adds its masks (:mod:`._masks`) and sends only the masked vector;
+4. the researcher sums the vectors it got and asks the survivors for the self-seed shares of the
+   survivors and the round-key shares of members that dropped out, never both for one node; from t
+   shares each it removes every leftover mask (:func:`unmask`) and divides by the summed ``n``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..wire import TensorMap
+from ._fixed import DEFAULT_CLIP, DEFAULT_FRAC_BITS, METRIC_SLOTS, Encoding, SecAggError, decode_sum, encode_update
+from ._masks import Masker, pair_seed, pair_sign
+from ._session import NodeSession, NodeSessions, check_threshold, key_statement, unmask
+
+VECTOR = "masked"  # the one tensor of a masked result
+
+
+class MaskedSum:
+    """Sums masked vectors (uint64, wrapping) as they arrive: one vector of memory per round."""
+
+    def __init__(self, length: int) -> None:
+        self.total = np.zeros(length, dtype=np.uint64)
+        self.count = 0
+
+    @property
+    def layout(self) -> dict[str, tuple[list[int], torch.dtype]]:
+        return {VECTOR: ([self.total.size], torch.int64)}
+
+    def add(self, tensors, weight: float = 0.0, node: str = "") -> None:
+        """Fold in one node's masked vector (its weight is inside the vector, hidden)."""
+        if set(tensors) != {VECTOR}:
+            raise SecAggError(f"a masked result holds one tensor {VECTOR!r}", code="secagg_protocol")
+        if isinstance(tensors, TensorMap):
+            dtype, shape, _ = tensors.spec(VECTOR)
+            parts = tensors.pieces(VECTOR)
+        else:
+            dtype, shape = tensors[VECTOR].dtype, tuple(tensors[VECTOR].shape)
+            parts = [(0, tensors[VECTOR].reshape(-1))]
+        if dtype != torch.int64 or tuple(shape) != (self.total.size,):
+            raise SecAggError(f"a masked vector is {self.total.size} int64 words", code="secagg_protocol")
+        for start, piece in parts:
+            view = piece.numpy().view(np.uint64)
+            segment = self.total[start : start + view.size]
+            np.add(segment, view, out=segment)
+        self.count += 1
+
+
+__all__ = [
+    "DEFAULT_CLIP",
+    "DEFAULT_FRAC_BITS",
+    "METRIC_SLOTS",
+    "VECTOR",
+    "Encoding",
+    "MaskedSum",
+    "Masker",
+    "NodeSession",
+    "NodeSessions",
+    "SecAggError",
+    "check_threshold",
+    "decode_sum",
+    "encode_update",
+    "key_statement",
+    "pair_seed",
+    "pair_sign",
+    "unmask",
+]

@@ -1,0 +1,237 @@
+"""The two sides of one secure-aggregation round, as pure objects (no sockets, no threads).
+
+A node's :class:`NodeSession` holds its round secrets: an X25519 round key (pairwise masks) and a
+self-mask seed. Both are split into Shamir shares (threshold t) for the other members, which each
+holder reveals to the researcher for exactly one of two purposes: the self-mask seed of a member
+that *sent* its masked vector, or the round key of a member that *dropped out*. A node reveals
+only once, for one partition of the members into survivors and dropped, so the researcher can
+never get both secrets of one node (which would unmask that node's vector).
+
+The researcher's :func:`unmask` takes the revealed shares, rebuilds those secrets and strips the
+leftover masks from the sum of the survivors' vectors.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+from nacl.public import PrivateKey
+
+from ..crypto import PRG_ALGORITHMS, SEED_BYTES, Identity, PeerCard, shamir_combine, shamir_split, verify_signature
+from ..errors import CryptoError
+from ._fixed import SecAggError
+from ._masks import Masker, pair_seed, pair_sign
+
+_KEY_CONTEXT = b"meshfl.secagg.key.v1\x00"
+
+
+def key_statement(session: str, public: bytes) -> bytes:
+    """What a node signs to vouch for its round key (so no one can swap it on the way)."""
+    return _KEY_CONTEXT + session.encode() + b"\x00" + bytes(public)
+
+
+def check_threshold(threshold: int, members: int) -> int:
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or not 2 <= threshold <= members:
+        raise SecAggError(
+            f"a secure-aggregation threshold is 2..{members} for {members} members, not {threshold!r}",
+            code="secagg_protocol",
+        )
+    return threshold
+
+
+def _hex(value, what: str, size: int | None = None) -> bytes:
+    try:
+        raw = bytes.fromhex(value)
+    except (TypeError, ValueError):
+        raise SecAggError(f"{what} is not hex", code="secagg_protocol") from None
+    if size is not None and len(raw) != size:
+        raise SecAggError(f"{what} must be {size} bytes", code="secagg_protocol")
+    return raw
+
+
+class NodeSession:
+    """One node's secrets and view of one secure-aggregation round."""
+
+    def __init__(self, identity: Identity, session: str, researcher: str, participants: Iterable[str],
+                 threshold: int, prg: str) -> None:
+        self.me = identity.peer_id
+        self.session = session
+        self.researcher = researcher
+        self.participants = frozenset(participants)
+        if self.me not in self.participants:
+            raise SecAggError("this node is not among the round's participants", code="secagg_protocol")
+        self.threshold = check_threshold(threshold, len(self.participants))
+        if prg not in PRG_ALGORITHMS:
+            raise SecAggError(f"mask PRG {prg!r} is not available here (have {PRG_ALGORITHMS})", code="secagg_protocol")
+        self.prg = prg
+        self.created = time.monotonic()
+        self._identity = identity
+        self._secret = PrivateKey.generate()
+        self._self_seed = os.urandom(SEED_BYTES)
+        self.public = bytes(self._secret.public_key)
+        self.keys: dict[str, bytes] = {}  # members' verified round keys, once distributed
+        self.held: dict[str, tuple[int, bytes, bytes]] = {}  # owner -> (x, round-key share, self-seed share)
+        self.members: tuple[str, ...] | None = None  # who this node masked with
+        self.revealed: tuple[str, ...] | None = None  # the survivors it revealed for
+
+    def key_fields(self) -> dict:
+        """The signed round key for the researcher to pass on."""
+        return {"public": self.public.hex(), "signature": self._identity.sign(key_statement(self.session, self.public)).hex()}
+
+    def distribute(self, keys: Mapping[str, list], card_of: Callable[[str], PeerCard | None]) -> list[tuple[str, dict]]:
+        """Check every member's signed key; return one share payload per other member to send sealed."""
+        if self.keys:
+            raise SecAggError("this round's shares were already distributed", code="secagg_conflict")
+        if not isinstance(keys, Mapping) or not set(keys) <= self.participants or self.me not in keys:
+            raise SecAggError("the key list must name participants, this node among them", code="secagg_protocol")
+        if len(keys) < self.threshold:
+            raise SecAggError(f"{len(keys)} members cannot meet threshold {self.threshold}", code="secagg_not_enough")
+        untrusted = sorted(pid for pid in keys if pid != self.me and card_of(pid) is None)
+        if untrusted:
+            raise SecAggError(f"this node does not trust members {untrusted}", code="secagg_untrusted_peer",
+                              details={"peers": untrusted})
+        verified = {}
+        for pid, entry in keys.items():
+            if not (isinstance(entry, list) and len(entry) == 2):
+                raise SecAggError(f"key entry of {pid} must be [public, signature]", code="secagg_protocol")
+            public, signature = _hex(entry[0], "a round key", 32), _hex(entry[1], "a key signature", 64)
+            if pid == self.me:
+                if public != self.public:
+                    raise SecAggError("the researcher passed on another key for this node", code="secagg_protocol")
+            else:
+                try:
+                    verify_signature(card_of(pid).sign_key, key_statement(self.session, public), signature)
+                except CryptoError:
+                    raise SecAggError(f"the round key of {pid} is not signed by it", code="secagg_protocol") from None
+            verified[pid] = public
+        order = sorted(verified)
+        key_shares = shamir_split(bytes(self._secret), len(order), self.threshold)
+        seed_shares = shamir_split(self._self_seed, len(order), self.threshold)
+        self.keys = verified
+        out = []
+        for pid, (x, key_share), (_, seed_share) in zip(order, key_shares, seed_shares):
+            if pid == self.me:
+                self.held[pid] = (x, key_share, seed_share)
+            else:
+                out.append((pid, {"type": "secagg.share", "session": self.session, "x": x,
+                                  "s": key_share.hex(), "b": seed_share.hex()}))
+        return out
+
+    def receive_share(self, owner: str, payload: Mapping) -> None:
+        """Keep ``owner``'s shares (they may arrive before this node saw the key list)."""
+        if owner not in self.participants or owner == self.me:
+            raise SecAggError(f"{owner} is not another participant of {self.session}", code="secagg_protocol")
+        if owner in self.held:
+            raise SecAggError(f"{owner} already sent its shares", code="secagg_conflict")
+        x = payload.get("x")
+        if isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= len(self.participants):
+            raise SecAggError("a share index is 1..participants", code="secagg_protocol")
+        self.held[owner] = (x, _hex(payload.get("s"), "a share"), _hex(payload.get("b"), "a share"))
+
+    def mask(self, members: Iterable[str], vector: np.ndarray) -> None:
+        """Add this node's self mask and its pairwise masks with ``members`` to ``vector`` in place."""
+        members = tuple(sorted(set(members)))
+        if not self.keys:
+            raise SecAggError("masking before the key exchange", code="secagg_protocol")
+        if self.members is not None:
+            raise SecAggError("this node already masked its update for this round", code="secagg_conflict")
+        if self.me not in members or not set(members) <= set(self.keys) or len(members) < self.threshold:
+            raise SecAggError("masking members must be key holders, this node among them, at least t",
+                              code="secagg_protocol")
+        masker = Masker(vector.size, self.prg)
+        masker.apply(vector, self._self_seed, +1)
+        secret = bytes(self._secret)
+        for other in members:
+            if other != self.me:
+                masker.apply(vector, pair_seed(secret, self.keys[other], self.session, self.me, other),
+                             pair_sign(self.me, other))
+        self.members = members
+
+    def reveal(self, survivors: Iterable[str], dropped: Iterable[str]) -> dict:
+        """Shares for unmasking: self-seed shares of survivors, round-key shares of the dropped.
+
+        Refused unless survivors and dropped split this node's masking members exactly, this node
+        survived, at least t survived, and it never revealed for another split.
+        """
+        s, d = set(survivors), set(dropped)
+        if self.members is None:
+            raise SecAggError("this node sent no masked update in this round", code="secagg_protocol")
+        if s & d or s | d != set(self.members) or self.me not in s:
+            raise SecAggError("survivors and dropped must split the masking members", code="secagg_conflict")
+        if len(s) < self.threshold:
+            raise SecAggError(f"{len(s)} survivors are fewer than threshold {self.threshold}",
+                              code="secagg_not_enough")
+        key = tuple(sorted(s))
+        if self.revealed is not None and self.revealed != key:
+            raise SecAggError("already revealed for another set of survivors", code="secagg_conflict")
+        self.revealed = key
+        return {
+            "b": {pid: [self.held[pid][0], self.held[pid][2].hex()] for pid in sorted(s) if pid in self.held},
+            "s": {pid: [self.held[pid][0], self.held[pid][1].hex()] for pid in sorted(d) if pid in self.held},
+        }
+
+
+class NodeSessions:
+    """A node's live sessions (memory only: a restarted node drops out of its open rounds)."""
+
+    MAX_SESSIONS = 64
+    MAX_AGE_S = 6 * 3600.0
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, NodeSession] = {}
+        self._lock = threading.Lock()
+
+    def open(self, session: NodeSession) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._sessions = {k: v for k, v in self._sessions.items() if now - v.created < self.MAX_AGE_S}
+            if session.session in self._sessions:
+                raise SecAggError(f"session {session.session} exists already", code="secagg_conflict")
+            while len(self._sessions) >= self.MAX_SESSIONS:
+                self._sessions.pop(next(iter(self._sessions)))
+            self._sessions[session.session] = session
+
+    def get(self, session: str, researcher: str | None = None) -> NodeSession:
+        with self._lock:
+            found = self._sessions.get(session)
+        if found is None or (researcher is not None and found.researcher != researcher):
+            raise SecAggError(f"no secure-aggregation session {session!r} here (node restarted?)",
+                              code="secagg_session_lost")
+        return found
+
+
+def unmask(total: np.ndarray, session: str, keys: Mapping[str, bytes], survivors: Iterable[str],
+           dropped: Iterable[str], reveals: list[Mapping], threshold: int, prg: str) -> None:
+    """Remove the survivors' self masks and the dropped members' pairwise masks from ``total``."""
+    masker = Masker(total.size, prg)
+    survivors, dropped = sorted(survivors), sorted(dropped)
+
+    def rebuild(owner: str, kind: str) -> bytes:
+        shares = []
+        for reveal in reveals:
+            entry = reveal.get(kind, {}).get(owner) if isinstance(reveal.get(kind), Mapping) else None
+            if entry is None:
+                continue
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)):
+                raise SecAggError(f"a malformed share of {owner}", code="secagg_protocol")
+            shares.append((entry[0], _hex(entry[1], "a share")))
+        if len(shares) < threshold:
+            raise SecAggError(f"{len(shares)} shares of {owner}'s secret arrived, {threshold} needed",
+                              code="secagg_not_enough")
+        try:
+            return shamir_combine(shares)
+        except CryptoError as exc:
+            raise SecAggError(f"shares of {owner}'s secret do not combine: {exc.message}", code="secagg_protocol") from None
+
+    for owner in survivors:
+        masker.apply(total, rebuild(owner, "b"), -1)
+    for owner in dropped:
+        secret = rebuild(owner, "s")
+        if len(secret) != 32 or bytes(PrivateKey(secret).public_key) != keys[owner]:
+            raise SecAggError(f"the rebuilt round key of {owner} does not match its public key", code="secagg_protocol")
+        for other in survivors:  # undo what each survivor added for the pair (other, owner)
+            masker.apply(total, pair_seed(secret, keys[other], session, owner, other), -pair_sign(other, owner))
