@@ -5,7 +5,8 @@ the Wisconsin breast-cancer data shipped with scikit-learn, split non-IID: each 
 different mix of benign and malignant cases and a different number of patients. Each operator
 registers its CSV file and approves the plan by hash; the researcher runs FedAvg rounds and
 scores the global model on held-out patients after each round, next to the same model trained
-centrally on the pooled data (what the hospitals avoid doing).
+centrally on the pooled data (what the hospitals avoid doing). With ``--secagg`` the researcher
+sees only the masked sum of the hospitals' updates (docs/security.md).
 """
 
 from __future__ import annotations
@@ -82,8 +83,6 @@ def run_demo(nodes: int = 3, rounds: int = 10, secagg: bool = False, json_output
     from .researcher import Experiment
     from .testing import FederatedMesh
 
-    if secagg:
-        raise MeshflError("secure aggregation is not available in this version yet", code="not_implemented")
     if nodes < 1 or rounds < 1:
         raise MeshflError("--nodes and --rounds must be at least 1", code="bad_argument")
     x_train, y_train, x_test, y_test = load_data(seed)
@@ -99,10 +98,12 @@ def run_demo(nodes: int = 3, rounds: int = 10, secagg: bool = False, json_output
             say(f"{node.name}: {len(y)} patients, {int(y.sum())} benign / {int(len(y) - y.sum())} malignant")
         plan_hash = mesh.approve(BreastCancerPlan)
         say(f"plan BreastCancerPlan approved on every node (sha256 {plan_hash[:16]}...)")
+        torch.manual_seed(seed)  # the same initial model every run, with or without --secagg
         exp = Experiment(
             mesh.researcher, BreastCancerPlan, tags=["breast-cancer"], rounds=rounds,
             training_args={**TRAINING_ARGS, "seed": seed}, min_nodes=nodes, round_timeout=300,
             evaluate=lambda model: _accuracy(model, x_test, y_test), progress=None if not json_output else False,
+            secagg=secagg,
             on_round=lambda e: say(
                 f"{clear}round {e['round']:3d}  loss {e['global']['loss']:.4f}  "
                 f"accuracy {e['global']['accuracy']:.4f}  ({e['seconds']:.2f}s)"

@@ -276,10 +276,12 @@ class Experiment:
         name = self.researcher.node_name
         selected = secure.nodes if secure else nodes
         dropped = [name(n) for n in selected if n not in contributed and n not in failed]
-        if len(contributed) < self.min_nodes:
+        needed = max(self.min_nodes, secure.threshold if secure else 0)
+        if len(contributed) < needed:
             reasons = ", ".join(f"{name(n)}: {e.get('code')}" for n, e in failed.items())
+            note = " (secure aggregation threshold; nothing was unmasked)" if secure else ""
             raise RoundFailed(
-                f"round {rnd}: {len(contributed)} of {len(selected)} nodes contributed, {self.min_nodes} needed; "
+                f"round {rnd}: {len(contributed)} of {len(selected)} nodes contributed, {needed} needed{note}; "
                 f"failed: [{reasons}]; dropped: {dropped}",
                 details=self._failure_details(failed, dropped),
             )

@@ -1,0 +1,171 @@
+"""Secure aggregation on an in-process mesh: real nodes, overlay relayed by the researcher."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import meshfl.node._node as node_module
+import meshfl.researcher._experiment as experiment_module
+from helpers.data import write_blobs_csv
+from helpers.plans import GatedPlan, TinyPlan
+from meshfl.researcher import Experiment, RoundFailed
+from meshfl.secagg import MaskedSum
+from meshfl.testing import FederatedMesh
+from meshfl.wire import Message
+
+pytestmark = pytest.mark.timeout(180)
+SIZES = (40, 50, 60, 70, 80)
+
+
+def _register(mesh):
+    for i, node in enumerate(mesh.nodes):
+        path = write_blobs_csv(node.home.path / "blobs.csv", n=SIZES[i], seed=i)
+        node.datasets.add("blobs", ["blobs"], "csv", path, target="target")
+
+
+def wait_until(cond, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not cond():
+        threading.Event().wait(0.02)
+    return cond()
+
+
+@pytest.fixture(scope="module")
+def mesh3():
+    with FederatedMesh(3) as m:
+        _register(m)
+        m.approve(TinyPlan)
+        yield m
+
+
+def _run(mesh, secagg, **kw):
+    torch.manual_seed(0)  # the same initial model for both runs
+    exp = Experiment(mesh.researcher, TinyPlan, ["blobs"], 1, training_args={"epochs": 2, "lr": 0.05, "seed": 1},
+                     min_nodes=len(mesh.nodes), round_timeout=60, progress=False, secagg=secagg, **kw)
+    return exp, exp.run()
+
+
+def test_secure_round_equals_plain_fedavg_within_the_quantization_bound(mesh3):
+    plain, plain_history = _run(mesh3, False)
+    secure, secure_history = _run(mesh3, True)
+    n_total = plain_history[0]["samples"]
+    assert secure_history[0]["samples"] == n_total  # only the total sample count is learned
+    bound = 3 * 2.0**-25 / n_total + 1e-6  # 3 nodes' rounding + float32 arithmetic on the nodes
+    for name, value in plain.global_state.items():
+        assert torch.allclose(secure.global_state[name], value, atol=bound, rtol=0), name
+    for key, value in plain_history[0]["global"].items():
+        assert secure_history[0]["global"][key] == pytest.approx(value, abs=1e-6)
+    assert all(info["samples"] is None and info["metrics"] == {} for info in secure_history[0]["nodes"].values())
+    assert secure_history[0]["secagg"]["threshold"] == 2
+
+
+def test_the_researcher_receives_only_masked_vectors(mesh3, monkeypatch):
+    true, received = [], []
+    real_encode, real_add = node_module.encode_update, MaskedSum.add
+
+    def spy_encode(*args, **kw):
+        vector, names = real_encode(*args, **kw)
+        true.append(vector.copy())
+        return vector, names
+
+    def spy_add(self, tensors, weight=0.0, node=""):
+        received.append(tensors["masked"].numpy().view(np.uint64).copy())
+        return real_add(self, tensors, weight, node)
+
+    monkeypatch.setattr(node_module, "encode_update", spy_encode)
+    monkeypatch.setattr(MaskedSum, "add", spy_add)
+    _run(mesh3, True)
+    assert len(true) == len(received) == 3
+    for masked in received:
+        for update in true:  # no received vector resembles any node's true update
+            assert np.mean(masked == update) < 0.01
+            assert abs(np.corrcoef(masked.view(np.int64).astype(float), update.view(np.int64).astype(float))[0, 1]) < 0.5
+
+
+def test_robust_aggregators_are_refused_with_secagg(mesh3):
+    from meshfl.aggregate import Median
+    from meshfl.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        Experiment(mesh3.researcher, TinyPlan, ["blobs"], 1, aggregator=Median(), secagg=True)
+
+
+def test_a_forged_overlay_message_is_rejected_and_audited(mesh3):
+    a, b = mesh3.nodes[0], mesh3.nodes[1]
+    fields = {"src": a.peer.peer_id, "dst": b.peer.peer_id, "oid": "f" * 16, "exp": time.time() + 60}
+    forged = Message("overlay", fields, {"sealed": torch.zeros(200, dtype=torch.uint8)})
+    mesh3.researcher.peer.send(b.peer.peer_id, forged)  # the relay injects a message "from" a
+    assert wait_until(lambda: any(r.event == "overlay.rejected" for r in b.audit.records()))
+    record = [r for r in b.audit.records() if r.event == "overlay.rejected"][-1]
+    assert record.fields["src"] == a.peer.peer_id and record.fields["reason"] == "bad_signature"
+
+
+def _gated_round(tmp_path, kill: int):
+    """5 nodes, t = 3: start a secure round, stop ``kill`` nodes once the key exchange is done
+    (their tasks are queued, training waits at the gate), then open the gate."""
+    gate = tmp_path / "gate"
+    with FederatedMesh(5, dead_after=2.0) as mesh:
+        _register(mesh)
+        mesh.approve(GatedPlan)
+        exp = Experiment(mesh.researcher, GatedPlan, ["blobs"], 1, training_args={"gate": str(gate), "test_fraction": 0},
+                         min_nodes=3, round_timeout=60, progress=False, secagg={"threshold": 3})
+        g = {k: v.clone() for k, v in exp.global_state.items()}
+        outcome: dict = {}
+        runner = threading.Thread(target=lambda: outcome.update(result=_catch(exp.run)))
+        runner.start()
+        try:
+            victims = mesh.nodes[:kill]
+            assert wait_until(lambda: all(len(n.queue.list()) == 1 for n in mesh.nodes))  # all past the exchange
+            for node in victims:
+                node.stop()
+            gate.touch()
+            runner.join(90)
+        finally:
+            gate.touch()
+            runner.join(90)
+            mesh.nodes[:] = mesh.nodes[kill:]  # the stopped ones are not stopped twice
+        survivors = SIZES[kill:]
+        revealed = [any(r.event == "secagg.revealed" for r in n.audit.records()) for n in mesh.nodes]
+        return outcome["result"], exp, g, survivors, revealed
+
+
+def _catch(fn):
+    try:
+        return fn()
+    except Exception as exc:  # handed to the test thread
+        return exc
+
+
+def test_two_of_five_nodes_die_after_the_key_exchange_and_the_round_completes(tmp_path):
+    result, exp, g, survivors, revealed = _gated_round(tmp_path, kill=2)
+    assert not isinstance(result, Exception), result
+    (entry,) = result
+    assert sorted(entry["nodes"]) == ["node2", "node3", "node4"]
+    assert sorted(entry["dropped"] + list(entry["failed"])) == ["node0", "node1"]
+    assert entry["samples"] == sum(survivors)
+    expected = sum(n * n for n in survivors) / sum(survivors) / 100  # FedAvg of the 3 survivors only
+    for name, value in exp.global_state.items():
+        assert torch.allclose(value, g[name] + expected, atol=1e-5), name
+    assert all(revealed)
+
+
+def test_one_node_too_many_dies_and_the_round_fails_without_unmasking(tmp_path):
+    result, _, _, _, revealed = _gated_round(tmp_path, kill=3)
+    assert isinstance(result, RoundFailed)
+    assert "2 of 5 nodes contributed, 3 needed" in result.message and "nothing was unmasked" in result.message
+    assert not any(revealed)  # no survivor revealed a single share
+
+
+def test_a_node_that_forces_secure_aggregation_trains_in_secure_rounds():
+    with FederatedMesh(2, node_config={"force_secure_aggregation": True}) as mesh:
+        _register(mesh)
+        mesh.approve(TinyPlan)
+        exp = Experiment(mesh.researcher, TinyPlan, ["blobs"], 2, min_nodes=2, round_timeout=60, progress=False,
+                         secagg=True)
+        history = exp.run()
+        assert [len(h["nodes"]) for h in history] == [2, 2]
