@@ -60,7 +60,9 @@ class PeakRss:
         self._thread.join()
 
 
-def setup(root: Path, k: int):
+def setup(root: Path, k: int, mutual: bool = False):
+    """A researcher home and ``k`` started node processes; ``mutual``: nodes trust each other too
+    (secure aggregation seals shares node to node)."""
     listen = f"ipc://{root}/researcher.sock"
     r_home = Home.init(root / "researcher", "researcher", "bench", listen=listen, dead_after=60.0)
     source = plan_source(DeltaPlan)
@@ -77,6 +79,14 @@ def setup(root: Path, k: int):
             plans.submit(source)
             plans.approve(plan_hash(source))
         paths.append(path)
+    if mutual:
+        homes = [Home.open(p) for p in paths]
+        for home in homes:
+            for other in homes:
+                if other is not home:
+                    home.trust(other.identity.card)
+        for home in homes:
+            home.close()
     r_home.close()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MESHFL_WORKER_THREADS": "1"}
     import subprocess

@@ -54,11 +54,13 @@ def derive_seed(shared_secret: bytes, context: bytes) -> bytes:
 
 
 def prg_uint32(seed: bytes, n: int, *, out: np.ndarray | None = None,
-               algorithm: str | None = None) -> np.ndarray:
+               algorithm: str | None = None, first_chunk: int = 0) -> np.ndarray:
     """Expand a 32-byte seed into ``n`` pseudorandom uint32 words (deterministic per seed).
 
     ``out``: an optional C-contiguous uint32 array of ``n`` words to fill in place (e.g. a reused
-    mask buffer); otherwise a new array is returned.
+    mask buffer); otherwise a new array is returned. ``first_chunk`` (AEGIS only) starts the words
+    at keystream chunk ``first_chunk`` (of :data:`CHUNK_BYTES`), so a long mask can be made and
+    used one cache-sized block at a time.
     """
     seed = bytes(seed)
     if len(seed) != SEED_BYTES:
@@ -69,6 +71,8 @@ def prg_uint32(seed: bytes, n: int, *, out: np.ndarray | None = None,
     if algorithm not in PRG_ALGORITHMS:
         raise CryptoError(f"PRG {algorithm!r} unavailable here (have {PRG_ALGORITHMS})", code="unsupported")
     n = int(n)
+    if first_chunk and algorithm != "aegis256":
+        raise CryptoError("only the AEGIS keystream can start past its first chunk", code="unsupported")
     if out is None:
         out = np.empty(n, dtype=np.uint32)
     elif out.dtype != np.uint32 or out.size != n or not out.flags.c_contiguous or not out.flags.writeable:
@@ -79,13 +83,13 @@ def prg_uint32(seed: bytes, n: int, *, out: np.ndarray | None = None,
     if algorithm == "chacha20":
         lib.randombytes_buf_deterministic(buf, 4 * n, seed)
     else:
-        _aegis_keystream(buf, 4 * n, seed)
+        _aegis_keystream(buf, 4 * n, seed, int(first_chunk))
     return out
 
 
-def _aegis_keystream(buf, total: int, key: bytes) -> None:
+def _aegis_keystream(buf, total: int, key: bytes, index: int = 0) -> None:
     scratch = None
-    offset, index = 0, 0
+    offset = 0
     while offset < total:
         length = min(CHUNK_BYTES, total - offset)
         nonce = _NONCE_PREFIX + index.to_bytes(8, "little")

@@ -307,7 +307,8 @@ class Experiment:
             "seconds": round(time.monotonic() - started, 4),
         }
         if secure is not None:
-            entry["secagg"] = {"threshold": secure.threshold, "members": [name(n) for n in secure.members]}
+            entry["secagg"] = {"threshold": secure.threshold, "members": [name(n) for n in secure.members],
+                               "seconds": secure.seconds}
         entry["global"] = self.evaluate(self.model) if self.evaluate else metrics
         for n, e in failed.items():
             log.warning("round %d: %s failed: [%s] %s", rnd, name(n), e.get("code"), e.get("message"))

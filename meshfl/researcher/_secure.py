@@ -8,6 +8,7 @@ cryptography is in :mod:`meshfl.secagg`.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Mapping
 
 import numpy as np
@@ -63,6 +64,7 @@ class SecureRound:
         self.keys: dict[str, bytes] = {}
         self.members: list[str] = []
         self.sum = MaskedSum(self.encoding.length)
+        self.seconds: dict[str, float] = {}  # time spent in set-up and unmasking, for the history
 
     def _ask_all(self, nodes, make, failed: dict) -> dict[str, Message]:
         futures = {n: self.researcher.request(n, make(n), SETUP_TIMEOUT_S) for n in nodes}
@@ -76,6 +78,7 @@ class SecureRound:
 
     def setup(self, failed: dict) -> list[str]:
         """Key exchange and share distribution; returns the members who completed both."""
+        started = time.monotonic()
         try:
             check_threshold(self.threshold, len(self.nodes))
         except SecAggError as exc:
@@ -89,6 +92,7 @@ class SecureRound:
         replies = self._ask_all(sorted(keys), lambda n: Message("secagg.peers", peers), failed)
         self.members = sorted(replies)
         self._need(len(self.members), "shared their secrets")
+        self.seconds["setup"] = round(time.monotonic() - started, 4)
         return self.members
 
     def train_fields(self) -> dict:
@@ -97,6 +101,7 @@ class SecureRound:
 
     def finish(self, survivors: list[str], failed: dict) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
         """Unmask the sum of the survivors' vectors: (mean delta per tensor, samples, mean metric slots)."""
+        started = time.monotonic()
         survivors = sorted(survivors)
         dropped = [n for n in self.members if n not in survivors]
         self._need(len(survivors), "sent masked updates", unmasked=False)
@@ -107,7 +112,9 @@ class SecureRound:
                [{"b": m.fields["b"], "s": m.fields["s"]} for m in replies.values()], self.threshold, self.prg)
         if dropped:
             log.info("secure round %s: recovered the masks of %d dropped node(s)", self.session, len(dropped))
-        return decode_sum(self.sum.total, self.encoding)
+        result = decode_sum(self.sum.total, self.encoding)
+        self.seconds["unmask"] = round(time.monotonic() - started, 4)
+        return result
 
     def _need(self, count: int, what: str, unmasked: bool = True) -> None:
         if count < self.threshold:

@@ -86,16 +86,18 @@ def encode_update(delta: Mapping[str, torch.Tensor], samples: int, metrics: Mapp
     enc.check_range(samples, participants, max((abs(v) for v in values), default=0.0))
     scale = samples * 2.0**enc.frac_bits
     out = np.empty(enc.length, dtype=np.int64)
+    limit = enc.clip * scale
     pos, clipped = 0, 0
     for name, n in zip(enc.names, enc.numels):
-        d = delta[name].detach().reshape(-1).to(torch.float64).numpy()
-        if d.size != n:
-            raise SecAggError(f"tensor {name!r} has {d.size} elements, expected {n}", code="secagg_protocol")
-        big = np.abs(d) > enc.clip
-        if big.any():
-            clipped += int(big.sum())
-            d = np.clip(d, -enc.clip, enc.clip)
-        out[pos : pos + n] = np.rint(d * scale)  # d may view the caller's tensor: never written
+        t = delta[name].detach().reshape(-1)
+        if t.numel() != n:
+            raise SecAggError(f"tensor {name!r} has {t.numel()} elements, expected {n}", code="secagg_protocol")
+        d = np.multiply(t.numpy(), scale, dtype=np.float64)  # a new array: the caller's tensor is untouched
+        if n and (d.max() > limit or d.min() < -limit):
+            clipped += int(np.count_nonzero(np.abs(d) > limit))
+            np.clip(d, -limit, limit, out=d)
+        np.rint(d, out=d)
+        out[pos : pos + n] = d
         pos += n
     out[pos] = samples
     slots = np.zeros(METRIC_SLOTS)

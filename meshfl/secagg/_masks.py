@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from nacl.bindings import crypto_scalarmult
 
-from ..crypto import derive_seed, prg_uint32
+from ..crypto import CHUNK_BYTES, derive_seed, prg_uint32
 from ._fixed import SecAggError
 
 
@@ -31,19 +31,35 @@ def pair_sign(me: str, other: str) -> int:
 
 
 class Masker:
-    """Adds or subtracts keystreams into uint64 vectors of one length, reusing one scratch buffer."""
+    """Adds or subtracts keystreams into uint64 vectors of one length.
+
+    :meth:`apply_all` walks the vector one keystream chunk (256 KiB) at a time and adds every
+    seed's chunk while the block is in cache: one pass over the vector's memory for all its masks,
+    instead of one per mask (the difference is about 2x at a few MB).
+    """
+
+    _BLOCK_WORDS = CHUNK_BYTES // 8  # uint64 words per keystream chunk
 
     def __init__(self, length: int, algorithm: str) -> None:
         self.length = length
         self.algorithm = algorithm
-        self._scratch = np.empty(length, dtype=np.uint64)
+        blockwise = algorithm == "aegis256"
+        self._scratch = np.empty(min(length, self._BLOCK_WORDS) if blockwise else length, dtype=np.uint64)
 
     def apply(self, vector: np.ndarray, seed: bytes, sign: int) -> None:
         """``vector += sign * PRG(seed)`` in the ring mod 2**64 (numpy wraps uint64)."""
-        if vector.dtype != np.uint64 or vector.size != self.length:
-            raise SecAggError(f"a masked vector is {self.length} uint64 words", code="secagg_protocol")
-        prg_uint32(seed, 2 * self.length, out=self._scratch.view(np.uint32), algorithm=self.algorithm)
-        if sign > 0:
-            np.add(vector, self._scratch, out=vector)
-        else:
-            np.subtract(vector, self._scratch, out=vector)
+        self.apply_all(vector, [(seed, sign)])
+
+    def apply_all(self, vector: np.ndarray, masks: list[tuple[bytes, int]]) -> None:
+        """``vector += sum(sign * PRG(seed))`` over ``masks`` [(seed, +1 | -1), ...]."""
+        if vector.dtype != np.uint64 or vector.size != self.length or not vector.flags.c_contiguous:
+            raise SecAggError(f"a masked vector is {self.length} contiguous uint64 words", code="secagg_protocol")
+        step = self._scratch.size or 1
+        for chunk, start in enumerate(range(0, self.length, step)):
+            block = vector[start : start + step]
+            scratch = self._scratch[: block.size]
+            for seed, sign in masks:
+                first = chunk if self.algorithm == "aegis256" else 0
+                prg_uint32(seed, 2 * block.size, out=scratch.view(np.uint32), algorithm=self.algorithm,
+                           first_chunk=first)
+                (np.add if sign > 0 else np.subtract)(block, scratch, out=block)

@@ -142,13 +142,12 @@ class NodeSession:
         if self.me not in members or not set(members) <= set(self.keys) or len(members) < self.threshold:
             raise SecAggError("masking members must be key holders, this node among them, at least t",
                               code="secagg_protocol")
-        masker = Masker(vector.size, self.prg)
-        masker.apply(vector, self._self_seed, +1)
         secret = bytes(self._secret)
-        for other in members:
-            if other != self.me:
-                masker.apply(vector, pair_seed(secret, self.keys[other], self.session, self.me, other),
-                             pair_sign(self.me, other))
+        masks = [(self._self_seed, +1)] + [
+            (pair_seed(secret, self.keys[other], self.session, self.me, other), pair_sign(self.me, other))
+            for other in members if other != self.me
+        ]
+        Masker(vector.size, self.prg).apply_all(vector, masks)
         self.members = members
 
     def reveal(self, survivors: Iterable[str], dropped: Iterable[str]) -> dict:
@@ -207,7 +206,6 @@ class NodeSessions:
 def unmask(total: np.ndarray, session: str, keys: Mapping[str, bytes], survivors: Iterable[str],
            dropped: Iterable[str], reveals: list[Mapping], threshold: int, prg: str) -> None:
     """Remove the survivors' self masks and the dropped members' pairwise masks from ``total``."""
-    masker = Masker(total.size, prg)
     survivors, dropped = sorted(survivors), sorted(dropped)
 
     def rebuild(owner: str, kind: str) -> bytes:
@@ -227,11 +225,11 @@ def unmask(total: np.ndarray, session: str, keys: Mapping[str, bytes], survivors
         except CryptoError as exc:
             raise SecAggError(f"shares of {owner}'s secret do not combine: {exc.message}", code="secagg_protocol") from None
 
-    for owner in survivors:
-        masker.apply(total, rebuild(owner, "b"), -1)
+    masks = [(rebuild(owner, "b"), -1) for owner in survivors]
     for owner in dropped:
         secret = rebuild(owner, "s")
         if len(secret) != 32 or bytes(PrivateKey(secret).public_key) != keys[owner]:
             raise SecAggError(f"the rebuilt round key of {owner} does not match its public key", code="secagg_protocol")
-        for other in survivors:  # undo what each survivor added for the pair (other, owner)
-            masker.apply(total, pair_seed(secret, keys[other], session, owner, other), -pair_sign(other, owner))
+        # undo what each survivor added for the pair (survivor, owner)
+        masks += [(pair_seed(secret, keys[other], session, owner, other), -pair_sign(other, owner)) for other in survivors]
+    Masker(total.size, prg).apply_all(total, masks)
