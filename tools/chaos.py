@@ -2,7 +2,8 @@
 """Chaos: run an experiment over N node processes on loopback while killing them at random.
 
 Nodes (and, with --kill-researcher, the researcher) are SIGKILLed at random instants and started
-again; once the kill budget is spent the experiment runs a few calm rounds. At the end the tool
+again; once the kill budget is spent the experiment runs until a round has every node again, then a few calm
+rounds. At the end the tool
 stops everything cleanly, inspects every home and prints one JSON object:
 
   rounds_completed         rounds in the researcher's checkpointed history
@@ -50,7 +51,7 @@ def researcher_main(home: str, rounds: int, nodes: int) -> None:
     from chaos_plan import ChaosPlan
     from meshfl.researcher import Experiment, Researcher
 
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with Researcher(home) as researcher:
         researcher.wait_for_nodes(1, timeout=120)
         record = researcher.home.store.table("experiments").get(EXPERIMENT)
@@ -98,7 +99,7 @@ def make_homes(root: Path, n: int) -> tuple[Path, list[Path]]:
 
 def start_node(path: Path) -> subprocess.Popen:
     log = open(path.parent / f"{path.name}.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "meshfl.cli", "node", "start", "--home", str(path)],
+    return subprocess.Popen([sys.executable, "-m", "meshfl.cli", "-v", "node", "start", "--home", str(path)],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -187,9 +188,14 @@ def main() -> None:
             else:
                 time.sleep(rng.uniform(0.5, 2.0))
                 nodes[i] = start_node(node_paths[i])
-        # Calm: every node is up; let a few rounds finish, then stop the researcher there.
+        # Calm: every node is started again. Wait for a round that all of them joined (a node
+        # takes seconds to start), then a few more rounds, then stop the researcher there.
+        seen = len(lines)
+        full = f"nodes={args.nodes}"
+        while not any(line.endswith(full) for line in lines[seen:]) and time.monotonic() < deadline:
+            time.sleep(0.2)
         seen = sum(line.startswith("round") for line in lines)
-        while sum(line.startswith("round") for line in lines) < seen + CALM_ROUNDS + 1 and time.monotonic() < deadline:
+        while sum(line.startswith("round") for line in lines) < seen + CALM_ROUNDS and time.monotonic() < deadline:
             time.sleep(0.2)
         sigkill(researcher)
         for proc in nodes:

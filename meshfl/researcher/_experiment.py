@@ -268,9 +268,10 @@ class Experiment:
             self.aggregator.begin(self.global_state, [name for name, _ in self.model.named_parameters()])
         else:
             sink, layout = secure.sum, secure.sum.layout
+        deadline = started + self.round_timeout
         try:
-            accepted = self._send_tasks(rnd, tasks, args, failed, secure.train_fields() if secure else None)
-            contributed = self._collect(accepted, inbox, failed, started + self.round_timeout, sink, layout)
+            self._send_tasks(rnd, tasks, args, inbox, deadline, secure.train_fields() if secure else None)
+            contributed = self._collect(tasks, inbox, failed, deadline, sink, layout)
         finally:
             self.researcher._route(tasks, None)
         name = self.researcher.node_name
@@ -334,8 +335,10 @@ class Experiment:
         names = {n: info["metric_names"] for n, info in contributed.items()}
         return self.aggregator.finish(), samples, secure_metrics(names, slots)
 
-    def _send_tasks(self, rnd: int, tasks: dict[str, str], args: dict, failed: dict,
-                    secagg: dict | None) -> dict[str, str]:
+    def _send_tasks(self, rnd: int, tasks: dict[str, str], args: dict, inbox, deadline: float,
+                    secagg: dict | None) -> None:
+        """Send every node its task; each answer (``train.accepted`` or an error) lands in the
+        round's inbox as ``("answer", task id, future)``, so no slow node holds up the others."""
         fields = {
             "experiment": self.id,
             "round": rnd,
@@ -347,18 +350,10 @@ class Experiment:
         }
         if secagg is not None:
             fields["secagg"] = secagg
-        futures = {
-            tid: self.researcher.request(node, Message("train", {**fields, "task_id": tid}, self.global_state), 60.0)
-            for tid, node in tasks.items()
-        }
-        accepted = {}
-        for tid, fut in futures.items():
-            try:
-                fut.result()
-                accepted[tid] = tasks[tid]
-            except MeshflError as exc:
-                failed[tasks[tid]] = exc.to_wire()
-        return accepted
+        timeout = max(1.0, deadline - time.monotonic())
+        for tid, node in tasks.items():
+            fut = self.researcher.request(node, Message("train", {**fields, "task_id": tid}, self.global_state), timeout)
+            fut.add_done_callback(lambda f, tid=tid: inbox.put(("answer", tid, f)))
 
     def _collect(self, tasks: dict[str, str], inbox, failed: dict, deadline: float, sink, layout: dict) -> dict[str, dict]:
         """Take results as they arrive into ``sink`` (the aggregator, or the masked sum); a large
@@ -376,7 +371,13 @@ class Experiment:
                 msg = inbox.get(timeout=min(left, 1.0))
             except queue.Empty:
                 msg = None
-            if msg is not None and msg.type == "train.done":
+            if isinstance(msg, tuple):  # a node's answer to its train request
+                _, tid, fut = msg
+                error = fut.exception()
+                if error is not None and tid in waiting:  # refused or unreachable: no result will come
+                    failed[waiting.pop(tid)] = error.to_wire() if isinstance(error, MeshflError) else {
+                        "code": "internal", "message": str(error)}
+            elif msg is not None and msg.type == "train.done":
                 tid = msg.fields["task_id"]
                 node = waiting.pop(tid, None)
                 if node is None:  # a re-sent result we already have: acknowledge again, never re-add
