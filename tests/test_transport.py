@@ -251,3 +251,17 @@ def test_listening_on_a_taken_address_fails_at_once(tmp_path):
         assert "cannot listen" in str(info.value)
     finally:
         hub.close()
+
+
+def test_peers_work_when_their_file_descriptors_run_past_256():
+    # The I/O loop polls a wake-up pipe beside its sockets; fds above 256 are not interned ints,
+    # so an identity test on the fd broke every peer created after a few hundred open files.
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(300)]
+    try:
+        with PeerMesh(2, handler=echo_handler) as mesh:
+            hub, node = mesh.peers
+            assert min(hub._wake_r, node._wake_r) > 256
+            assert node.call(hub.peer_id, Message("t.echo", {"n": 7}), timeout=10).fields == {"n": 7}
+    finally:
+        for fd in held:
+            os.close(fd)

@@ -2,9 +2,9 @@
 """Chaos: run an experiment over N node processes on loopback while killing them at random.
 
 Nodes (and, with --kill-researcher, the researcher) are SIGKILLed at random instants and started
-again; once the kill budget is spent the experiment runs until a round has every node again, then a few calm
-rounds. At the end the tool
-stops everything cleanly, inspects every home and prints one JSON object:
+again; once the kill budget is spent the experiment runs until a round has every node again, then
+a few calm rounds. At the end the tool stops everything cleanly, inspects every home and prints
+one JSON object:
 
   rounds_completed         rounds in the researcher's checkpointed history
   kills                    how many processes were killed (nodes / researcher)

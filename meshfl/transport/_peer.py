@@ -295,7 +295,7 @@ class Peer:
                     linger = stop
                     break
             for sock in events:
-                if sock is self._wake_r:
+                if sock == self._wake_r:  # an fd: ints above 256 are not interned, never use "is"
                     continue
                 if sock is self._zap:
                     self._answer_zap()
