@@ -12,8 +12,8 @@ Training is a durable exchange rather than one long request:
    ``result.chunk`` messages. The researcher asks for a window of chunks at a time, so neither
    ZeroMQ nor the researcher ever buffers more than a window per node (credit flow control).
 
-With secure aggregation, ``secagg.setup`` and ``secagg.peers`` come before ``train`` (whose
-``secagg`` field names the session and its members), the result is one masked vector, and
+With secure aggregation, ``secagg.setup`` comes before ``train`` (whose ``secagg`` field names
+the session and carries the members' signed round keys), the result is one masked vector, and
 ``secagg.unmask`` follows the round's last result.
 """
 
@@ -68,8 +68,6 @@ declare("task.cancelled", required={"count": "int"})
 # Secure aggregation (meshfl/secagg, docs/security.md): set-up before ``train``, unmasking after.
 declare("secagg.setup", required={"session": "str", "participants": "list", "threshold": "int", "prg": "str"})
 declare("secagg.key", required={"session": "str", "public": "str", "signature": "str"})
-declare("secagg.peers", required={"session": "str", "keys": "dict"})
-declare("secagg.shared", required={"session": "str", "sent": "int"})
 declare("secagg.unmask", required={"session": "str", "survivors": "list", "dropped": "list"})
 declare("secagg.shares", required={"session": "str", "b": "dict", "s": "dict"})
 

@@ -29,7 +29,7 @@ from ..errors import MeshflError
 from ..home import Home
 from ..overlay import Overlay
 from ..protocol import CHUNK_BYTES, INLINE_RESULT_BYTES, chunk_plan
-from ..secagg import VECTOR, Encoding, NodeSession, NodeSessions, SecAggError, encode_update
+from ..secagg import VECTOR, Encoding, NodeSession, NodeSessions, SecAggError, encode_update, frac_bits_for
 from ..store import Outbox, TaskQueue
 from ..store.blobs import BlobStore
 from ..transport import Peer
@@ -39,6 +39,18 @@ from ._executor import Executor, TaskFailed
 from ._plans import PlanRegistry
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _str_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 class _NodeLog(logging.LoggerAdapter):
@@ -332,25 +344,22 @@ class Node:
 
     # ------------------------------------------------------------------ secure aggregation
     def _on_secagg_setup(self, msg: Message) -> Message:
+        """Open a round: make its secrets, seal their shares to the other participants (the
+        researcher relays ciphertext), answer with the signed round key."""
         f = msg.fields
         participants = [str(p) for p in f["participants"]]
         session = NodeSession(self.home.identity, f["session"], msg.sender, participants, f["threshold"], f["prg"])
+        shares = session.distribute(self._card_of)
         self.secagg.open(session)
+        for dest, payload in shares:
+            self.overlay.send(dest, payload, via=msg.sender)
         self.audit.append("secagg.setup", session=f["session"], researcher=msg.sender,
                           participants=len(participants), threshold=f["threshold"])
         return Message("secagg.key", {"session": f["session"], **session.key_fields()})
 
-    def _on_secagg_peers(self, msg: Message) -> Message:
-        session = self.secagg.get(msg.fields["session"], msg.sender)
-
-        def card_of(peer_id: str):
-            entry = self.peer.trust_table.get(peer_id)
-            return entry.card if entry is not None else None
-
-        shares = session.distribute(msg.fields["keys"], card_of)
-        for dest, payload in shares:  # sealed for each member; the researcher relays ciphertext
-            self.overlay.send(dest, payload, via=msg.sender)
-        return Message("secagg.shared", {"session": session.session, "sent": len(shares)})
+    def _card_of(self, peer_id: str):
+        entry = self.peer.trust_table.get(peer_id)
+        return entry.card if entry is not None else None
 
     def _on_secagg_unmask(self, msg: Message) -> Message:
         f = msg.fields
@@ -370,25 +379,27 @@ class Node:
 
     def _secagg_spec(self, spec: dict, researcher: str) -> dict:
         """The ``secagg`` field of a train request, checked against this node's open session."""
-        members, clip, frac_bits = spec.get("members"), spec.get("clip"), spec.get("frac_bits")
-        if not (isinstance(members, list) and all(isinstance(m, str) for m in members)
-                and isinstance(clip, (int, float)) and not isinstance(clip, bool) and math.isfinite(clip) and clip > 0
-                and isinstance(frac_bits, int) and not isinstance(frac_bits, bool) and 8 <= frac_bits <= 40):
-            raise MeshflError("secagg needs members (peer ids), clip > 0 and frac_bits 8..40", code="bad_field")
+        keys, parameters = spec.get("keys"), spec.get("parameters")
+        clip, frac_bits, scale = spec.get("clip"), spec.get("frac_bits"), spec.get("weight_scale")
+        if not (isinstance(keys, dict) and _str_list(parameters) and _number(clip) and clip > 0
+                and _integer(frac_bits) and 8 <= frac_bits <= 30 and _integer(scale) and scale > 0
+                and frac_bits_for(len(keys), clip) >= frac_bits):
+            raise MeshflError("secagg needs keys, parameters, weight_scale > 0, clip > 0 and frac_bits "
+                              "that keep the sum of the members' values in range", code="bad_field")
         session = self.secagg.get(str(spec.get("session")), researcher)
-        if self.peer.peer_id not in members:
-            raise SecAggError("this node is not among the round's masking members", code="secagg_protocol")
-        return {"session": session.session, "members": members, "clip": float(clip), "frac_bits": frac_bits}
+        session.set_keys(keys, self._card_of)
+        return {"session": session.session, "parameters": parameters, "weight_scale": scale,
+                "clip": float(clip), "frac_bits": frac_bits}
 
     def _mask_result(self, task_id: str, spec: dict, result: dict) -> dict:
         """Replace the trained delta in the task's pack by its encoded, masked vector."""
         session = self.secagg.get(spec["session"])
         delta = self.blobs.read(task_id)
-        enc = Encoding.for_state(delta, spec["frac_bits"], spec["clip"])
-        vector, names = encode_update(delta, result["samples"], result["metrics"], enc, len(spec["members"]))
+        enc = Encoding.for_state(delta, set(spec["parameters"]), spec["frac_bits"], spec["clip"])
+        vector, names = encode_update(delta, result["samples"], spec["weight_scale"], result["metrics"], enc)
         del delta
-        session.mask(spec["members"], vector)
-        self.blobs.write(task_id, {VECTOR: torch.from_numpy(vector.view(np.int64))})
+        session.mask(vector, enc.boundary)
+        self.blobs.write(task_id, {VECTOR: torch.from_numpy(vector.view(np.int32))})
         return {"ok": True, "metric_names": names, "duration": result["duration"]}
 
     def _atomically(self, *steps) -> None:

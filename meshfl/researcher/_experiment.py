@@ -120,7 +120,7 @@ class Experiment:
         self.model: torch.nn.Module = cls().init_model(**self.model_args)
         self.global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self._buffers: list[dict[str, torch.Tensor]] = []
-        self._holders: dict[str, bool] = {}  # node id -> holds data with our tags (searched once)
+        self._holders: dict[str, int] = {}  # node id -> samples of its largest dataset with our tags (searched once)
 
     # ------------------------------------------------------------------ persistence
     def _record(self) -> dict:
@@ -236,7 +236,8 @@ class Experiment:
         unknown = [n for n in online if n not in self._holders]
         if unknown:
             found = self.researcher.search(self.tags, nodes=unknown)
-            self._holders.update({n: bool(datasets) for n, datasets in found.items()})
+            self._holders.update({n: max((int(d.get("samples") or 0) for d in datasets), default=0)
+                                  for n, datasets in found.items()})
         nodes = sorted(n for n in online if self._holders.get(n))
         if self.node_filter is not None:
             nodes = [n for n in nodes if n in self.node_filter]
@@ -255,7 +256,9 @@ class Experiment:
         failed: dict[str, dict] = {}
         secure = None
         if self.secagg:
-            secure = SecureRound(self.researcher, f"{self.id}.r{rnd}.a{self.attempt}", nodes, self.global_state, self.secagg)
+            secure = SecureRound(self.researcher, f"{self.id}.r{rnd}.a{self.attempt}", nodes, self.global_state,
+                                 [n for n, _ in self.model.named_parameters()],
+                                 max(self._holders[n] for n in nodes), self.secagg)
             try:
                 nodes = secure.setup(failed)
             except MeshflError as exc:
@@ -324,11 +327,10 @@ class Experiment:
         mean = {}
         for key, g in self.global_state.items():
             if key not in deltas:  # bool buffers are not aggregated
-                mean[key] = g.clone()
+                mean[key] = g
                 continue
             d = torch.from_numpy(deltas[key]).view(g.shape)
-            new = g.to(torch.float64) + (d if g.is_floating_point() else d.round())
-            mean[key] = new.to(g.dtype)
+            mean[key] = g + d.to(g.dtype) if g.is_floating_point() else g + d.round().to(g.dtype)
         # The mean is one update holding every sample: FedAvg returns it, server optimizers step on it.
         self.aggregator.begin(self.global_state, [n for n, _ in self.model.named_parameters()])
         self.aggregator.add(mean, float(samples), "secure-sum")

@@ -18,13 +18,13 @@ from ..crypto import DEFAULT_PRG
 from ..errors import MeshflError
 from ..secagg import (
     DEFAULT_CLIP,
-    DEFAULT_FRAC_BITS,
     METRIC_SLOTS,
     Encoding,
     MaskedSum,
     SecAggError,
     check_threshold,
     decode_sum,
+    frac_bits_for,
     unmask,
 )
 from ..wire import Message
@@ -35,18 +35,21 @@ SETUP_TIMEOUT_S = 30.0
 
 
 def secagg_options(value: bool | Mapping) -> dict | None:
-    """``Experiment(secagg=...)``: False, True (defaults) or ``{threshold, clip, frac_bits}``."""
+    """``Experiment(secagg=...)``: False, True (defaults) or ``{"threshold": t, "clip": c}``.
+
+    ``threshold``: shares needed to rebuild a node's secret (default: a majority of the selected
+    nodes); ``clip``: the largest parameter change a node may send per round (default 8).
+    """
     if value is False or value is None:
         return None
-    options = {"threshold": None, "clip": DEFAULT_CLIP, "frac_bits": DEFAULT_FRAC_BITS}
+    options = {"threshold": None, "clip": DEFAULT_CLIP}
     if value is not True:
         if not isinstance(value, Mapping) or set(value) - set(options):
             raise MeshflError(f"secagg is True, False or a dict of {sorted(options)}", code="bad_argument")
         options.update(value)
-    if not (isinstance(options["clip"], (int, float)) and options["clip"] > 0):
-        raise MeshflError("secagg clip must be > 0", code="bad_argument")
-    if not (isinstance(options["frac_bits"], int) and 8 <= options["frac_bits"] <= 40):
-        raise MeshflError("secagg frac_bits must be 8..40", code="bad_argument")
+    clip = options["clip"]
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip < 2**20:
+        raise MeshflError("secagg clip must be a number in (0, 2**20)", code="bad_argument")
     return options
 
 
@@ -54,16 +57,20 @@ class SecureRound:
     """One round of secure aggregation among ``nodes`` (peer ids), driven by the experiment."""
 
     def __init__(self, researcher, session: str, nodes: list[str], global_state: Mapping[str, torch.Tensor],
-                 options: dict) -> None:
+                 parameters: list[str], weight_scale: int, options: dict) -> None:
         self.researcher = researcher
         self.session = session
         self.nodes = sorted(nodes)
         self.threshold = options["threshold"] or len(self.nodes) // 2 + 1
-        self.encoding = Encoding.for_state(global_state, options["frac_bits"], options["clip"])
+        self.parameters = sorted(parameters)
+        self.weight_scale = int(weight_scale)
+        clip = float(options["clip"])
+        self.encoding = Encoding.for_state(global_state, self.parameters, frac_bits_for(len(self.nodes), clip), clip)
         self.prg = DEFAULT_PRG
         self.keys: dict[str, bytes] = {}
+        self.signed_keys: dict[str, list] = {}  # as the nodes sent them, passed on in train requests
         self.members: list[str] = []
-        self.sum = MaskedSum(self.encoding.length)
+        self.sum = MaskedSum(self.encoding)
         self.seconds: dict[str, float] = {}  # time spent in set-up and unmasking, for the history
 
     def _ask_all(self, nodes, make, failed: dict) -> dict[str, Message]:
@@ -77,7 +84,9 @@ class SecureRound:
         return replies
 
     def setup(self, failed: dict) -> list[str]:
-        """Key exchange and share distribution; returns the members who completed both."""
+        """One round trip: every node makes its round secrets, seals their shares to the other
+        participants (we relay them) and answers with its signed round key. The nodes that
+        answered are the round's members."""
         started = time.monotonic()
         try:
             check_threshold(self.threshold, len(self.nodes))
@@ -85,19 +94,25 @@ class SecureRound:
             raise SecAggError(f"secure aggregation over {len(self.nodes)} nodes: {exc.message}", code=exc.code) from None
         fields = {"session": self.session, "participants": self.nodes, "threshold": self.threshold, "prg": self.prg}
         replies = self._ask_all(self.nodes, lambda n: Message("secagg.setup", fields), failed)
-        keys = {n: [m.fields["public"], m.fields["signature"]] for n, m in replies.items()}
-        self._need(len(keys), "completed the key exchange")
-        self.keys = {n: bytes.fromhex(k[0]) for n, k in keys.items()}
-        peers = {"session": self.session, "keys": keys}
-        replies = self._ask_all(sorted(keys), lambda n: Message("secagg.peers", peers), failed)
-        self.members = sorted(replies)
-        self._need(len(self.members), "shared their secrets")
+        for node, reply in replies.items():
+            try:
+                key = bytes.fromhex(reply.fields["public"])
+            except ValueError:
+                key = b""
+            if len(key) != 32:
+                failed[node] = {"code": "secagg_protocol", "message": "a round key is 32 bytes of hex"}
+                continue
+            self.keys[node] = key
+            self.signed_keys[node] = [reply.fields["public"], reply.fields["signature"]]
+        self._need(len(self.keys), "completed the key exchange")
+        self.members = sorted(self.keys)
         self.seconds["setup"] = round(time.monotonic() - started, 4)
         return self.members
 
     def train_fields(self) -> dict:
-        return {"session": self.session, "members": self.members, "clip": self.encoding.clip,
-                "frac_bits": self.encoding.frac_bits}
+        """The ``secagg`` field of this round's ``train`` requests."""
+        return {"session": self.session, "keys": self.signed_keys, "parameters": self.parameters,
+                "weight_scale": self.weight_scale, "clip": self.encoding.clip, "frac_bits": self.encoding.frac_bits}
 
     def finish(self, survivors: list[str], failed: dict) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
         """Unmask the sum of the survivors' vectors: (mean delta per tensor, samples, mean metric slots)."""
@@ -108,11 +123,11 @@ class SecureRound:
         fields = {"session": self.session, "survivors": survivors, "dropped": dropped}
         replies = self._ask_all(survivors, lambda n: Message("secagg.unmask", fields), failed)
         self._need(len(replies), "answered the unmasking request", unmasked=False)
-        unmask(self.sum.total, self.session, self.keys, survivors, dropped,
+        unmask(self.sum.total, self.encoding.boundary, self.session, self.keys, survivors, dropped,
                [{"b": m.fields["b"], "s": m.fields["s"]} for m in replies.values()], self.threshold, self.prg)
         if dropped:
             log.info("secure round %s: recovered the masks of %d dropped node(s)", self.session, len(dropped))
-        result = decode_sum(self.sum.total, self.encoding)
+        result = decode_sum(self.sum.total, self.encoding, self.weight_scale)
         self.seconds["unmask"] = round(time.monotonic() - started, 4)
         return result
 

@@ -6,8 +6,10 @@ Per round (see docs/security.md for the whole flow and threat model):
 2. the researcher passes the signed keys around; each node splits its round secret key and its
    self-mask seed into Shamir shares (threshold t) and seals one of each to every other member over
    the overlay (the researcher relays ciphertext it cannot read);
-3. each node trains, encodes ``n * (trained - global)`` plus ``n`` and ``n * metrics`` in fixed
-   point (:mod:`._fixed`), adds its masks (:mod:`._masks`) and sends only the masked vector;
+3. each node trains, encodes its sample-weighted change ``w * (trained - global)``, its sample
+   count and ``w * metrics`` in fixed point (:mod:`._fixed`: parameters in a 32-bit ring, the
+   same bytes as a plain round, buffers and counts in a 64-bit one), adds its masks
+   (:mod:`._masks`) and sends only the masked vector;
 4. the researcher sums the vectors it got and asks the survivors for the self-seed shares of the
    survivors and the round-key shares of members that dropped out, never both for one node; from t
    shares each it removes every leftover mask (:func:`unmask`) and divides by the summed ``n``.
@@ -19,23 +21,37 @@ import numpy as np
 import torch
 
 from ..wire import TensorMap
-from ._fixed import DEFAULT_CLIP, DEFAULT_FRAC_BITS, METRIC_SLOTS, Encoding, SecAggError, decode_sum, encode_update
-from ._masks import Masker, pair_seed, pair_sign
+from ._fixed import (
+    CLIP_64,
+    DEFAULT_CLIP,
+    FRAC_BITS_64,
+    METRIC_SLOTS,
+    Encoding,
+    SecAggError,
+    decode_sum,
+    encode_update,
+    frac_bits_for,
+)
+from ._masks import Masker, pair_seed, pair_sign, ring_apply
 from ._session import NodeSession, NodeSessions, check_threshold, key_statement, unmask
 
 VECTOR = "masked"  # the one tensor of a masked result
 
 
 class MaskedSum:
-    """Sums masked vectors (uint64, wrapping) as they arrive: one vector of memory per round."""
+    """Sums masked vectors (wrapping in their two rings) as they arrive: one vector per round.
 
-    def __init__(self, length: int) -> None:
-        self.total = np.zeros(length, dtype=np.uint64)
+    A masked vector travels as one int32 tensor :data:`VECTOR` over its bytes.
+    """
+
+    def __init__(self, enc: Encoding) -> None:
+        self.total = np.zeros(enc.nbytes, dtype=np.uint8)
+        self.boundary = enc.boundary
         self.count = 0
 
     @property
     def layout(self) -> dict[str, tuple[list[int], torch.dtype]]:
-        return {VECTOR: ([self.total.size], torch.int64)}
+        return {VECTOR: ([self.total.size // 4], torch.int32)}
 
     def add(self, tensors, weight: float = 0.0, node: str = "") -> None:
         """Fold in one node's masked vector (its weight is inside the vector, hidden)."""
@@ -47,18 +63,19 @@ class MaskedSum:
         else:
             dtype, shape = tensors[VECTOR].dtype, tuple(tensors[VECTOR].shape)
             parts = [(0, tensors[VECTOR].reshape(-1))]
-        if dtype != torch.int64 or tuple(shape) != (self.total.size,):
-            raise SecAggError(f"a masked vector is {self.total.size} int64 words", code="secagg_protocol")
+        if dtype != torch.int32 or tuple(shape) != (self.total.size // 4,):
+            raise SecAggError(f"a masked vector is {self.total.size // 4} int32 words", code="secagg_protocol")
         for start, piece in parts:
-            view = piece.numpy().view(np.uint64)
-            segment = self.total[start : start + view.size]
-            np.add(segment, view, out=segment)
+            raw = piece.numpy().view(np.uint8)
+            offset = 4 * start
+            ring_apply(np.add, self.total[offset : offset + raw.size], raw, offset, self.boundary)
         self.count += 1
 
 
 __all__ = [
+    "CLIP_64",
     "DEFAULT_CLIP",
-    "DEFAULT_FRAC_BITS",
+    "FRAC_BITS_64",
     "METRIC_SLOTS",
     "VECTOR",
     "Encoding",
@@ -70,8 +87,10 @@ __all__ = [
     "check_threshold",
     "decode_sum",
     "encode_update",
+    "frac_bits_for",
     "key_statement",
     "pair_seed",
     "pair_sign",
+    "ring_apply",
     "unmask",
 ]

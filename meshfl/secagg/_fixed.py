@@ -1,29 +1,37 @@
-"""Fixed-point encoding of a weighted model update, in the ring of integers mod 2**64.
+"""Fixed-point encoding of a weighted model update, in two integer rings.
 
-Masks only cancel in modular integer arithmetic, so a node turns its update into one vector of
-uint64 words before masking:
+Masks only cancel in modular integer arithmetic, so a node turns its update into one byte vector
+before masking. With ``w = n / W`` (its sample count ``n`` over the round's public *weight scale*
+``W``, the largest dataset among the members as their registries report it, so ``0 < w <= 1``)
+and ``delta`` = trained model minus the global model it started from:
 
-    [ round(n * clip(delta, ±clip) * 2**frac_bits) for every element of every tensor ]
-    [ n ]                                             the sample count, protected like the rest
-    [ round(n * metric_k * 2**frac_bits) for k < METRIC_SLOTS ]
+    section 32 (uint32 words, ring mod 2**32), one word per element of each trainable parameter:
+        round(w * clip(delta, ±clip) * 2**frac_bits)
+    section 64 (uint64 words, ring mod 2**64), after padding section 32 to a multiple of 8 bytes:
+        round(w * clip(delta, ±CLIP_64) * 2**FRAC_BITS_64)    for every buffer (BatchNorm statistics,
+                                                              counters: these can move far in a round)
+        n                                                     the sample count, protected like the rest
+        round(w * metric_k * 2**FRAC_BITS_64)                 for k < METRIC_SLOTS
 
-where ``delta`` is the trained model minus the global model it started from (bool tensors are
-left out: they are not averaged), ``n`` the node's sample count. Negative values wrap (two's
-complement), so the researcher's wrapped sum, read back as int64, is the exact integer sum as long
-as it stays below 2**63 in magnitude: the node checks ``n * max(clip, |metric|) * 2**frac_bits *
-participants < 2**62``. Dividing by the summed ``n`` gives FedAvg of the deltas.
+Parameters, nearly all of a model's bytes, cost 4 bytes an element as in a plain round; buffers get
+the wide range they need. Bool tensors are left out (not averaged). Negative values wrap (two's
+complement); a section's wrapped sum read back as signed is exact while its true magnitude stays
+below half the ring. Section 32 sums K values of magnitude at most ``clip * 2**frac_bits``, so the
+researcher picks ``frac_bits = 30 - ceil(log2(K * clip))`` for K members (24 bits for K = 8 and the
+default clip 8). Section 64 has ``2**62 / (K * CLIP_64 * 2**FRAC_BITS_64)`` to spare.
 
-Error bound: each node's value is rounded once (at most 2**-(frac_bits+1) off), so the averaged
-delta is within ``K * 2**-(frac_bits+1) / N`` of the exact sample-weighted mean, for K summed
-nodes holding N samples: about 3e-8 / N per node at the default 24 bits. Deltas beyond ``±clip``
-are clipped (default 100: far beyond any sane step); a node that clips says so in its log.
+Error bound: each value is rounded once (at most half a unit), so the averaged delta of a tensor is
+within ``K * 2**-(bits + 1) * W / N`` of the exact sample-weighted mean, for K summed nodes holding N
+samples, ``bits`` its section's fractional bits. Parameter deltas beyond ``±clip`` (default 8:
+far beyond a sane step) are clipped, and the node says so in its log.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Collection, Mapping
 
 import numpy as np
 import torch
@@ -31,8 +39,9 @@ import torch
 from ..errors import MeshflError
 
 METRIC_SLOTS = 8
-DEFAULT_FRAC_BITS = 24
-DEFAULT_CLIP = 100.0
+DEFAULT_CLIP = 8.0
+CLIP_64 = 1e6
+FRAC_BITS_64 = 20
 
 log = logging.getLogger("meshfl.secagg")
 
@@ -45,79 +54,115 @@ class SecAggError(MeshflError):
     code = "secagg_protocol"
 
 
+def frac_bits_for(members: int, clip: float) -> int:
+    """Fractional bits of section 32 that keep the sum of ``members`` clipped values in range."""
+    bits = 30 - math.ceil(math.log2(max(members, 1) * clip))
+    if bits < 8:
+        raise SecAggError(f"{members} members x clip {clip:g} leave {bits} fractional bits; lower clip",
+                          code="secagg_range")
+    return bits
+
+
 @dataclass(frozen=True)
 class Encoding:
-    """Which tensors go into the vector, in which order, and the fixed-point parameters."""
+    """Which tensors go into which section, in which order, and the fixed-point parameters."""
 
-    names: tuple[str, ...]
-    numels: tuple[int, ...]
-    frac_bits: int = DEFAULT_FRAC_BITS
+    names32: tuple[str, ...]
+    numels32: tuple[int, ...]
+    names64: tuple[str, ...]
+    numels64: tuple[int, ...]
+    frac_bits: int
     clip: float = DEFAULT_CLIP
 
     @classmethod
-    def for_state(cls, state: Mapping[str, torch.Tensor], frac_bits: int = DEFAULT_FRAC_BITS,
+    def for_state(cls, state: Mapping[str, torch.Tensor], parameters: Collection[str], frac_bits: int,
                   clip: float = DEFAULT_CLIP) -> "Encoding":
-        names = tuple(sorted(k for k, v in state.items() if v.dtype != torch.bool))
-        return cls(names, tuple(int(state[k].numel()) for k in names), int(frac_bits), float(clip))
+        """Floating ``parameters`` go to section 32; every other tensor but bools to section 64."""
+        wide = sorted(k for k, v in state.items() if v.dtype != torch.bool and not (k in parameters and v.is_floating_point()))
+        narrow = sorted(k for k in state if k in parameters and state[k].is_floating_point())
+        return cls(tuple(narrow), tuple(int(state[k].numel()) for k in narrow),
+                   tuple(wide), tuple(int(state[k].numel()) for k in wide), int(frac_bits), float(clip))
 
     @property
-    def params(self) -> int:
-        return sum(self.numels)
+    def boundary(self) -> int:
+        """Byte offset where section 64 starts (section 32 padded to 8 bytes)."""
+        words = sum(self.numels32)
+        return 4 * (words + words % 2)
 
     @property
-    def length(self) -> int:
-        return self.params + 1 + METRIC_SLOTS
+    def words64(self) -> int:
+        return sum(self.numels64) + 1 + METRIC_SLOTS
 
-    def check_range(self, samples: int, participants: int, largest: float = 0.0) -> None:
-        bound = samples * max(self.clip, largest) * 2.0**self.frac_bits * max(participants, 1)
-        if bound >= 2.0**62:
-            raise SecAggError(
-                f"{samples} samples x clip {self.clip:g} overflow the fixed-point range at "
-                f"{self.frac_bits} fractional bits; lower secagg clip or frac_bits",
-                code="secagg_range",
-            )
+    @property
+    def nbytes(self) -> int:
+        return self.boundary + 8 * self.words64
 
 
-def encode_update(delta: Mapping[str, torch.Tensor], samples: int, metrics: Mapping[str, float],
-                  enc: Encoding, participants: int) -> tuple[np.ndarray, list[str]]:
-    """The node's uint64 vector (see the module doc) and the metric names it carries, in slot order."""
+def encode_update(delta: Mapping[str, torch.Tensor], samples: int, weight_scale: int,
+                  metrics: Mapping[str, float], enc: Encoding) -> tuple[np.ndarray, list[str]]:
+    """The node's byte vector (see the module doc) and the metric names it carries, in slot order."""
+    if not 0 < samples <= weight_scale:
+        raise SecAggError(f"{samples} training samples exceed the round's weight scale {weight_scale} "
+                          "(did preprocess() add samples?)", code="secagg_range")
     names = sorted(metrics)[:METRIC_SLOTS]
-    values = [float(metrics[k]) for k in names]
-    enc.check_range(samples, participants, max((abs(v) for v in values), default=0.0))
-    scale = samples * 2.0**enc.frac_bits
-    out = np.empty(enc.length, dtype=np.int64)
-    limit = enc.clip * scale
+    values = np.zeros(METRIC_SLOTS)
+    values[: len(names)] = [float(metrics[k]) for k in names]
+    if np.any(~np.isfinite(values)) or np.any(np.abs(values) > CLIP_64):
+        raise SecAggError(f"metrics must be finite and within ±{CLIP_64:g} for secure aggregation",
+                          code="secagg_range")
+    w = samples / weight_scale
+    out = np.zeros(enc.nbytes, dtype=np.uint8)
+    s32 = out[: enc.boundary].view(np.int32)
+    s64 = out[enc.boundary :].view(np.int64)
+    clipped = _fill(s32, delta, enc.names32, enc.numels32, w * 2.0**enc.frac_bits, enc.clip)
+    clipped += _fill(s64, delta, enc.names64, enc.numels64, w * 2.0**FRAC_BITS_64, CLIP_64)
+    tail = sum(enc.numels64)
+    s64[tail] = samples
+    s64[tail + 1 :] = np.rint(values * (w * 2.0**FRAC_BITS_64))
+    if clipped:
+        log.warning("secure aggregation clipped %d update values", clipped)
+    return out, names
+
+
+_BLOCK = 1 << 16  # elements converted at a time: the float64 scratch stays in cache
+
+
+def _fill(section: np.ndarray, delta: Mapping[str, torch.Tensor], names, numels, scale: float, clip: float) -> int:
+    limit = clip * scale
+    scratch = np.empty(_BLOCK)
     pos, clipped = 0, 0
-    for name, n in zip(enc.names, enc.numels):
+    for name, n in zip(names, numels):
         t = delta[name].detach().reshape(-1)
         if t.numel() != n:
             raise SecAggError(f"tensor {name!r} has {t.numel()} elements, expected {n}", code="secagg_protocol")
-        d = np.multiply(t.numpy(), scale, dtype=np.float64)  # a new array: the caller's tensor is untouched
-        if n and (d.max() > limit or d.min() < -limit):
-            clipped += int(np.count_nonzero(np.abs(d) > limit))
-            np.clip(d, -limit, limit, out=d)
-        np.rint(d, out=d)
-        out[pos : pos + n] = d
+        values = t.numpy()  # only read: the caller's tensor is untouched
+        for start in range(0, n, _BLOCK):
+            d = scratch[: min(_BLOCK, n - start)]
+            np.multiply(values[start : start + d.size], scale, out=d, dtype=np.float64)
+            if d.max() > limit or d.min() < -limit:
+                clipped += int(np.count_nonzero(np.abs(d) > limit))
+                np.clip(d, -limit, limit, out=d)
+            np.rint(d, out=d)
+            section[pos + start : pos + start + d.size] = d
         pos += n
-    out[pos] = samples
-    slots = np.zeros(METRIC_SLOTS)
-    slots[: len(values)] = values
-    out[pos + 1 :] = np.rint(slots * scale)
-    if clipped:
-        log.warning("secure aggregation clipped %d update values to +-%g", clipped, enc.clip)
-    return out.view(np.uint64), names
+    return clipped
 
 
-def decode_sum(total: np.ndarray, enc: Encoding) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
-    """The unmasked sum -> (sample-weighted mean delta per tensor, total samples, mean metric slots)."""
-    signed = total.view(np.int64)
-    samples = int(signed[enc.params])
+def decode_sum(total: np.ndarray, enc: Encoding, weight_scale: int) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
+    """The unmasked byte sum -> (sample-weighted mean delta per tensor, total samples, mean metric slots)."""
+    s32 = total[: enc.boundary].view(np.int32)
+    s64 = total[enc.boundary :].view(np.int64)
+    tail = sum(enc.numels64)
+    samples = int(s64[tail])
     if samples <= 0:
         raise SecAggError(f"the secure sum holds {samples} samples: masks did not cancel", code="secagg_protocol")
-    scale = samples * 2.0**enc.frac_bits
-    deltas, pos = {}, 0
-    for name, n in zip(enc.names, enc.numels):
-        deltas[name] = signed[pos : pos + n].astype(np.float64) / scale
-        pos += n
-    metrics = signed[pos + 1 :].astype(np.float64) / scale
+    weight = samples / weight_scale  # the sum of the members' w
+    deltas: dict[str, np.ndarray] = {}
+    for section, names, numels, bits in ((s32, enc.names32, enc.numels32, enc.frac_bits),
+                                         (s64, enc.names64, enc.numels64, FRAC_BITS_64)):
+        pos = 0
+        for name, n in zip(names, numels):
+            deltas[name] = section[pos : pos + n] / (weight * 2.0**bits)
+            pos += n
+    metrics = s64[tail + 1 :] / (weight * 2.0**FRAC_BITS_64)
     return deltas, samples, metrics

@@ -1,4 +1,4 @@
-"""Pairwise and self masks over uint64 vectors (the keystream is :func:`meshfl.crypto.prg_uint32`).
+"""Pairwise and self masks over the encoded byte vectors (keystream: :func:`meshfl.crypto.prg_uint32`).
 
 Node ``i`` adds to its vector ``PRG(b_i)`` (its self mask) and, for every other member ``j``,
 ``+PRG(s_ij)`` if ``i < j`` else ``-PRG(s_ij)`` (peer ids compared as strings). ``s_ij`` is the same
@@ -30,36 +30,43 @@ def pair_sign(me: str, other: str) -> int:
     return 1 if me < other else -1
 
 
+def ring_apply(op, dst: np.ndarray, src: np.ndarray, offset: int, boundary: int) -> None:
+    """``dst op= src`` over bytes ``offset..`` of a vector whose words are uint32 below byte
+    ``boundary`` and uint64 from it (``op`` is np.add or np.subtract, wrapping in each ring)."""
+    cut = min(max(boundary - offset, 0), dst.size)
+    if cut:
+        a = dst[:cut].view(np.uint32)
+        op(a, src[:cut].view(np.uint32), out=a)
+    if cut < dst.size:
+        b = dst[cut:].view(np.uint64)
+        op(b, src[cut:].view(np.uint64), out=b)
+
+
 class Masker:
-    """Adds or subtracts keystreams into uint64 vectors of one length.
+    """Adds or subtracts keystreams into the byte vectors of one :class:`~._fixed.Encoding`.
 
     :meth:`apply_all` walks the vector one keystream chunk (256 KiB) at a time and adds every
-    seed's chunk while the block is in cache: one pass over the vector's memory for all its masks,
-    instead of one per mask (the difference is about 2x at a few MB).
+    seed's chunk while the block is in cache: one pass over the vector's memory for all its masks.
     """
 
-    _BLOCK_WORDS = CHUNK_BYTES // 8  # uint64 words per keystream chunk
-
-    def __init__(self, length: int, algorithm: str) -> None:
-        self.length = length
-        self.algorithm = algorithm
-        blockwise = algorithm == "aegis256"
-        self._scratch = np.empty(min(length, self._BLOCK_WORDS) if blockwise else length, dtype=np.uint64)
+    def __init__(self, nbytes: int, boundary: int, algorithm: str) -> None:
+        self.nbytes, self.boundary, self.algorithm = nbytes, boundary, algorithm
+        block = CHUNK_BYTES if algorithm == "aegis256" else nbytes  # only AEGIS can start mid-stream
+        self._scratch = np.empty(max(8, min(nbytes, block)), dtype=np.uint8)
 
     def apply(self, vector: np.ndarray, seed: bytes, sign: int) -> None:
-        """``vector += sign * PRG(seed)`` in the ring mod 2**64 (numpy wraps uint64)."""
+        """``vector += sign * PRG(seed)``."""
         self.apply_all(vector, [(seed, sign)])
 
     def apply_all(self, vector: np.ndarray, masks: list[tuple[bytes, int]]) -> None:
         """``vector += sum(sign * PRG(seed))`` over ``masks`` [(seed, +1 | -1), ...]."""
-        if vector.dtype != np.uint64 or vector.size != self.length or not vector.flags.c_contiguous:
-            raise SecAggError(f"a masked vector is {self.length} contiguous uint64 words", code="secagg_protocol")
-        step = self._scratch.size or 1
-        for chunk, start in enumerate(range(0, self.length, step)):
+        if vector.dtype != np.uint8 or vector.size != self.nbytes or not vector.flags.c_contiguous:
+            raise SecAggError(f"a masked vector is {self.nbytes} contiguous bytes", code="secagg_protocol")
+        step = self._scratch.size
+        for chunk, start in enumerate(range(0, self.nbytes, step)):
             block = vector[start : start + step]
             scratch = self._scratch[: block.size]
             for seed, sign in masks:
-                first = chunk if self.algorithm == "aegis256" else 0
-                prg_uint32(seed, 2 * block.size, out=scratch.view(np.uint32), algorithm=self.algorithm,
-                           first_chunk=first)
-                (np.add if sign > 0 else np.subtract)(block, scratch, out=block)
+                prg_uint32(seed, block.size // 4, out=scratch.view(np.uint32), algorithm=self.algorithm,
+                           first_chunk=chunk if self.algorithm == "aegis256" else 0)
+                ring_apply(np.add if sign > 0 else np.subtract, block, scratch, start, self.boundary)

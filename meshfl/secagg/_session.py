@@ -1,7 +1,9 @@
 """The two sides of one secure-aggregation round, as pure objects (no sockets, no threads).
 
 A node's :class:`NodeSession` holds its round secrets: an X25519 round key (pairwise masks) and a
-self-mask seed. Both are split into Shamir shares (threshold t) for the other members, which each
+self-mask seed. Both are split into Shamir shares (threshold t) for the other participants at
+set-up; the members (participants whose signed round keys reached the researcher) come with the
+training request, and the node masks with exactly them. Each
 holder reveals to the researcher for exactly one of two purposes: the self-mask seed of a member
 that *sent* its masked vector, or the round key of a member that *dropped out*. A node reveals
 only once, for one partition of the members into survivors and dropped, so the researcher can
@@ -73,7 +75,7 @@ class NodeSession:
         self._secret = PrivateKey.generate()
         self._self_seed = os.urandom(SEED_BYTES)
         self.public = bytes(self._secret.public_key)
-        self.keys: dict[str, bytes] = {}  # members' verified round keys, once distributed
+        self.keys: dict[str, bytes] = {}  # members' verified round keys (from the train request)
         self.held: dict[str, tuple[int, bytes, bytes]] = {}  # owner -> (x, round-key share, self-seed share)
         self.members: tuple[str, ...] | None = None  # who this node masked with
         self.revealed: tuple[str, ...] | None = None  # the survivors it revealed for
@@ -82,36 +84,17 @@ class NodeSession:
         """The signed round key for the researcher to pass on."""
         return {"public": self.public.hex(), "signature": self._identity.sign(key_statement(self.session, self.public)).hex()}
 
-    def distribute(self, keys: Mapping[str, list], card_of: Callable[[str], PeerCard | None]) -> list[tuple[str, dict]]:
-        """Check every member's signed key; return one share payload per other member to send sealed."""
-        if self.keys:
+    def distribute(self, card_of: Callable[[str], PeerCard | None]) -> list[tuple[str, dict]]:
+        """Split this node's secrets; one share payload per other participant, to send sealed."""
+        if self.held.get(self.me):
             raise SecAggError("this round's shares were already distributed", code="secagg_conflict")
-        if not isinstance(keys, Mapping) or not set(keys) <= self.participants or self.me not in keys:
-            raise SecAggError("the key list must name participants, this node among them", code="secagg_protocol")
-        if len(keys) < self.threshold:
-            raise SecAggError(f"{len(keys)} members cannot meet threshold {self.threshold}", code="secagg_not_enough")
-        untrusted = sorted(pid for pid in keys if pid != self.me and card_of(pid) is None)
+        untrusted = sorted(pid for pid in self.participants if pid != self.me and card_of(pid) is None)
         if untrusted:
-            raise SecAggError(f"this node does not trust members {untrusted}", code="secagg_untrusted_peer",
+            raise SecAggError(f"this node does not trust participants {untrusted}", code="secagg_untrusted_peer",
                               details={"peers": untrusted})
-        verified = {}
-        for pid, entry in keys.items():
-            if not (isinstance(entry, list) and len(entry) == 2):
-                raise SecAggError(f"key entry of {pid} must be [public, signature]", code="secagg_protocol")
-            public, signature = _hex(entry[0], "a round key", 32), _hex(entry[1], "a key signature", 64)
-            if pid == self.me:
-                if public != self.public:
-                    raise SecAggError("the researcher passed on another key for this node", code="secagg_protocol")
-            else:
-                try:
-                    verify_signature(card_of(pid).sign_key, key_statement(self.session, public), signature)
-                except CryptoError:
-                    raise SecAggError(f"the round key of {pid} is not signed by it", code="secagg_protocol") from None
-            verified[pid] = public
-        order = sorted(verified)
+        order = sorted(self.participants)
         key_shares = shamir_split(bytes(self._secret), len(order), self.threshold)
         seed_shares = shamir_split(self._self_seed, len(order), self.threshold)
-        self.keys = verified
         out = []
         for pid, (x, key_share), (_, seed_share) in zip(order, key_shares, seed_shares):
             if pid == self.me:
@@ -120,6 +103,37 @@ class NodeSession:
                 out.append((pid, {"type": "secagg.share", "session": self.session, "x": x,
                                   "s": key_share.hex(), "b": seed_share.hex()}))
         return out
+
+    def set_keys(self, keys: Mapping[str, list], card_of: Callable[[str], PeerCard | None]) -> None:
+        """Take the members' signed round keys (the researcher passes them on); check each signature.
+
+        The members are the participants whose keys the researcher got: this node masks with them.
+        """
+        if not isinstance(keys, Mapping) or not set(keys) <= self.participants or self.me not in keys:
+            raise SecAggError("the key list must name participants, this node among them", code="secagg_protocol")
+        if len(keys) < self.threshold:
+            raise SecAggError(f"{len(keys)} members cannot meet threshold {self.threshold}", code="secagg_not_enough")
+        verified = {}
+        for pid, entry in keys.items():
+            if not (isinstance(entry, list) and len(entry) == 2):
+                raise SecAggError(f"key entry of {pid} must be [public, signature]", code="secagg_protocol")
+            public, signature = _hex(entry[0], "a round key", 32), _hex(entry[1], "a key signature", 64)
+            card = card_of(pid)
+            if pid == self.me:
+                if public != self.public:
+                    raise SecAggError("the researcher passed on another key for this node", code="secagg_protocol")
+            elif card is None:
+                raise SecAggError(f"this node does not trust member {pid}", code="secagg_untrusted_peer",
+                                  details={"peers": [pid]})
+            else:
+                try:
+                    verify_signature(card.sign_key, key_statement(self.session, public), signature)
+                except CryptoError:
+                    raise SecAggError(f"the round key of {pid} is not signed by it", code="secagg_protocol") from None
+            verified[pid] = public
+        if self.keys and self.keys != verified:
+            raise SecAggError("this round's members were already fixed differently", code="secagg_conflict")
+        self.keys = verified
 
     def receive_share(self, owner: str, payload: Mapping) -> None:
         """Keep ``owner``'s shares (they may arrive before this node saw the key list)."""
@@ -132,22 +146,20 @@ class NodeSession:
             raise SecAggError("a share index is 1..participants", code="secagg_protocol")
         self.held[owner] = (x, _hex(payload.get("s"), "a share"), _hex(payload.get("b"), "a share"))
 
-    def mask(self, members: Iterable[str], vector: np.ndarray) -> None:
-        """Add this node's self mask and its pairwise masks with ``members`` to ``vector`` in place."""
-        members = tuple(sorted(set(members)))
+    def mask(self, vector: np.ndarray, boundary: int) -> None:
+        """Add this node's self mask and its pairwise masks with every member to ``vector`` in place
+        (an encoded byte vector whose 64-bit section starts at byte ``boundary``)."""
         if not self.keys:
-            raise SecAggError("masking before the key exchange", code="secagg_protocol")
+            raise SecAggError("masking before the members' keys arrived", code="secagg_protocol")
         if self.members is not None:
             raise SecAggError("this node already masked its update for this round", code="secagg_conflict")
-        if self.me not in members or not set(members) <= set(self.keys) or len(members) < self.threshold:
-            raise SecAggError("masking members must be key holders, this node among them, at least t",
-                              code="secagg_protocol")
+        members = tuple(sorted(self.keys))
         secret = bytes(self._secret)
         masks = [(self._self_seed, +1)] + [
             (pair_seed(secret, self.keys[other], self.session, self.me, other), pair_sign(self.me, other))
             for other in members if other != self.me
         ]
-        Masker(vector.size, self.prg).apply_all(vector, masks)
+        Masker(vector.size, boundary, self.prg).apply_all(vector, masks)
         self.members = members
 
     def reveal(self, survivors: Iterable[str], dropped: Iterable[str]) -> dict:
@@ -203,7 +215,7 @@ class NodeSessions:
         return found
 
 
-def unmask(total: np.ndarray, session: str, keys: Mapping[str, bytes], survivors: Iterable[str],
+def unmask(total: np.ndarray, boundary: int, session: str, keys: Mapping[str, bytes], survivors: Iterable[str],
            dropped: Iterable[str], reveals: list[Mapping], threshold: int, prg: str) -> None:
     """Remove the survivors' self masks and the dropped members' pairwise masks from ``total``."""
     survivors, dropped = sorted(survivors), sorted(dropped)
@@ -232,4 +244,4 @@ def unmask(total: np.ndarray, session: str, keys: Mapping[str, bytes], survivors
             raise SecAggError(f"the rebuilt round key of {owner} does not match its public key", code="secagg_protocol")
         # undo what each survivor added for the pair (survivor, owner)
         masks += [(pair_seed(secret, keys[other], session, owner, other), -pair_sign(other, owner)) for other in survivors]
-    Masker(total.size, prg).apply_all(total, masks)
+    Masker(total.size, boundary, prg).apply_all(total, masks)
