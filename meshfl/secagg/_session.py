@@ -36,10 +36,18 @@ def key_statement(session: str, public: bytes) -> bytes:
     return _KEY_CONTEXT + session.encode() + b"\x00" + bytes(public)
 
 
-def check_threshold(threshold: int, members: int) -> int:
-    if isinstance(threshold, bool) or not isinstance(threshold, int) or not 2 <= threshold <= members:
+def check_threshold(threshold: int, participants: int) -> int:
+    """A threshold t with ``participants / 2 < t <= participants`` and ``t >= 2``.
+
+    A majority, so that no two disjoint groups of share holders can each reach t: a researcher
+    that told some nodes "x survived" and others "x dropped" still cannot rebuild both of x's
+    secrets. At least 2, so that an unmasked sum never holds a single node's update.
+    """
+    low = max(2, participants // 2 + 1)
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or not low <= threshold <= participants:
         raise SecAggError(
-            f"a secure-aggregation threshold is 2..{members} for {members} members, not {threshold!r}",
+            f"a secure-aggregation threshold is {low}..{participants} for {participants} participants "
+            f"(a majority, at least 2), not {threshold!r}",
             code="secagg_protocol",
         )
     return threshold
