@@ -3,10 +3,10 @@
 A node's :class:`NodeSession` holds its round secrets: an X25519 round key (pairwise masks) and a
 self-mask seed. Both are split into Shamir shares (threshold t) for the other participants at
 set-up; the members (participants whose signed round keys reached the researcher) come with the
-training request, and the node masks with exactly them. Each
-holder reveals to the researcher for exactly one of two purposes: the self-mask seed of a member
-that *sent* its masked vector, or the round key of a member that *dropped out*. A node reveals
-only once, for one partition of the members into survivors and dropped, so the researcher can
+training request, and the node masks with exactly them. Each holder reveals shares to the
+researcher for one of two purposes: the self-mask seed of a member that *sent* its masked vector,
+or the round key of a member that *dropped out*. A node reveals only once, for one partition of
+the members into survivors and dropped, and the threshold is a majority, so the researcher can
 never get both secrets of one node (which would unmask that node's vector).
 
 The researcher's :func:`unmask` takes the revealed shares, rebuilds those secrets and strips the
