@@ -232,3 +232,17 @@ def test_values_beyond_the_range_are_refused_or_clipped_never_wrapped():
     assert mean["w"].tolist() == [8.0, -8.0, 0.5, 0.0]
     with pytest.raises(SecAggError):  # too many members for any precision at this clip
         frac_bits_for(2**20, 8.0)
+
+
+def test_shares_that_arrive_before_their_session_opens_wait_for_it():
+    from meshfl.secagg import NodeSessions
+
+    r = Round(3, 2)
+    members = sorted(r.sessions)
+    late = NodeSessions()  # members[0] has not handled its set-up request yet
+    for pid in members[1:]:
+        for dest, payload in r.sessions[pid].distribute(r.cards.get):
+            if dest == members[0]:
+                late.receive_share(SESSION, pid, payload)
+    late.open(r.sessions[members[0]])
+    assert set(r.sessions[members[0]].held) == set(members[1:])

@@ -15,6 +15,7 @@ leftover masks from the sum of the survivors' vectors.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -29,6 +30,7 @@ from ._fixed import SecAggError
 from ._masks import Masker, pair_seed, pair_sign
 
 _KEY_CONTEXT = b"meshfl.secagg.key.v1\x00"
+log = logging.getLogger("meshfl.secagg")
 
 
 def key_statement(session: str, public: bytes) -> bytes:
@@ -195,13 +197,19 @@ class NodeSession:
 
 
 class NodeSessions:
-    """A node's live sessions (memory only: a restarted node drops out of its open rounds)."""
+    """A node's live sessions (memory only: a restarted node drops out of its open rounds).
+
+    Another participant's shares can arrive before this node has handled the set-up request of
+    the same round (set-up goes to every node at once): they wait, bounded, for their session.
+    """
 
     MAX_SESSIONS = 64
     MAX_AGE_S = 6 * 3600.0
+    MAX_EARLY = 4096  # shares held for sessions not open yet, all sessions together
 
     def __init__(self) -> None:
         self._sessions: dict[str, NodeSession] = {}
+        self._early: dict[str, list[tuple[str, Mapping]]] = {}
         self._lock = threading.Lock()
 
     def open(self, session: NodeSession) -> None:
@@ -213,6 +221,22 @@ class NodeSessions:
             while len(self._sessions) >= self.MAX_SESSIONS:
                 self._sessions.pop(next(iter(self._sessions)))
             self._sessions[session.session] = session
+            early = self._early.pop(session.session, [])
+        for owner, payload in early:
+            try:
+                session.receive_share(owner, payload)
+            except SecAggError as exc:
+                log.warning("early share from %s for %s refused: %s", owner, session.session, exc)
+
+    def receive_share(self, session: str, owner: str, payload: Mapping) -> None:
+        with self._lock:
+            found = self._sessions.get(session)
+            if found is None:
+                self._early.setdefault(session, []).append((owner, payload))
+                while sum(len(v) for v in self._early.values()) > self.MAX_EARLY:
+                    self._early.pop(next(iter(self._early)))
+                return
+        found.receive_share(owner, payload)
 
     def get(self, session: str, researcher: str | None = None) -> NodeSession:
         with self._lock:
