@@ -7,7 +7,9 @@ samples this process's RSS (the researcher and the N nodes' I/O share it; the wo
 processes). Prints JSON: replies expected and received per round, replies lost (must be 0), and
 memory after each round: RSS, and its anonymous part (heap: what a leak would grow). File-backed
 pages are LMDB and pack-file maps, which grow with the durable queue, audit log and history by
-design. Growth is reported from round 2 to the last round, and per round.
+design. Growth is reported from round 2 to the last round, and per round, next to the growth of
+the experiment's in-memory history (one entry per node per round, kept by design): flat memory
+means the heap grows by about the history and no more.
 
     python tools/bench_load.py                      # 50 nodes x 20 rounds
     python tools/bench_load.py --nodes 10 --rounds 5
@@ -47,6 +49,24 @@ def memory_mb() -> dict[str, float]:
     return out
 
 
+def deep_size_mb(value) -> float:
+    """Memory held by a tree of dicts, lists and scalars (the experiment's history)."""
+    seen: set[int] = set()
+
+    def size(v) -> int:
+        if id(v) in seen:
+            return 0
+        seen.add(id(v))
+        n = sys.getsizeof(v)
+        if isinstance(v, dict):
+            n += sum(size(k) + size(x) for k, x in v.items())
+        elif isinstance(v, (list, tuple)):
+            n += sum(size(x) for x in v)
+        return n
+
+    return size(value) / 2**20
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, default=50)
@@ -55,6 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     memory: list[dict[str, float]] = []
+    history_mb: list[float] = []
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="meshfl-bench-load-") as tmp:
         with FederatedMesh(args.nodes, root=tmp, dead_after=30.0) as mesh:
@@ -72,6 +93,7 @@ def main() -> None:
             def sample(_entry: dict) -> None:
                 gc.collect()
                 memory.append(memory_mb())
+                history_mb.append(deep_size_mb(exp.history))
 
             exp = Experiment(mesh.researcher, ChaosPlan, ["load"], args.rounds, training_args={"steps": 2},
                              min_nodes=args.nodes, round_timeout=300, progress=False, on_round=sample,
@@ -96,6 +118,9 @@ def main() -> None:
         "anon_growth_per_round_after_round2_mb": round((anon[-1] - anon[1]) / max(1, len(anon) - 2), 3)
         if len(anon) > 2 else None,
         "history_json_bytes_per_round": round(len(orjson.dumps(history)) / max(1, len(history))),
+        "history_in_memory_growth_round2_to_last_mb": round(history_mb[-1] - history_mb[1], 2) if len(history_mb) > 1 else None,
+        "anon_growth_beyond_history_mb": round((anon[-1] - anon[1]) - (history_mb[-1] - history_mb[1]), 2)
+        if len(anon) > 1 else None,
         "anon_growth_over_round1_rss": round((anon[-1] - anon[1]) / memory[0]["VmRSS"], 4) if len(anon) > 1 else None,
     }
     print(json.dumps(out, indent=2))
