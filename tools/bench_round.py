@@ -147,13 +147,18 @@ def run_case(params: int, k: int, rounds: int, root: Path) -> dict:
     finally:
         if raw is not None:
             raw.close()
-        for node in nodes:
-            node.terminate()
-        for node in nodes:
-            try:
-                node.wait(timeout=30)
-            except Exception:
-                node.kill()
+        stop_nodes(nodes)
+
+
+def stop_nodes(nodes) -> None:
+    """SIGTERM every node process (a clean stop), SIGKILL those that do not stop in 30 s."""
+    for node in nodes:
+        node.terminate()
+    for node in nodes:
+        try:
+            node.wait(timeout=30)
+        except Exception:
+            node.kill()
 
 
 def main() -> None:

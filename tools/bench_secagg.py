@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_round import setup  # noqa: E402
+from bench_round import setup, stop_nodes  # noqa: E402
 from bench_round_plan import DeltaPlan  # noqa: E402
 from meshfl.researcher import Experiment, Researcher  # noqa: E402
 
@@ -47,13 +47,7 @@ def run(params: int, k: int, rounds: int, root: Path) -> dict:
             plain_s = [h["seconds"] for h in plain.history[1:]]
             secure_s = [h["seconds"] for h in secure.history[1:]]
     finally:
-        for node in nodes:
-            node.terminate()
-        for node in nodes:
-            try:
-                node.wait(timeout=30)
-            except Exception:
-                node.kill()
+        stop_nodes(nodes)
     model_mb = params * 4 / 2**20
     return {
         "benchmark": "secagg",
