@@ -45,6 +45,9 @@ def check_threshold(threshold: int, participants: int) -> int:
     that told some nodes "x survived" and others "x dropped" still cannot rebuild both of x's
     secrets. At least 2, so that an unmasked sum never holds a single node's update.
     """
+    if participants < 2:
+        raise SecAggError("secure aggregation needs at least 2 nodes: one node's sum is its update",
+                          code="secagg_not_enough")
     low = max(2, participants // 2 + 1)
     if isinstance(threshold, bool) or not isinstance(threshold, int) or not low <= threshold <= participants:
         raise SecAggError(
