@@ -256,10 +256,10 @@ class Experiment:
         failed: dict[str, dict] = {}
         secure = None
         if self.secagg:
-            secure = SecureRound(self.researcher, f"{self.id}.r{rnd}.a{self.attempt}", nodes, self.global_state,
-                                 [n for n, _ in self.model.named_parameters()],
-                                 max(self._holders[n] for n in nodes), self.secagg)
             try:
+                secure = SecureRound(self.researcher, f"{self.id}.r{rnd}.a{self.attempt}", nodes, self.global_state,
+                                     [n for n, _ in self.model.named_parameters()],
+                                     max(self._holders[n] for n in nodes), self.secagg)
                 nodes = secure.setup(failed)
             except MeshflError as exc:
                 raise RoundFailed(f"round {rnd}: {exc.message}", details=self._failure_details(failed, [])) from None
