@@ -22,7 +22,6 @@ a restart, which the short expiry bounds.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Callable
 
@@ -62,7 +61,9 @@ class Overlay:
     """Sealed node-to-node messaging on top of a :class:`~meshfl.transport.Peer`.
 
     ``on_message(src, payload)`` receives each accepted payload (a JSON object); it runs on the
-    peer's dispatcher thread. ``on_reject(src, code, message)`` hears every refusal.
+    peer's dispatcher thread. ``on_reject(src, code, message)`` hears every refusal. Receiving
+    happens on that one thread only, so the replay memory needs no lock; :meth:`send` is safe
+    from any thread.
     """
 
     def __init__(
@@ -82,7 +83,6 @@ class Overlay:
         self._ttl = ttl
         self._clock = clock
         self._seen: dict[tuple[str, str], float] = {}  # (src, oid) -> expiry
-        self._seen_lock = threading.Lock()
         self._next_prune = 0.0
         peer.route("overlay", self.handle)
 
@@ -143,22 +143,18 @@ class Overlay:
         sealed = msg.tensors.get("sealed") if "sealed" in msg.tensors else None
         if sealed is None or sealed.dtype != torch.uint8 or sealed.dim() != 1 or len(msg.tensors) != 1:
             raise OverlayRejected("an overlay message carries one uint8 tensor 'sealed'", code="bad_overlay")
-        with self._seen_lock:
-            if (src, oid) in self._seen:
-                raise OverlayRejected(f"message {oid} from {entry.card.name} was seen before", code="replayed")
+        if (src, oid) in self._seen:
+            raise OverlayRejected(f"message {oid} from {entry.card.name} was seen before", code="replayed")
         try:
             plaintext = open_sealed(
                 self.peer.identity, entry.card, sealed.numpy().tobytes(), header_bytes(src, f["dst"], oid, f["exp"])
             )
         except CryptoError as exc:
             raise OverlayRejected(f"message {oid} from {entry.card.name}: {exc.message}", code=exc.code) from None
-        with self._seen_lock:  # remembered only once authentic: a forgery cannot burn a real id
-            if (src, oid) in self._seen:
-                raise OverlayRejected(f"message {oid} from {entry.card.name} was seen before", code="replayed")
-            self._seen[(src, oid)] = exp
-            if now >= self._next_prune:
-                self._seen = {k: e for k, e in self._seen.items() if e >= now}
-                self._next_prune = now + 10.0
+        self._seen[(src, oid)] = exp  # remembered only once authentic: a forgery cannot burn a real id
+        if now >= self._next_prune:
+            self._seen = {k: e for k, e in self._seen.items() if e >= now}
+            self._next_prune = now + 10.0
         try:
             payload = orjson.loads(plaintext)
         except orjson.JSONDecodeError:

@@ -54,10 +54,6 @@ class Masker:
         block = CHUNK_BYTES if algorithm == "aegis256" else nbytes  # only AEGIS can start mid-stream
         self._scratch = np.empty(max(8, min(nbytes, block)), dtype=np.uint8)
 
-    def apply(self, vector: np.ndarray, seed: bytes, sign: int) -> None:
-        """``vector += sign * PRG(seed)``."""
-        self.apply_all(vector, [(seed, sign)])
-
     def apply_all(self, vector: np.ndarray, masks: list[tuple[bytes, int]]) -> None:
         """``vector += sum(sign * PRG(seed))`` over ``masks`` [(seed, +1 | -1), ...]."""
         if vector.dtype != np.uint8 or vector.size != self.nbytes or not vector.flags.c_contiguous:
