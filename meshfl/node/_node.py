@@ -251,22 +251,24 @@ class Node:
     def _on_link(self, peer_id: str, up: bool) -> None:
         if up:
             for item in self.outbox.pending(dest=peer_id):
-                self._deliver(item.msg_id)
+                self._send_result(item.dest, item.msg_id, item.envelope["fields"])
 
     def _deliver(self, task_id: str) -> None:
-        """Send (or re-send) a result from the outbox: inline if small, else announced for pulling."""
+        """Send (or re-send) a result kept in the outbox."""
         item = self.outbox.get(task_id)
-        if item is None:
-            return
-        fields = dict(item.envelope["fields"])
-        tensors = {}
-        if fields.get("inline"):
+        if item is not None:
+            self._send_result(item.dest, task_id, item.envelope["fields"])
+
+    def _send_result(self, dest: str, task_id: str, fields: dict, tensors: dict | None = None) -> None:
+        """``train.done``: the result inline if small (``tensors``, else mapped from its pack),
+        otherwise announced for pulling."""
+        if fields.get("inline") and tensors is None:
             try:
                 tensors = self.blobs.read(task_id)
             except MeshflError:  # the pack was lost (OS crash): report, never drop silently
                 fields = {**fields, "ok": False, "inline": False,
                           "error": {"code": "result_lost", "message": "the result was lost in a crash of this node"}}
-        self.peer.send(item.dest, Message("train.done", fields, tensors))
+        self.peer.send(dest, Message("train.done", fields, tensors if fields.get("inline") else {}))
 
     def _run_tasks(self) -> None:
         while not self._stopping.is_set():
@@ -314,11 +316,11 @@ class Node:
             fields.update(metric_names=result["metric_names"], duration=result["duration"])
         elif fields["ok"]:
             fields.update(samples=result["samples"], metrics=result["metrics"], duration=result["duration"])
+        tensors = None
         if fields["ok"]:
-            layout = [
-                [name, DTYPE_NAMES[t.dtype], list(t.shape), t.numel() * t.element_size()]
-                for name, t in self.blobs.read(task.id).items()
-            ]
+            tensors = self.blobs.read(task.id)
+            layout = [[name, DTYPE_NAMES[t.dtype], list(t.shape), t.numel() * t.element_size()]
+                      for name, t in tensors.items()]
             nbytes = sum(row[3] for row in layout)
             fields["inline"] = nbytes <= INLINE_RESULT_BYTES
             if not fields["inline"]:
@@ -340,7 +342,7 @@ class Node:
         )
         if not fields["ok"]:
             self.blobs.delete(task.id)
-        self._deliver(task.id)
+        self._send_result(p["researcher"], task.id, fields, tensors)
 
     # ------------------------------------------------------------------ secure aggregation
     def _on_secagg_setup(self, msg: Message) -> Message:

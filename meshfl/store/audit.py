@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -69,9 +69,9 @@ class AuditLog:
             body = {
                 "index": index, "ts": time.time(), "event": event, "fields": fields, "prev": prev,
             }
-            record = AuditRecord(**body, hash=_digest(body))
-            tx.put(self._name, seq_key(index), asdict(record))
-            return record
+            body["hash"] = _digest(body)
+            tx.put(self._name, seq_key(index), body)
+            return AuditRecord(**body)
 
         return self._store.atomic(append)
 

@@ -50,14 +50,13 @@ def _spec(tensors, name: str) -> tuple[torch.dtype, tuple[int, ...], int]:
     return t.dtype, tuple(t.shape), t.numel() * t.element_size()
 
 
-def write_pack(path: Path, tensors: Mapping[str, torch.Tensor], reuse: Path | None = None) -> int:
+def write_pack(path: str | Path, tensors: Mapping[str, torch.Tensor], reuse: str | Path | None = None) -> int:
     """Write ``tensors`` to ``path`` atomically (temp file + rename); returns the file size.
 
     A received :class:`~meshfl.wire.TensorMap` is written frame by frame, never gathered first.
     ``reuse`` names a spare pack file to overwrite instead of a new one: its pages are already
     in memory, so writing a model costs a memcpy instead of page allocation.
     """
-    path = Path(path)
     header, offset = [], 0
     for name in tensors:
         dtype, shape, nbytes = _spec(tensors, name)
@@ -67,7 +66,7 @@ def write_pack(path: Path, tensors: Mapping[str, torch.Tensor], reuse: Path | No
         offset += -(-nbytes // _ALIGN) * _ALIGN
     head = orjson.dumps(header)
     data_start = -(-(16 + len(head)) // _ALIGN) * _ALIGN
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = f"{path}.tmp"
     flags = os.O_WRONLY | os.O_CREAT
     if reuse is not None:
         try:
@@ -93,36 +92,36 @@ def write_pack(path: Path, tensors: Mapping[str, torch.Tensor], reuse: Path | No
     return data_start + offset
 
 
-def read_pack(path: Path, shared: bool = False) -> dict[str, torch.Tensor]:
+def read_pack(path: str | Path, shared: bool = False) -> dict[str, torch.Tensor]:
     """Map a pack and return its tensors as views.
 
     By default the mapping is private (copy-on-write: writable, the file stays intact); with
     ``shared`` writes to the tensors go straight into the file, which is how a worker returns a
     trained model in the very pack it received, without a second file or copy.
     """
-    path = Path(path)
+    label = os.path.basename(path)
     try:
         with open(path, "r+b" if shared else "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < 16:
-                raise StoreError(f"pack {path.name} is truncated", code="corrupt")
+                raise StoreError(f"pack {label} is truncated", code="corrupt")
             mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_WRITE if shared else mmap.ACCESS_COPY)
     except FileNotFoundError:
-        raise StoreError(f"pack {path.name} is missing", code="not_found") from None
+        raise StoreError(f"pack {label} is missing", code="not_found") from None
     if mm[:8] != MAGIC:
-        raise StoreError(f"{path.name} is not a tensor pack", code="corrupt")
+        raise StoreError(f"{label} is not a tensor pack", code="corrupt")
     (hlen,) = struct.unpack("<Q", mm[8:16])
     try:
         header = orjson.loads(mm[16 : 16 + hlen])
     except orjson.JSONDecodeError:
-        raise StoreError(f"pack {path.name} has a corrupt header", code="corrupt") from None
+        raise StoreError(f"pack {label} has a corrupt header", code="corrupt") from None
     buf = np.frombuffer(mm, dtype=np.uint8)
     data_start = -(-(16 + hlen) // _ALIGN) * _ALIGN
     out: dict[str, torch.Tensor] = {}
     for name, dtype, shape, off, nbytes in header:
         off += data_start
         if off + nbytes > size:
-            raise StoreError(f"pack {path.name} is truncated", code="corrupt")
+            raise StoreError(f"pack {label} is truncated", code="corrupt")
         dt = DTYPES[dtype]
         if nbytes == 0:
             out[name] = torch.empty(shape, dtype=dt)
@@ -133,46 +132,58 @@ def read_pack(path: Path, shared: bool = False) -> dict[str, torch.Tensor]:
 
 class BlobStore:
     """Pack files in one folder, addressed by name. Deleted packs are kept as spares (a few) and
-    overwritten by the next write, so a node that receives a model every round reuses memory."""
+    overwritten by the next write, so a node that receives a model every round reuses memory.
+    Paths are plain strings: a small round touches its packs several times, and pathlib's
+    parsing showed up in its profile."""
 
     SPARES = 2
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._spares_lock = threading.Lock()
+        self._dir = str(self.folder)
+        self._lock = threading.Lock()
+        # Spare files on disk that no writer holds (a writer takes one out of this list).
+        self._spares = [s for s in map(self._spare, range(self.SPARES)) if os.path.exists(s)]
+        self._taken: set[str] = set()  # spare names handed to writers, not yet renamed away
 
-    def path(self, name: str) -> Path:
+    def path(self, name: str) -> str:
         if not name or "/" in name or name.startswith("."):
             raise StoreError(f"bad blob name {name!r}", code="bad_key")
-        return self.folder / f"{name}.pack"
+        return os.path.join(self._dir, name + ".pack")
 
-    def _spare(self, i: int) -> Path:
-        return self.folder / f".spare{i}"
+    def _spare(self, i: int) -> str:
+        return os.path.join(self._dir, f".spare{i}")
 
     def write(self, name: str, tensors: Mapping[str, torch.Tensor]) -> int:
-        with self._spares_lock:
-            spare = next((self._spare(i) for i in range(self.SPARES) if self._spare(i).exists()), None)
-            if spare is not None:  # claim it: no other writer may reuse the same file
-                claimed = spare.with_name(spare.name + f".{threading.get_ident()}")
-                os.replace(spare, claimed)
-                spare = claimed
-        return write_pack(self.path(name), tensors, reuse=spare)
+        path = self.path(name)
+        with self._lock:
+            spare = self._spares.pop() if self._spares else None
+            if spare is not None:
+                self._taken.add(spare)
+        try:
+            return write_pack(path, tensors, reuse=spare)
+        finally:
+            if spare is not None:
+                with self._lock:
+                    self._taken.discard(spare)
 
     def read(self, name: str, shared: bool = False) -> dict[str, torch.Tensor]:
         return read_pack(self.path(name), shared)
 
     def exists(self, name: str) -> bool:
-        return self.path(name).exists()
+        return os.path.exists(self.path(name))
 
     def delete(self, name: str) -> None:
         path = self.path(name)
-        with self._spares_lock:
-            free = next((self._spare(i) for i in range(self.SPARES) if not self._spare(i).exists()), None)
+        with self._lock:
+            in_use = set(self._spares) | self._taken
+            free = next((s for s in map(self._spare, range(self.SPARES)) if s not in in_use), None)
             try:
                 if free is not None:
                     os.replace(path, free)
+                    self._spares.append(free)
                 else:
-                    path.unlink()
+                    os.unlink(path)
             except FileNotFoundError:
                 pass

@@ -170,5 +170,5 @@ class TaskQueue:
         """Write `task` with `changes` applied; a change also stamps `updated`."""
         if changes:
             task = dataclasses.replace(task, updated=time.time(), **changes)
-        tx.put(self._tasks, task.id, dataclasses.asdict(task))
+        tx.put(self._tasks, task.id, vars(task))  # not asdict(): it deep-copies the payload
         return task
