@@ -486,6 +486,7 @@ def test_outbox_keeps_messages_until_acknowledged(store):
     assert (first.dest, first.envelope) == ("node-a", {"type": "result", "round": 1})
     assert first.buffers == [array.tobytes(), b"", b"\xff\xff\xff"]
     assert all(type(buffer) is bytes for buffer in first.buffers)
+    assert outbox.ack("m3", dest="node-z") is False  # only its addressee acknowledges a message
     assert outbox.ack("m1") is True and outbox.ack("m1") is False
     assert outbox.get("m1") is None
     assert [item.msg_id for item in outbox.pending()] == ["m2", "m3"]

@@ -222,12 +222,14 @@ class Node:
 
     def _on_result_ack(self, msg: Message) -> None:
         task_id = msg.fields["task_id"]
-        item = self.outbox.get(task_id)
-        if item is not None and item.dest == msg.sender:
-            self._atomically(
-                lambda: self.outbox.ack(task_id),
-                lambda: self.audit.append("result.acknowledged", task=task_id, researcher=msg.sender),
-            )
+
+        def ack(tx) -> bool:  # the acknowledgement and its audit record: one commit
+            acked = self.outbox.ack(task_id, dest=msg.sender)
+            if acked:
+                self.audit.append("result.acknowledged", task=task_id, researcher=msg.sender)
+            return acked
+
+        if self.home.store.atomic(ack):
             self._packs.pop(task_id, None)
             self.blobs.delete(task_id)
         return None

@@ -52,12 +52,13 @@ class Outbox:
 
         self._store.atomic(put)
 
-    def ack(self, msg_id: str) -> bool:
-        """Forget a delivered message and its buffers; False when it was not kept."""
+    def ack(self, msg_id: str, dest: str | None = None) -> bool:
+        """Forget a delivered message and its buffers; False when it was not kept (for ``dest``,
+        if given: only its addressee may acknowledge a message)."""
 
         def ack(tx: Tx) -> bool:
             record = tx.get(self._records, msg_id)
-            if record is None:
+            if record is None or (dest is not None and record["dest"] != dest):
                 return False
             tx.delete(self._records, msg_id)
             tx.delete(self._order, seq_key(record["seq"]))
