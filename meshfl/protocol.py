@@ -12,9 +12,11 @@ Training is a durable exchange rather than one long request:
    ``result.chunk`` messages. The researcher asks for a window of chunks at a time, so neither
    ZeroMQ nor the researcher ever buffers more than a window per node (credit flow control).
 
-With secure aggregation, ``secagg.setup`` comes before ``train`` (whose ``secagg`` field names
-the session and carries the members' signed round keys), the result is one masked vector, and
-``secagg.unmask`` follows the round's last result.
+With secure aggregation, ``secagg.setup`` comes just before ``train`` (whose ``secagg`` field
+names the session) and ``secagg.keys`` (the members' signed round keys) follows once every node
+has answered the set-up, so the key exchange runs while the model travels and trains; a node
+waits for the keys only to mask its result, which is one masked vector. ``secagg.unmask``
+follows the round's last result.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ declare("task.cancelled", required={"count": "int"})
 # Secure aggregation (meshfl/secagg, docs/security.md): set-up before ``train``, unmasking after.
 declare("secagg.setup", required={"session": "str", "participants": "list", "threshold": "int", "prg": "str"})
 declare("secagg.key", required={"session": "str", "public": "str", "signature": "str"})
+declare("secagg.keys", required={"session": "str", "keys": "dict"})  # one-way; {} calls the round off
 declare("secagg.unmask", required={"session": "str", "survivors": "list", "dropped": "list"})
 declare("secagg.shares", required={"session": "str", "b": "dict", "s": "dict"})
 

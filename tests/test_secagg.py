@@ -160,19 +160,43 @@ def test_a_node_masks_once_per_round():
 
 
 def test_a_swapped_or_unsigned_round_key_is_refused():
-    r = Round(3, 2)
-    members = sorted(r.sessions)
-    keys = {pid: [r.sessions[pid].key_fields()[k] for k in ("public", "signature")] for pid in members}
+    def fresh():
+        r = Round(3, 2)
+        members = sorted(r.sessions)
+        return r, members, {pid: [r.sessions[pid].key_fields()[k] for k in ("public", "signature")] for pid in members}
+
+    r, members, keys = fresh()
     forged = dict(keys)
     forged[members[1]] = [r.sessions[members[2]].public.hex(), keys[members[1]][1]]  # someone else's key
     with pytest.raises(SecAggError) as info:
         r.sessions[members[0]].set_keys(forged, r.cards.get)
     assert info.value.code == "secagg_protocol"
-    stranger = {k: v for k, v in r.cards.items() if k != members[2]}
-    for step in (lambda s: s.set_keys(keys, stranger.get), lambda s: s.distribute(stranger.get)):
+    with pytest.raises(SecAggError) as info:  # the refusal is final: the task waiting to mask fails
+        r.sessions[members[0]].wait_keys(1.0)
+    assert info.value.code == "secagg_protocol"
+    with pytest.raises(SecAggError) as info:  # one key list per round
+        r.sessions[members[0]].set_keys(keys, r.cards.get)
+    assert info.value.code == "secagg_conflict"
+    for step in (lambda s, k, c: s.set_keys(k, c), lambda s, k, c: s.distribute(c)):
+        r, members, keys = fresh()
+        stranger = {k: v for k, v in r.cards.items() if k != members[2]}
         with pytest.raises(SecAggError) as info:  # no share and no mask for a node it cannot verify
-            step(r.sessions[members[0]])
+            step(r.sessions[members[0]], keys, stranger.get)
         assert info.value.code == "secagg_untrusted_peer" and info.value.details["peers"] == [members[2]]
+
+
+def test_masking_waits_for_the_key_list_and_an_empty_one_calls_the_round_off():
+    r = Round(3, 2)
+    members = sorted(r.sessions)
+    with pytest.raises(SecAggError) as info:  # bounded: no keys, no mask
+        r.sessions[members[0]].wait_keys(0.05)
+    assert info.value.code == "secagg_protocol"
+    with pytest.raises(SecAggError) as info:
+        r.sessions[members[0]].set_keys({}, r.cards.get)
+    assert info.value.code == "secagg_not_enough"
+    with pytest.raises(SecAggError) as info:
+        r.sessions[members[0]].wait_keys(0.05)
+    assert info.value.code == "secagg_not_enough" and "called" in info.value.message
 
 
 def test_too_few_shares_cannot_rebuild_a_secret():

@@ -7,12 +7,13 @@ Knows nothing of nodes, networks or training; everything here is a pure function
 
 from ._box import SEAL_OVERHEAD, open_sealed, seal
 from ._identity import CARD_PREFIX, Identity, PeerCard, peer_id_of, verify_signature
-from ._prg import CHUNK_BYTES, DEFAULT_PRG, PRG_ALGORITHMS, SEED_BYTES, derive_seed, prg_uint32
+from ._prg import CHUNK_BYTES, AegisChunks, DEFAULT_PRG, PRG_ALGORITHMS, SEED_BYTES, derive_seed, prg_uint32
 from ._shamir import shamir_combine, shamir_split
 from ._z85 import z85_decode, z85_encode
 
 __all__ = [
     "CARD_PREFIX",
+    "AegisChunks",
     "CHUNK_BYTES",
     "DEFAULT_PRG",
     "Identity",

@@ -87,6 +87,28 @@ def prg_uint32(seed: bytes, n: int, *, out: np.ndarray | None = None,
     return out
 
 
+class AegisChunks:
+    """AEGIS keystream one chunk at a time, into one reusable buffer with room for the AEAD's
+    32-byte tag after the chunk. Mask code walks a long vector chunk by chunk, for many seeds:
+    going through :func:`prg_uint32` there cost a zeroed scratch buffer and a copy per chunk,
+    more than the keystream itself."""
+
+    def __init__(self) -> None:
+        if not _HAS_AEGIS:
+            raise CryptoError("this libsodium has no AEGIS-256 (PyNaCl >= 1.6 has)", code="unsupported")
+        self._buf = np.empty(CHUNK_BYTES + _TAG_BYTES, dtype=np.uint8)
+        self._ptr = ffi.from_buffer("unsigned char[]", self._buf, require_writable=True)
+
+    def chunk(self, seed: bytes, index: int, nbytes: int = CHUNK_BYTES) -> np.ndarray:
+        """The first ``nbytes`` of keystream chunk ``index`` for ``seed`` (a view, valid until the
+        next call): the same bytes as ``prg_uint32(seed, ...)`` at that chunk."""
+        if len(seed) != SEED_BYTES or not 0 < nbytes <= CHUNK_BYTES:
+            raise CryptoError(f"a {SEED_BYTES}-byte seed and 1..{CHUNK_BYTES} bytes", code="bad_argument")
+        nonce = _NONCE_PREFIX + index.to_bytes(8, "little")
+        lib.crypto_aead_aegis256_encrypt(self._ptr, ffi.NULL, _ZEROS, nbytes, ffi.NULL, 0, ffi.NULL, nonce, seed)
+        return self._buf[:nbytes]
+
+
 def _aegis_keystream(buf, total: int, key: bytes, index: int = 0) -> None:
     scratch = None
     offset = 0

@@ -38,6 +38,8 @@ from ._datasets import DatasetRegistry, public_view
 from ._executor import Executor, TaskFailed
 from ._plans import PlanRegistry
 
+KEYS_TIMEOUT_S = 120.0  # a secure task waits this long after training for the members' keys
+
 _TASK_ID = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
 
 
@@ -383,21 +385,30 @@ class Node:
 
     def _secagg_spec(self, spec: dict, researcher: str) -> dict:
         """The ``secagg`` field of a train request, checked against this node's open session."""
-        keys, parameters = spec.get("keys"), spec.get("parameters")
-        clip, frac_bits, scale = spec.get("clip"), spec.get("frac_bits"), spec.get("weight_scale")
-        if not (isinstance(keys, dict) and _str_list(parameters) and _number(clip) and clip > 0
-                and _integer(frac_bits) and 8 <= frac_bits <= 30 and _integer(scale) and scale > 0
-                and frac_bits_for(len(keys), clip) >= frac_bits):
-            raise MeshflError("secagg needs keys, parameters, weight_scale > 0, clip > 0 and frac_bits "
-                              "that keep the sum of the members' values in range", code="bad_field")
+        parameters, clip = spec.get("parameters"), spec.get("clip")
+        frac_bits, scale = spec.get("frac_bits"), spec.get("weight_scale")
         session = self.secagg.get(str(spec.get("session")), researcher)
-        session.set_keys(keys, self._card_of)
+        if not (_str_list(parameters) and _number(clip) and clip > 0 and _integer(frac_bits)
+                and 8 <= frac_bits <= 30 and _integer(scale) and scale > 0
+                and frac_bits_for(len(session.participants), clip) >= frac_bits):
+            raise MeshflError("secagg needs parameters, weight_scale > 0, clip > 0 and frac_bits "
+                              "that keep the sum of the participants' values in range", code="bad_field")
         return {"session": session.session, "parameters": parameters, "weight_scale": scale,
                 "clip": float(clip), "frac_bits": frac_bits}
+
+    def _on_secagg_keys(self, msg: Message) -> None:
+        """The members' signed round keys: the task of this round masks its result with them."""
+        session = self.secagg.get(msg.fields["session"], msg.sender)
+        try:
+            session.set_keys(msg.fields["keys"], self._card_of)
+        except SecAggError as exc:  # the waiting task fails with this error; nothing to answer
+            self.log.warning("secure round %s: key list refused: %s", session.session, exc.message)
+        return None
 
     def _mask_result(self, task_id: str, spec: dict, result: dict) -> dict:
         """Replace the trained delta in the task's pack by its encoded, masked vector."""
         session = self.secagg.get(spec["session"])
+        session.wait_keys(KEYS_TIMEOUT_S)  # sent once every participant answered the set-up
         delta = self.blobs.read(task_id)
         enc = Encoding.for_state(delta, set(spec["parameters"]), spec["frac_bits"], spec["clip"])
         vector, names = encode_update(delta, result["samples"], spec["weight_scale"], result["metrics"], enc)

@@ -268,7 +268,7 @@ class Experiment:
                 secure = SecureRound(self.researcher, f"{self.id}.r{rnd}.a{self.attempt}", nodes, self.global_state,
                                      [n for n, _ in self.model.named_parameters()],
                                      max(self._holders[n] for n in nodes), self.secagg)
-                nodes = secure.setup(failed)
+                secure.start()
             except MeshflError as exc:
                 raise RoundFailed(f"round {rnd}: {exc.message}", details=self._failure_details(failed, [])) from None
         tasks = {f"{self.id}.r{rnd}.a{self.attempt}.{n}": n for n in nodes}
@@ -282,6 +282,11 @@ class Experiment:
         deadline = started + self.round_timeout
         try:
             self._send_tasks(rnd, tasks, args, inbox, deadline, secure.train_fields() if secure else None)
+            if secure is not None:  # the key exchange ran while the model travelled
+                try:
+                    secure.exchange_keys(failed)
+                except MeshflError as exc:
+                    raise RoundFailed(f"round {rnd}: {exc.message}", details=self._failure_details(failed, [])) from None
             contributed = self._collect(tasks, inbox, failed, deadline, sink, layout)
         finally:
             self.researcher._route(tasks, None)
@@ -384,8 +389,8 @@ class Experiment:
                 _, tid, fut = msg
                 error = fut.exception()
                 if error is not None and tid in waiting:  # refused or unreachable: no result will come
-                    failed[waiting.pop(tid)] = error.to_wire() if isinstance(error, MeshflError) else {
-                        "code": "internal", "message": str(error)}
+                    failed.setdefault(waiting.pop(tid), error.to_wire() if isinstance(error, MeshflError) else {
+                        "code": "internal", "message": str(error)})
             elif msg is not None and msg.type == "train.done":
                 tid = msg.fields["task_id"]
                 node = waiting.pop(tid, None)
@@ -394,8 +399,8 @@ class Experiment:
                         self.researcher.send(msg.sender, Message("result.ack", {"task_id": tid}))
                     continue
                 f = msg.fields
-                if not f["ok"]:
-                    failed[node] = f.get("error", {"code": "failed", "message": "no detail"})
+                if not f["ok"]:  # (a node that failed the secure set-up keeps that first error)
+                    failed.setdefault(node, f.get("error", {"code": "failed", "message": "no detail"}))
                     self._ack(node, tid, done_ids)
                 elif f.get("inline"):
                     self._take(sink, msg.tensors, f, node, contributed, failed)

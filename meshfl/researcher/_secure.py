@@ -1,4 +1,4 @@
-"""The researcher's side of one secure-aggregation round: set-up before training, unmasking after.
+"""The researcher's side of one secure-aggregation round: set-up beside training, unmasking after.
 
 :class:`SecureRound` talks to the nodes (request/reply through the Researcher) and keeps what the
 researcher may know: the signed round keys, who took part at each step, the masked sum. The
@@ -72,9 +72,14 @@ class SecureRound:
         self.members: list[str] = []
         self.sum = MaskedSum(self.encoding)
         self.seconds: dict[str, float] = {}  # time spent in set-up and unmasking, for the history
+        self._setup: dict = {}  # node -> future of its set-up answer
+        self._started = 0.0
 
     def _ask_all(self, nodes, make, failed: dict) -> dict[str, Message]:
-        futures = {n: self.researcher.request(n, make(n), SETUP_TIMEOUT_S) for n in nodes}
+        return self._answers({n: self.researcher.request(n, make(n), SETUP_TIMEOUT_S) for n in nodes}, failed)
+
+    @staticmethod
+    def _answers(futures: dict, failed: dict) -> dict[str, Message]:
         replies = {}
         for node, fut in futures.items():
             try:
@@ -83,18 +88,23 @@ class SecureRound:
                 failed[node] = exc.to_wire()
         return replies
 
-    def setup(self, failed: dict) -> list[str]:
-        """One round trip: every node makes its round secrets, seals their shares to the other
-        participants (we relay them) and answers with its signed round key. The nodes that
-        answered are the round's members."""
-        started = time.monotonic()
+    def start(self) -> None:
+        """Ask every node to open the round: make its round secrets, seal their shares to the other
+        participants (we relay them) and answer with its signed round key. Does not wait: the
+        train requests go out next, and :meth:`exchange_keys` collects the answers."""
+        self._started = time.monotonic()
         try:
             check_threshold(self.threshold, len(self.nodes))
         except SecAggError as exc:
             raise SecAggError(f"secure aggregation over {len(self.nodes)} nodes: {exc.message}", code=exc.code) from None
         fields = {"session": self.session, "participants": self.nodes, "threshold": self.threshold, "prg": self.prg}
-        replies = self._ask_all(self.nodes, lambda n: Message("secagg.setup", fields), failed)
-        for node, reply in replies.items():
+        self._setup = {n: self.researcher.request(n, Message("secagg.setup", fields), SETUP_TIMEOUT_S)
+                       for n in self.nodes}
+
+    def exchange_keys(self, failed: dict) -> list[str]:
+        """Wait for the set-up answers; the nodes that answered are the round's members, and every
+        participant gets their signed keys (an empty list if too few answered: the round is off)."""
+        for node, reply in self._answers(self._setup, failed).items():
             try:
                 key = bytes.fromhex(reply.fields["public"])
             except ValueError:
@@ -104,15 +114,22 @@ class SecureRound:
                 continue
             self.keys[node] = key
             self.signed_keys[node] = [reply.fields["public"], reply.fields["signature"]]
+        enough = len(self.keys) >= self.threshold
+        keys = Message("secagg.keys", {"session": self.session, "keys": self.signed_keys if enough else {}})
+        for node in self.nodes:
+            try:
+                self.researcher.send(node, keys)
+            except MeshflError as exc:
+                failed.setdefault(node, exc.to_wire())
         self._need(len(self.keys), "completed the key exchange")
         self.members = sorted(self.keys)
-        self.seconds["setup"] = round(time.monotonic() - started, 4)
+        self.seconds["setup"] = round(time.monotonic() - self._started, 4)
         return self.members
 
     def train_fields(self) -> dict:
-        """The ``secagg`` field of this round's ``train`` requests."""
-        return {"session": self.session, "keys": self.signed_keys, "parameters": self.parameters,
-                "weight_scale": self.weight_scale, "clip": self.encoding.clip, "frac_bits": self.encoding.frac_bits}
+        """The ``secagg`` field of this round's ``train`` requests (the keys follow separately)."""
+        return {"session": self.session, "parameters": self.parameters, "weight_scale": self.weight_scale,
+                "clip": self.encoding.clip, "frac_bits": self.encoding.frac_bits}
 
     def finish(self, survivors: list[str], failed: dict) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
         """Unmask the sum of the survivors' vectors: (mean delta per tensor, samples, mean metric slots)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from nacl.bindings import crypto_scalarmult
 
-from ..crypto import CHUNK_BYTES, derive_seed, prg_uint32
+from ..crypto import CHUNK_BYTES, SEED_BYTES, AegisChunks, derive_seed, prg_uint32
 from ._fixed import SecAggError
 
 
@@ -47,22 +47,27 @@ class Masker:
 
     :meth:`apply_all` walks the vector one keystream chunk (256 KiB) at a time and adds every
     seed's chunk while the block is in cache: one pass over the vector's memory for all its masks.
+    (ChaCha20 cannot start mid-stream, so with it each mask is made whole, in one scratch vector.)
     """
 
     def __init__(self, nbytes: int, boundary: int, algorithm: str) -> None:
         self.nbytes, self.boundary, self.algorithm = nbytes, boundary, algorithm
-        block = CHUNK_BYTES if algorithm == "aegis256" else nbytes  # only AEGIS can start mid-stream
-        self._scratch = np.empty(max(8, min(nbytes, block)), dtype=np.uint8)
 
     def apply_all(self, vector: np.ndarray, masks: list[tuple[bytes, int]]) -> None:
         """``vector += sum(sign * PRG(seed))`` over ``masks`` [(seed, +1 | -1), ...]."""
         if vector.dtype != np.uint8 or vector.size != self.nbytes or not vector.flags.c_contiguous:
             raise SecAggError(f"a masked vector is {self.nbytes} contiguous bytes", code="secagg_protocol")
-        step = self._scratch.size
-        for chunk, start in enumerate(range(0, self.nbytes, step)):
-            block = vector[start : start + step]
-            scratch = self._scratch[: block.size]
-            for seed, sign in masks:
-                prg_uint32(seed, block.size // 4, out=scratch.view(np.uint32), algorithm=self.algorithm,
-                           first_chunk=chunk if self.algorithm == "aegis256" else 0)
-                ring_apply(np.add if sign > 0 else np.subtract, block, scratch, start, self.boundary)
+        masks = [(bytes(seed), np.add if sign > 0 else np.subtract) for seed, sign in masks]
+        if any(len(seed) != SEED_BYTES for seed, _ in masks):
+            raise SecAggError(f"mask seeds are {SEED_BYTES} bytes", code="secagg_protocol")
+        if self.algorithm != "aegis256":
+            scratch = np.empty(self.nbytes, dtype=np.uint8)
+            for seed, op in masks:
+                prg_uint32(seed, self.nbytes // 4, out=scratch.view(np.uint32), algorithm=self.algorithm)
+                ring_apply(op, vector, scratch, 0, self.boundary)
+            return
+        stream = AegisChunks()
+        for chunk, start in enumerate(range(0, self.nbytes, CHUNK_BYTES)):
+            block = vector[start : start + CHUNK_BYTES]
+            for seed, op in masks:
+                ring_apply(op, block, stream.chunk(seed, chunk, block.size), start, self.boundary)

@@ -92,6 +92,8 @@ class NodeSession:
         self.held: dict[str, tuple[int, bytes, bytes]] = {}  # owner -> (x, round-key share, self-seed share)
         self.members: tuple[str, ...] | None = None  # who this node masked with
         self.revealed: tuple[str, ...] | None = None  # the survivors it revealed for
+        self._keys_known = threading.Event()  # set_keys succeeded, or the key list was refused
+        self._keys_error: SecAggError | None = None
 
     def key_fields(self) -> dict:
         """The signed round key for the researcher to pass on."""
@@ -121,7 +123,30 @@ class NodeSession:
         """Take the members' signed round keys (the researcher passes them on); check each signature.
 
         The members are the participants whose keys the researcher got: this node masks with them.
+        An empty list means the researcher called the round off. Either way :meth:`wait_keys`
+        returns (or raises) from now on.
         """
+        if self._keys_known.is_set():
+            raise SecAggError("the members' keys of this round came already", code="secagg_conflict")
+        try:
+            self._set_keys(keys, card_of)
+        except SecAggError as exc:
+            self._keys_error = exc
+            raise
+        finally:
+            self._keys_known.set()
+
+    def wait_keys(self, timeout: float) -> None:
+        """Block until the members' keys are in (the task trains meanwhile); raise if they were
+        refused or did not come in time."""
+        if not self._keys_known.wait(timeout):
+            raise SecAggError(f"the members' round keys did not arrive within {timeout:g} s", code="secagg_protocol")
+        if self._keys_error is not None:
+            raise SecAggError(self._keys_error.message, code=self._keys_error.code)
+
+    def _set_keys(self, keys: Mapping[str, list], card_of: Callable[[str], PeerCard | None]) -> None:
+        if isinstance(keys, Mapping) and not keys:
+            raise SecAggError("the researcher called this secure round off", code="secagg_not_enough")
         if not isinstance(keys, Mapping) or not set(keys) <= self.participants or self.me not in keys:
             raise SecAggError("the key list must name participants, this node among them", code="secagg_protocol")
         if len(keys) < self.threshold:
@@ -144,8 +169,6 @@ class NodeSession:
                 except CryptoError:
                     raise SecAggError(f"the round key of {pid} is not signed by it", code="secagg_protocol") from None
             verified[pid] = public
-        if self.keys and self.keys != verified:
-            raise SecAggError("this round's members were already fixed differently", code="secagg_conflict")
         self.keys = verified
 
     def receive_share(self, owner: str, payload: Mapping) -> None:
