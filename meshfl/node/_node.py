@@ -413,6 +413,8 @@ class Node:
         enc = Encoding.for_state(delta, set(spec["parameters"]), spec["frac_bits"], spec["clip"])
         vector, names = encode_update(delta, result["samples"], spec["weight_scale"], result["metrics"], enc)
         del delta
+        self.blobs.delete(task_id)  # recycled as a spare: writing a new file would make every fsync
+        # on this disk (ext4 data=ordered) wait for its fresh blocks to reach the disk first
         session.mask(vector, enc.boundary)
         self.blobs.write(task_id, {VECTOR: torch.from_numpy(vector.view(np.int32))})
         return {"ok": True, "metric_names": names, "duration": result["duration"]}
