@@ -3,7 +3,7 @@
 
 K real node processes (CURVE, LMDB, warm workers) and tools/bench_round_plan.py's DeltaPlan (no
 real training: this measures the protocol). Plain FedAvg rounds and secure rounds (key exchange,
-shares sealed over the overlay and relayed by the researcher, masked uint64 vectors, unmasking)
+shares sealed over the overlay and relayed by the researcher, masked vectors, unmasking)
 alternate, so machine noise hits both alike; the first round of each is a warm-up. Prints JSON:
 median round time of each and their ratio.
 
