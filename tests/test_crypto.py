@@ -444,9 +444,9 @@ def test_prg_prefix_consistent_across_chunk_boundaries(n):
 
 def test_prg_matches_libsodium_directly():
     seed = hashlib.sha256(b"kat").digest()
-    if "aegis256" in PRG_ALGORITHMS:
+    if "aegis128l" in PRG_ALGORITHMS:
         nonce = _prg._NONCE_PREFIX + (1).to_bytes(8, "little")
-        boxed = nacl.bindings.crypto_aead_aegis256_encrypt(bytes(CHUNK_BYTES), None, nonce, seed)
+        boxed = nacl.bindings.crypto_aead_aegis128l_encrypt(bytes(CHUNK_BYTES), None, nonce, seed[:16])
         expect = boxed[:CHUNK_BYTES]  # drop the tag
         got = prg_uint32(seed, 2 * _WORDS_PER_CHUNK)[_WORDS_PER_CHUNK:]
         assert got.tobytes() == expect

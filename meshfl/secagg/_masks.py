@@ -60,7 +60,7 @@ class Masker:
         masks = [(bytes(seed), np.add if sign > 0 else np.subtract) for seed, sign in masks]
         if any(len(seed) != SEED_BYTES for seed, _ in masks):
             raise SecAggError(f"mask seeds are {SEED_BYTES} bytes", code="secagg_protocol")
-        if self.algorithm != "aegis256":
+        if self.algorithm != "aegis128l":
             scratch = np.empty(self.nbytes, dtype=np.uint8)
             for seed, op in masks:
                 prg_uint32(seed, self.nbytes // 4, out=scratch.view(np.uint32), algorithm=self.algorithm)
