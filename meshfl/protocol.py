@@ -13,10 +13,10 @@ Training is a durable exchange rather than one long request:
    ZeroMQ nor the researcher ever buffers more than a window per node (credit flow control).
 
 With secure aggregation, ``secagg.setup`` comes just before ``train`` (whose ``secagg`` field
-names the session) and ``secagg.keys`` (the members' signed round keys) follows once every node
-has answered the set-up, so the key exchange runs while the model travels and trains; a node
-waits for the keys only to mask its result, which is one masked vector. ``secagg.unmask``
-follows the round's last result.
+names the session) and ``secagg.keys`` (the members' signed round keys, and the shares sealed to
+this node) follows once every node has answered the set-up, so the key exchange runs while the
+model travels and trains; a node waits for the keys only to mask its result, which is one masked
+vector. ``secagg.unmask`` follows the round's last result.
 """
 
 from __future__ import annotations
@@ -69,8 +69,12 @@ declare("task.cancelled", required={"count": "int"})
 
 # Secure aggregation (meshfl/secagg, docs/security.md): set-up before ``train``, unmasking after.
 declare("secagg.setup", required={"session": "str", "participants": "list", "threshold": "int", "prg": "str"})
-declare("secagg.key", required={"session": "str", "public": "str", "signature": "str"})
-declare("secagg.keys", required={"session": "str", "keys": "dict"})  # one-way; {} calls the round off
+# The nodes' sealed shares ride along in bulk (overlay.bundle): headers in ``shares``, sealed
+# bytes as tensors ``share.i``; the researcher passes each node those addressed to it.
+declare("secagg.key", required={"session": "str", "public": "str", "signature": "str"},
+        optional={"shares": "list"}, tensors=True)
+declare("secagg.keys", required={"session": "str", "keys": "dict"},  # one-way; {} calls the round off
+        optional={"shares": "list"}, tensors=True)
 declare("secagg.unmask", required={"session": "str", "survivors": "list", "dropped": "list"})
 declare("secagg.shares", required={"session": "str", "b": "dict", "s": "dict"})
 

@@ -10,7 +10,7 @@ import torch
 
 from meshfl.crypto import open_sealed
 from meshfl.errors import CryptoError
-from meshfl.overlay import Overlay, header_bytes
+from meshfl.overlay import Overlay, OverlayRejected, bundle, header_bytes, unbundle
 from meshfl.testing import PeerMesh
 from meshfl.wire import Message
 
@@ -136,3 +136,33 @@ def test_direct_link_is_used_when_there_is_one():
         overlays[1].send(b.peer_id, {"n": 1})  # no relay named: it must go direct
         assert wait_until(lambda: inboxes[2].accepted)
         assert inboxes[2].accepted == [(a.peer_id, {"n": 1})] and relayed == []
+
+
+def test_a_bundle_of_sealed_messages_carried_in_another_message_keeps_every_check():
+    """Secure aggregation carries shares in bulk inside its own messages: the carrier (the
+    researcher) still sees ciphertext only, and tampering, replays and misdelivery are refused."""
+    with PeerMesh(3) as mesh:
+        (hub_ov, a_ov, b_ov), (_, _, b_box) = _attach(mesh)
+        hub, a, b = mesh.peers
+        sealed = [a_ov.seal(b.peer_id, {"n": i, "secret": SECRET}) for i in range(3)]
+        headers, tensors = bundle(sealed, "share")
+        carried = Message("carrier", {"shares": headers}, tensors)  # what the hub passes on, unread
+        assert all(SECRET.encode() not in t.numpy().tobytes() for t in carried.tensors.values())
+        forged = carried.tensors["share.1"].clone()
+        forged[-1] ^= 1
+        envelopes = unbundle(headers, {**carried.tensors, "share.1": forged}, "share")
+        outcomes = []
+        for envelope in envelopes + envelopes[:1]:  # the first once more: a replay
+            try:
+                b_ov.accept(envelope)
+                outcomes.append("ok")
+            except OverlayRejected as exc:
+                outcomes.append(exc.code)
+        assert outcomes == ["ok", "bad_signature", "ok", "replayed"]
+        assert [p["n"] for _, p in b_box.accepted] == [0, 2]
+        assert b_box.rejected == [(a.peer_id, "bad_signature"), (a.peer_id, "replayed")]
+        with pytest.raises(OverlayRejected) as info:  # addressed to b: nobody else opens it
+            hub_ov.accept(unbundle(headers, tensors, "share")[2])
+        assert info.value.code == "bad_overlay"
+        with pytest.raises(OverlayRejected):
+            unbundle([["only", "three", "fields"]], tensors, "share")

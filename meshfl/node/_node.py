@@ -27,7 +27,7 @@ import torch
 from .. import __version__
 from ..errors import MeshflError
 from ..home import Home
-from ..overlay import Overlay
+from ..overlay import Overlay, OverlayRejected, bundle, unbundle
 from ..protocol import CHUNK_BYTES, INLINE_RESULT_BYTES, chunk_plan
 from ..secagg import VECTOR, Encoding, NodeSession, NodeSessions, SecAggError, encode_update, frac_bits_for
 from ..store import Outbox, TaskQueue
@@ -350,18 +350,17 @@ class Node:
 
     # ------------------------------------------------------------------ secure aggregation
     def _on_secagg_setup(self, msg: Message) -> Message:
-        """Open a round: make its secrets, seal their shares to the other participants (the
-        researcher relays ciphertext), answer with the signed round key."""
+        """Open a round: make its secrets, seal their shares to the other participants, answer
+        with the signed round key and the sealed shares (the researcher passes them on)."""
         f = msg.fields
         participants = [str(p) for p in f["participants"]]
         session = NodeSession(self.home.identity, f["session"], msg.sender, participants, f["threshold"], f["prg"])
-        shares = session.distribute(self._card_of)
+        sealed = [self.overlay.seal(dest, payload) for dest, payload in session.distribute(self._card_of)]
         self.secagg.open(session)
-        for dest, payload in shares:
-            self.overlay.send(dest, payload, via=msg.sender)
         self.audit.append("secagg.setup", session=f["session"], researcher=msg.sender,
                           participants=len(participants), threshold=f["threshold"])
-        return Message("secagg.key", {"session": f["session"], **session.key_fields()})
+        headers, tensors = bundle(sealed, "share")
+        return Message("secagg.key", {"session": f["session"], **session.key_fields(), "shares": headers}, tensors)
 
     def _card_of(self, peer_id: str):
         entry = self.peer.trust_table.get(peer_id)
@@ -397,8 +396,23 @@ class Node:
                 "clip": float(clip), "frac_bits": frac_bits}
 
     def _on_secagg_keys(self, msg: Message) -> None:
-        """The members' signed round keys: the task of this round masks its result with them."""
+        """The members' signed round keys and their shares for this node: the task of this round
+        masks its result with the keys. A share that does not check out is refused and audited
+        (the overlay's checks); the others still count."""
         session = self.secagg.get(msg.fields["session"], msg.sender)
+        try:
+            envelopes = unbundle(msg.fields.get("shares", []), msg.tensors, "share")
+        except OverlayRejected as exc:
+            envelopes = []
+            self._on_overlay_reject(msg.sender, exc.code, exc.message)
+        for envelope in envelopes:
+            try:
+                self.overlay.accept(envelope)
+            except OverlayRejected:
+                pass  # logged and audited by the overlay
+            except MeshflError as exc:
+                self.log.warning("secure round %s: share from %s refused: %s", session.session,
+                                 envelope.fields["src"], exc.message)
         try:
             session.set_keys(msg.fields["keys"], self._card_of)
         except SecAggError as exc:  # the waiting task fails with this error; nothing to answer

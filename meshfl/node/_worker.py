@@ -132,7 +132,7 @@ def run_job(job: dict) -> dict:
         raise ValueError("the plan changed the model's tensor names, shapes or dtypes during training")
     for name, tensor in state.items():
         if job.get("delta") and tensor.dtype != torch.bool:  # secure aggregation masks the change
-            pack[name].neg_().add_(tensor.detach().to(pack[name].device))
+            torch.sub(tensor.detach().to(pack[name].device), pack[name], out=pack[name])
         else:
             pack[name].copy_(tensor.detach())
     return {

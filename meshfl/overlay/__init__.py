@@ -14,7 +14,8 @@ whose expiry has passed. Ids are remembered until their expiry, and an expiry mo
 :data:`MAX_TTL` ahead is refused, so that memory stays bounded.
 
 Only one hop: a relay forwards only messages that came straight from their source, so no message
-can loop. Not durable: the overlay carries short-lived protocol messages (secure-aggregation
+can loop. A protocol may also carry sealed messages in bulk inside its own messages
+(:func:`bundle`, :func:`unbundle`); :meth:`Overlay.accept` checks each as if it came alone. Not durable: the overlay carries short-lived protocol messages (secure-aggregation
 shares) whose senders give up on a round rather than queue for it; the replay memory is lost with
 a restart, which the short expiry bounds.
 """
@@ -87,30 +88,43 @@ class Overlay:
         peer.route("overlay", self.handle)
 
     # ------------------------------------------------------------------ sending
-    def send(self, dest: str, payload: dict, via: str | None = None) -> None:
-        """Seal ``payload`` for ``dest`` and send it: directly if linked, else through ``via``."""
+    def seal(self, dest: str, payload: dict) -> Message:
+        """``payload`` sealed for ``dest`` as an ``overlay`` message, not sent: :meth:`send` sends
+        one; a protocol may also carry several in bulk (:func:`bundle`)."""
         entry = self.peer.trust_table.get(dest)
         if entry is None:
             raise NotTrusted(f"cannot seal for {dest}: its card is not trusted here")
         src, oid, exp = self.peer.peer_id, new_id(), round(self._clock() + self._ttl, 3)
         sealed = seal(self.peer.identity, entry.card, orjson.dumps(payload), header_bytes(src, dest, oid, exp))
-        msg = Message(
+        return Message(
             "overlay",
             {"src": src, "dst": dest, "oid": oid, "exp": exp},
             {"sealed": torch.frombuffer(bytearray(sealed), dtype=torch.uint8)},
         )
+
+    def send(self, dest: str, payload: dict, via: str | None = None) -> None:
+        """Seal ``payload`` for ``dest`` and send it: directly if linked, else through ``via``."""
+        msg = self.seal(dest, payload)
         hop = dest if self.peer.is_online(dest) else via
         if hop is None:
-            raise PeerUnavailable(f"no link to {entry.card.name} and no relay given")
+            raise PeerUnavailable(f"no link to {dest} and no relay given")
         self.peer.send(hop, msg)
 
     # ------------------------------------------------------------------ receiving
     def handle(self, msg: Message) -> None:
         """The peer's handler for ``overlay`` messages: open what is ours, relay the rest."""
-        f = msg.fields
-        if f["dst"] != self.peer.peer_id:
+        if msg.fields["dst"] != self.peer.peer_id:
             return self._relay(msg)
+        self.accept(msg)
+        return None
+
+    def accept(self, msg: Message) -> None:
+        """Open an overlay message addressed to us, however it came, and pass its payload on;
+        :class:`OverlayRejected` (reported to ``on_reject`` first) if it does not check out."""
+        f = msg.fields
         try:
+            if f["dst"] != self.peer.peer_id:
+                raise OverlayRejected(f"message {f['oid']} is for {f['dst']}, not us", code="bad_overlay")
             payload = self._open(msg)
         except OverlayRejected as exc:
             log.warning("[%s] overlay message from %s rejected: %s", self.peer.name, f["src"], exc)
@@ -118,7 +132,6 @@ class Overlay:
                 self._on_reject(f["src"], exc.code, exc.message)
             raise
         self._on_message(f["src"], payload)
-        return None
 
     def _relay(self, msg: Message) -> None:
         f = msg.fields
@@ -164,4 +177,28 @@ class Overlay:
         return payload
 
 
-__all__ = ["DEFAULT_TTL", "MAX_TTL", "Overlay", "OverlayRejected", "header_bytes"]
+_HEADER_KEYS = ("src", "dst", "oid", "exp")
+
+
+def bundle(messages: list[Message], prefix: str) -> tuple[list[list], dict[str, torch.Tensor]]:
+    """Sealed overlay messages as one field (their headers) and tensors ``prefix.i`` (their
+    sealed bytes), to ride inside another message: a relay carrying many at once."""
+    headers = [[m.fields[k] for k in _HEADER_KEYS] for m in messages]
+    return headers, {f"{prefix}.{i}": m.tensors["sealed"] for i, m in enumerate(messages)}
+
+
+def unbundle(headers, tensors, prefix: str) -> list[Message]:
+    """The overlay messages of :func:`bundle` back (shape only: :meth:`Overlay.accept` checks them)."""
+    if not isinstance(headers, list):
+        raise OverlayRejected("a bundle's headers are a list", code="bad_overlay")
+    out = []
+    for i, header in enumerate(headers):
+        sealed = tensors.get(f"{prefix}.{i}") if f"{prefix}.{i}" in tensors else None
+        if not (isinstance(header, list) and len(header) == 4 and all(isinstance(v, str) for v in header[:3])
+                and isinstance(header[3], (int, float)) and not isinstance(header[3], bool) and sealed is not None):
+            raise OverlayRejected(f"bundled overlay message {i} is malformed", code="bad_overlay")
+        out.append(Message("overlay", dict(zip(_HEADER_KEYS, header)), {"sealed": sealed}))
+    return out
+
+
+__all__ = ["DEFAULT_TTL", "MAX_TTL", "Overlay", "OverlayRejected", "bundle", "header_bytes", "unbundle"]

@@ -16,6 +16,7 @@ import torch
 
 from ..crypto import DEFAULT_PRG
 from ..errors import MeshflError
+from ..overlay import OverlayRejected, bundle, unbundle
 from ..secagg import (
     DEFAULT_CLIP,
     METRIC_SLOTS,
@@ -90,7 +91,7 @@ class SecureRound:
 
     def start(self) -> None:
         """Ask every node to open the round: make its round secrets, seal their shares to the other
-        participants (we relay them) and answer with its signed round key. Does not wait: the
+        participants and answer with its signed round key and those shares. Does not wait: the
         train requests go out next, and :meth:`exchange_keys` collects the answers."""
         self._started = time.monotonic()
         try:
@@ -103,22 +104,29 @@ class SecureRound:
 
     def exchange_keys(self, failed: dict) -> list[str]:
         """Wait for the set-up answers; the nodes that answered are the round's members, and every
-        participant gets their signed keys (an empty list if too few answered: the round is off)."""
+        participant gets their signed keys (an empty list if too few answered: the round is off)
+        with the members' shares sealed to it, which we pass on unread."""
+        shares: dict[str, list[Message]] = {n: [] for n in self.nodes}  # recipient -> sealed shares
         for node, reply in self._answers(self._setup, failed).items():
             try:
                 key = bytes.fromhex(reply.fields["public"])
-            except ValueError:
-                key = b""
-            if len(key) != 32:
-                failed[node] = {"code": "secagg_protocol", "message": "a round key is 32 bytes of hex"}
+                sealed = unbundle(reply.fields.get("shares", []), reply.tensors, "share")
+            except (ValueError, OverlayRejected):
+                key, sealed = b"", []
+            if len(key) != 32 or any(m.fields["src"] != node or m.fields["dst"] not in shares for m in sealed):
+                failed[node] = {"code": "secagg_protocol", "message": "a set-up answer needs a 32-byte round key "
+                                "and shares from its sender to participants"}
                 continue
             self.keys[node] = key
             self.signed_keys[node] = [reply.fields["public"], reply.fields["signature"]]
+            for m in sealed:
+                shares[m.fields["dst"]].append(m)
         enough = len(self.keys) >= self.threshold
-        keys = Message("secagg.keys", {"session": self.session, "keys": self.signed_keys if enough else {}})
         for node in self.nodes:
+            headers, tensors = bundle(shares[node] if enough else [], "share")
+            fields = {"session": self.session, "keys": self.signed_keys if enough else {}, "shares": headers}
             try:
-                self.researcher.send(node, keys)
+                self.researcher.send(node, Message("secagg.keys", fields, tensors))
             except MeshflError as exc:
                 failed.setdefault(node, exc.to_wire())
         self._need(len(self.keys), "completed the key exchange")
