@@ -245,6 +245,17 @@ def test_fixed_point_sum_matches_the_weighted_mean_within_the_documented_bound(s
     assert abs(slots[1] - exact_loss) <= k * 2.0**-21 * weight_scale / n_total * (1 + 1e-6)
 
 
+def test_encoding_into_a_used_buffer_gives_the_same_bytes():
+    """A node encodes into its result's pack file, which holds an old model: nothing of it may stay."""
+    state = {"w": torch.randn(7), "running_mean": torch.randn(3)}  # 7 words: 4 bytes of padding
+    enc = Encoding.for_state(state, {"w"}, frac_bits_for(4, 8.0))
+    fresh, names = encode_update(state, 10, 20, {"loss": 0.5}, enc)
+    used = np.full(enc.nbytes, 0xAB, dtype=np.uint8)
+    again, names_again = encode_update(state, 10, 20, {"loss": 0.5}, enc, out=used)
+    assert again is used and np.array_equal(used, fresh) and names_again == names
+    assert enc.boundary > 4 * 7 and not used[4 * 7 : enc.boundary].any()
+
+
 def test_values_beyond_the_range_are_refused_or_clipped_never_wrapped():
     state = {"w": torch.zeros(4)}
     enc = Encoding.for_state(state, {"w"}, frac_bits_for(8, 8.0), clip=8.0)

@@ -201,3 +201,25 @@ def test_tensor_packs_round_trip_and_reject_corruption(tmp_path):
         blobs.read("m")
     with pytest.raises(StoreError):
         blobs.read("missing")
+
+
+def test_a_pack_filled_in_place_replaces_the_old_one_and_files_are_recycled(tmp_path):
+    import os
+
+    from meshfl.store.blobs import BlobStore
+
+    blobs = BlobStore(tmp_path)
+    blobs.write("task", {"w": torch.ones(1000)})
+    old_inode = os.stat(blobs.path("task")).st_ino
+    reader = blobs.read("task")  # still readable while the new pack is filled
+    packed, commit = blobs.allocate("task", {"v": (torch.int32, (10,))})
+    packed["v"].copy_(torch.arange(10, dtype=torch.int32))
+    assert torch.equal(blobs.read("task")["w"], torch.ones(1000))  # not in place before commit
+    assert torch.equal(reader["w"], torch.ones(1000))
+    del reader, packed
+    commit()
+    assert torch.equal(blobs.read("task")["v"], torch.arange(10, dtype=torch.int32))
+    # The replaced file is kept as a spare and the next write reuses it (no fresh file).
+    blobs.write("next", {"x": torch.zeros(5)})
+    assert os.stat(blobs.path("next")).st_ino == old_inode
+    assert sorted(os.listdir(tmp_path)) == ["next.pack", "task.pack"]  # no temporary left behind

@@ -72,7 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=float, default=1e6, help="P, float32 parameters (default 1e6)")
     ap.add_argument("--nodes", type=int, default=8, help="K node processes (default 8)")
-    ap.add_argument("--rounds", type=int, default=10, help="timed rounds of each kind, after one warm-up")
+    ap.add_argument("--rounds", type=int, default=20, help="timed rounds of each kind, after one warm-up (default 20)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="meshfl-bench-secagg-"))
     try:

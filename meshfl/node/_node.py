@@ -425,12 +425,13 @@ class Node:
         session.wait_keys(KEYS_TIMEOUT_S)  # sent once every participant answered the set-up
         delta = self.blobs.read(task_id)
         enc = Encoding.for_state(delta, set(spec["parameters"]), spec["frac_bits"], spec["clip"])
-        vector, names = encode_update(delta, result["samples"], spec["weight_scale"], result["metrics"], enc)
-        del delta
-        self.blobs.delete(task_id)  # recycled as a spare: writing a new file would make every fsync
-        # on this disk (ext4 data=ordered) wait for its fresh blocks to reach the disk first
+        packed, commit = self.blobs.allocate(task_id, {VECTOR: (torch.int32, (enc.nbytes // 4,))})
+        vector = packed[VECTOR].numpy().view(np.uint8)  # encoded and masked in the result's file
+        _, names = encode_update(delta, result["samples"], spec["weight_scale"], result["metrics"], enc, out=vector)
+        del delta  # its file becomes a spare at commit()
         session.mask(vector, enc.boundary)
-        self.blobs.write(task_id, {VECTOR: torch.from_numpy(vector.view(np.int32))})
+        del packed, vector
+        commit()
         return {"ok": True, "metric_names": names, "duration": result["duration"]}
 
     def _atomically(self, *steps) -> None:

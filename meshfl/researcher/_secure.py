@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import as_completed
 from typing import Mapping
 
 import numpy as np
@@ -75,9 +76,6 @@ class SecureRound:
         self.seconds: dict[str, float] = {}  # time spent in set-up and unmasking, for the history
         self._setup: dict = {}  # node -> future of its set-up answer
         self._started = 0.0
-
-    def _ask_all(self, nodes, make, failed: dict) -> dict[str, Message]:
-        return self._answers({n: self.researcher.request(n, make(n), SETUP_TIMEOUT_S) for n in nodes}, failed)
 
     @staticmethod
     def _answers(futures: dict, failed: dict) -> dict[str, Message]:
@@ -146,10 +144,21 @@ class SecureRound:
         dropped = [n for n in self.members if n not in survivors]
         self._need(len(survivors), "sent masked updates", unmasked=False)
         fields = {"session": self.session, "survivors": survivors, "dropped": dropped}
-        replies = self._ask_all(survivors, lambda n: Message("secagg.unmask", fields), failed)
-        self._need(len(replies), "answered the unmasking request", unmasked=False)
+        futures = {self.researcher.request(n, Message("secagg.unmask", fields), SETUP_TIMEOUT_S): n
+                   for n in survivors}
+        reveals: list[dict] = []
+        for fut in as_completed(futures):  # t shares of each secret suffice: the slowest need not answer
+            try:
+                reply = fut.result()
+            except MeshflError as exc:
+                failed[futures[fut]] = exc.to_wire()
+                continue
+            reveals.append({"b": reply.fields["b"], "s": reply.fields["s"]})
+            if _enough(reveals, survivors, dropped, self.threshold):
+                break
+        self._need(len(reveals), "answered the unmasking request", unmasked=False)
         unmask(self.sum.total, self.encoding.boundary, self.session, self.keys, survivors, dropped,
-               [{"b": m.fields["b"], "s": m.fields["s"]} for m in replies.values()], self.threshold, self.prg)
+               reveals, self.threshold, self.prg)
         if dropped:
             log.info("secure round %s: recovered the masks of %d dropped node(s)", self.session, len(dropped))
         result = decode_sum(self.sum.total, self.encoding, self.weight_scale)
@@ -163,6 +172,14 @@ class SecureRound:
                 f"secure aggregation needs {self.threshold} nodes, only {count} {what}{note}",
                 code="secagg_not_enough",
             )
+
+
+def _enough(reveals: list[dict], survivors: list[str], dropped: list[str], threshold: int) -> bool:
+    """Whether ``reveals`` hold ``threshold`` shares of each secret the unmasking needs."""
+    def count(kind: str, owner: str) -> int:
+        return sum(1 for r in reveals if isinstance(r[kind], Mapping) and owner in r[kind])
+
+    return all(count("b", o) >= threshold for o in survivors) and all(count("s", o) >= threshold for o in dropped)
 
 
 def secure_metrics(names_by_node: Mapping[str, list], slots: np.ndarray) -> dict[str, float]:

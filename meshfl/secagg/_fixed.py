@@ -99,8 +99,11 @@ class Encoding:
 
 
 def encode_update(delta: Mapping[str, torch.Tensor], samples: int, weight_scale: int,
-                  metrics: Mapping[str, float], enc: Encoding) -> tuple[np.ndarray, list[str]]:
-    """The node's byte vector (see the module doc) and the metric names it carries, in slot order."""
+                  metrics: Mapping[str, float], enc: Encoding, out: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
+    """The node's byte vector (see the module doc) and the metric names it carries, in slot order.
+
+    ``out``: ``enc.nbytes`` bytes to encode into (e.g. the result's own pack file), whatever they hold.
+    """
     if not 0 < samples <= weight_scale:
         raise SecAggError(f"{samples} training samples exceed the round's weight scale {weight_scale} "
                           "(did preprocess() add samples?)", code="secagg_range")
@@ -111,7 +114,11 @@ def encode_update(delta: Mapping[str, torch.Tensor], samples: int, weight_scale:
         raise SecAggError(f"metrics must be finite and within ±{CLIP_64:g} for secure aggregation",
                           code="secagg_range")
     w = samples / weight_scale
-    out = np.zeros(enc.nbytes, dtype=np.uint8)
+    if out is None:
+        out = np.empty(enc.nbytes, dtype=np.uint8)
+    elif out.dtype != np.uint8 or out.shape != (enc.nbytes,):
+        raise SecAggError(f"an encoded update is {enc.nbytes} bytes", code="secagg_protocol")
+    out[4 * sum(enc.numels32) : enc.boundary] = 0  # the padding between the sections
     s32 = out[: enc.boundary].view(np.int32)
     s64 = out[enc.boundary :].view(np.int64)
     clipped = _fill(s32, delta, enc.names32, enc.numels32, w * 2.0**enc.frac_bits, enc.clip)

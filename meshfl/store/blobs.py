@@ -14,10 +14,12 @@ node then reports the task failed rather than lose it silently.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping
 
@@ -57,9 +59,15 @@ def write_pack(path: str | Path, tensors: Mapping[str, torch.Tensor], reuse: str
     ``reuse`` names a spare pack file to overwrite instead of a new one: its pages are already
     in memory, so writing a model costs a memcpy instead of page allocation.
     """
+    specs = {name: _spec(tensors, name) for name in tensors}
+    return _write(path, specs, lambda name: _byte_views(tensors, name), reuse)
+
+
+def _write(path, specs: Mapping[str, tuple], views, reuse) -> int:
+    """A pack of ``specs`` {name: (dtype, shape, nbytes)} at ``path`` (temp file + rename), its data
+    from ``views(name)``; with ``views`` None the data is left as the file had it (to fill later)."""
     header, offset = [], 0
-    for name in tensors:
-        dtype, shape, nbytes = _spec(tensors, name)
+    for name, (dtype, shape, nbytes) in specs.items():
         if dtype not in DTYPE_NAMES:
             raise StoreError(f"tensor {name!r}: unsupported dtype {dtype}", code="bad_value")
         header.append([name, DTYPE_NAMES[dtype], list(shape), offset, nbytes])  # offset from data start
@@ -79,9 +87,9 @@ def write_pack(path: str | Path, tensors: Mapping[str, torch.Tensor], reuse: str
     try:
         os.ftruncate(fd, data_start + offset)
         os.pwrite(fd, MAGIC + struct.pack("<Q", len(head)) + head, 0)
-        for name, _, _, off, _ in header:
+        for name, _, _, off, _ in header if views is not None else ():
             pos = data_start + off
-            for view in _byte_views(tensors, name):
+            for view in views(name):
                 while view.nbytes:
                     n = os.pwrite(fd, view, pos)
                     pos += n
@@ -156,17 +164,57 @@ class BlobStore:
         return os.path.join(self._dir, f".spare{i}")
 
     def write(self, name: str, tensors: Mapping[str, torch.Tensor]) -> int:
-        path = self.path(name)
+        """Write a pack ``name`` (replacing one of that name, whose file becomes a spare)."""
+        with self._spare_for_writing() as spare:
+            size = write_pack(self._new(name), tensors, reuse=spare)
+        self._install(name)
+        return size
+
+    def allocate(self, name: str, specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]):
+        """Writable tensors of a new pack ``name`` (their contents undefined), to fill in place:
+        a result encoded straight into its file needs no buffer and no copy. Returns
+        ``(tensors, commit)``; ``commit()`` puts the pack in place of any pack ``name``, whose
+        file becomes a spare, so drop every view of that old pack first."""
+        full = {k: (dtype, tuple(shape), math.prod(shape) * dtype.itemsize) for k, (dtype, shape) in specs.items()}
+        with self._spare_for_writing() as spare:
+            _write(self._new(name), full, None, spare)
+        return read_pack(self._new(name), shared=True), lambda: self._install(name)
+
+    @contextmanager
+    def _spare_for_writing(self):
+        """A spare file for one writer (no other writer may reuse it meanwhile), or None."""
         with self._lock:
             spare = self._spares.pop() if self._spares else None
             if spare is not None:
                 self._taken.add(spare)
         try:
-            return write_pack(path, tensors, reuse=spare)
+            yield spare
         finally:
             if spare is not None:
                 with self._lock:
                     self._taken.discard(spare)
+
+    def _new(self, name: str) -> str:
+        return self.path(name) + ".new"
+
+    def _install(self, name: str) -> None:
+        """Move pack ``name``'s new file into place; the file it replaces becomes a spare (linked
+        first, so the name is never missing). Writing fresh files instead would make every
+        fsync on the disk (ext4 data=ordered) wait for their new blocks to reach it."""
+        path = self.path(name)
+        with self._lock:
+            free = self._free_spare()
+            if free is not None:
+                try:
+                    os.link(path, free)
+                    self._spares.append(free)
+                except FileNotFoundError:
+                    pass
+            os.replace(self._new(name), path)
+
+    def _free_spare(self) -> str | None:
+        in_use = set(self._spares) | self._taken
+        return next((s for s in map(self._spare, range(self.SPARES)) if s not in in_use), None)
 
     def read(self, name: str, shared: bool = False) -> dict[str, torch.Tensor]:
         return read_pack(self.path(name), shared)
@@ -177,8 +225,7 @@ class BlobStore:
     def delete(self, name: str) -> None:
         path = self.path(name)
         with self._lock:
-            in_use = set(self._spares) | self._taken
-            free = next((s for s in map(self._spare, range(self.SPARES)) if s not in in_use), None)
+            free = self._free_spare()
             try:
                 if free is not None:
                     os.replace(path, free)
