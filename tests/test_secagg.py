@@ -197,6 +197,11 @@ def test_masking_waits_for_the_key_list_and_an_empty_one_calls_the_round_off():
     with pytest.raises(SecAggError) as info:
         r.sessions[members[0]].wait_keys(0.05)
     assert info.value.code == "secagg_not_enough" and "called" in info.value.message
+    waiting = r.sessions[members[1]]
+    waiting.call_off("the researcher cancelled the experiment")  # a cancel ends the wait at once
+    with pytest.raises(SecAggError) as info:
+        waiting.wait_keys(60.0)
+    assert info.value.code == "cancelled"
 
 
 def test_too_few_shares_cannot_rebuild_a_secret():

@@ -223,3 +223,16 @@ def test_a_pack_filled_in_place_replaces_the_old_one_and_files_are_recycled(tmp_
     blobs.write("next", {"x": torch.zeros(5)})
     assert os.stat(blobs.path("next")).st_ino == old_inode
     assert sorted(os.listdir(tmp_path)) == ["next.pack", "task.pack"]  # no temporary left behind
+
+
+def test_pack_stores_sharing_a_folder_never_trip_over_each_others_spares(tmp_path):
+    from meshfl.store.blobs import BlobStore
+
+    a, b = BlobStore(tmp_path), BlobStore(tmp_path)  # e.g. two experiments of one researcher
+    for i in range(6):
+        for store, name in ((a, "x"), (b, "y")):
+            store.write(name, {"w": torch.full((100,), float(i))})
+            store.write(name, {"w": torch.full((100,), float(i) + 0.5)})  # replaces: old file -> spare
+        a.delete("x")
+        assert torch.equal(b.read("y")["w"], torch.full((100,), i + 0.5))
+    assert not a.exists("x") and b.exists("y")

@@ -7,6 +7,7 @@ a few calm rounds. At the end the tool stops everything cleanly, inspects every 
 one JSON object:
 
   rounds_completed         rounds in the researcher's checkpointed history
+  rounds_failed_then_resumed  rounds that lost every node (RoundFailed); the researcher resumed
   kills                    how many processes were killed (nodes / researcher)
   tasks_lost               tasks a node accepted that neither finished nor wait in its queue (must be 0)
   double_aggregated        updates aggregated more than once in a round, or a task in two rounds (must be 0)
@@ -51,6 +52,8 @@ def researcher_main(home: str, rounds: int, nodes: int) -> None:
     from chaos_plan import ChaosPlan
     from meshfl.researcher import Experiment, Researcher
 
+    from meshfl.researcher import RoundFailed
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with Researcher(home) as researcher:
         researcher.wait_for_nodes(1, timeout=120)
@@ -61,7 +64,15 @@ def researcher_main(home: str, rounds: int, nodes: int) -> None:
                              min_nodes=1, round_timeout=8.0, experiment_id=EXPERIMENT, on_round=report, progress=False)
         else:
             exp = Experiment.resume(researcher, EXPERIMENT, on_round=report, progress=False)
-        exp.run()
+        while True:
+            try:
+                exp.run()
+                break
+            except RoundFailed as exc:  # every node of a round was killed: what a user does is resume
+                print(f"failed {exc.message}", flush=True)
+                threading.Event().wait(0.5)  # let the dead links time out before the retry
+                researcher.wait_for_nodes(1, timeout=120)
+                exp = Experiment.resume(researcher, EXPERIMENT, on_round=report, progress=False)
     print("finished", flush=True)
 
 
@@ -217,6 +228,7 @@ def main() -> None:
         out = {
             "nodes": args.nodes,
             "rounds_completed": len(history),
+            "rounds_failed_then_resumed": sum(line.startswith("failed") for line in lines),
             "kills": kills,
             "tasks_accepted": sum(v["accepted"] for v in inspected.values()),
             "tasks_lost": sum(len(v["lost"]) for v in inspected.values()),

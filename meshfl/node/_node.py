@@ -38,7 +38,8 @@ from ._datasets import DatasetRegistry, public_view
 from ._executor import Executor, TaskFailed
 from ._plans import PlanRegistry
 
-KEYS_TIMEOUT_S = 120.0  # a secure task waits this long after training for the members' keys
+KEYS_TIMEOUT_S = 60.0  # a secure task waits this long after training for the members' keys
+# (the researcher sends them once every participant answered the set-up, within 30 s)
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
 
@@ -247,6 +248,11 @@ class Node:
         if running and running["experiment"] == experiment and running["researcher"] == msg.sender:
             running["cancelled"] = True
             self.executor.cancel()
+            if running["session"]:  # a secure task may be waiting for its round's keys
+                try:
+                    self.secagg.get(running["session"]).call_off("the researcher cancelled the experiment")
+                except SecAggError:
+                    pass  # its session is gone: nothing waits on it
             count += 1
         self.audit.append("experiment.cancelled", experiment=experiment, researcher=msg.sender, tasks=count)
         return Message("task.cancelled", {"count": count})
@@ -286,7 +292,8 @@ class Node:
     def _run_one(self, task) -> None:
         p = task.payload
         fields: dict = {"task_id": task.id, "experiment": p["experiment"], "round": p["round"]}
-        self._running_task = {"experiment": p["experiment"], "researcher": p["researcher"], "cancelled": False}
+        self._running_task = {"experiment": p["experiment"], "researcher": p["researcher"], "cancelled": False,
+                              "session": (p.get("secagg") or {}).get("session")}
         try:
             if not self.dev and self.plans.status(p["plan_hash"]) != "approved":
                 self.plans.check(p["plan_source"], dev=self.dev)  # approval withdrawn: refuse, audited

@@ -136,6 +136,12 @@ class NodeSession:
         finally:
             self._keys_known.set()
 
+    def call_off(self, reason: str) -> None:
+        """End the wait for the keys (the experiment was cancelled): masking fails with ``reason``."""
+        if not self._keys_known.is_set():
+            self._keys_error = SecAggError(reason, code="cancelled")
+            self._keys_known.set()
+
     def wait_keys(self, timeout: float) -> None:
         """Block until the members' keys are in (the task trains meanwhile); raise if they were
         refused or did not come in time."""

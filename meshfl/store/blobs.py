@@ -19,7 +19,6 @@ import mmap
 import os
 import struct
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping
 
@@ -139,10 +138,11 @@ def read_pack(path: str | Path, shared: bool = False) -> dict[str, torch.Tensor]
 
 
 class BlobStore:
-    """Pack files in one folder, addressed by name. Deleted packs are kept as spares (a few) and
-    overwritten by the next write, so a node that receives a model every round reuses memory.
-    Paths are plain strings: a small round touches its packs several times, and pathlib's
-    parsing showed up in its profile."""
+    """Pack files in one folder, addressed by name. Deleted and replaced packs are kept as spares
+    (a few) and overwritten by the next write, so a node that receives a model every round reuses
+    memory and disk blocks. Spares are claimed on disk (an atomic rename), so several stores,
+    threads or processes may share a folder. Paths are plain strings: a small round touches its
+    packs several times, and pathlib's parsing showed up in its profile."""
 
     SPARES = 2
 
@@ -150,10 +150,6 @@ class BlobStore:
         self.folder = Path(folder)
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._dir = str(self.folder)
-        self._lock = threading.Lock()
-        # Spare files on disk that no writer holds (a writer takes one out of this list).
-        self._spares = [s for s in map(self._spare, range(self.SPARES)) if os.path.exists(s)]
-        self._taken: set[str] = set()  # spare names handed to writers, not yet renamed away
 
     def path(self, name: str) -> str:
         if not name or "/" in name or name.startswith("."):
@@ -165,8 +161,7 @@ class BlobStore:
 
     def write(self, name: str, tensors: Mapping[str, torch.Tensor]) -> int:
         """Write a pack ``name`` (replacing one of that name, whose file becomes a spare)."""
-        with self._spare_for_writing() as spare:
-            size = write_pack(self._new(name), tensors, reuse=spare)
+        size = write_pack(self._new(name), tensors, reuse=self._claim_spare())
         self._install(name)
         return size
 
@@ -176,23 +171,29 @@ class BlobStore:
         ``(tensors, commit)``; ``commit()`` puts the pack in place of any pack ``name``, whose
         file becomes a spare, so drop every view of that old pack first."""
         full = {k: (dtype, tuple(shape), math.prod(shape) * dtype.itemsize) for k, (dtype, shape) in specs.items()}
-        with self._spare_for_writing() as spare:
-            _write(self._new(name), full, None, spare)
+        _write(self._new(name), full, None, self._claim_spare())
         return read_pack(self._new(name), shared=True), lambda: self._install(name)
 
-    @contextmanager
-    def _spare_for_writing(self):
-        """A spare file for one writer (no other writer may reuse it meanwhile), or None."""
-        with self._lock:
-            spare = self._spares.pop() if self._spares else None
-            if spare is not None:
-                self._taken.add(spare)
-        try:
-            yield spare
-        finally:
-            if spare is not None:
-                with self._lock:
-                    self._taken.discard(spare)
+    def _claim_spare(self) -> str | None:
+        """A spare file renamed to a name of this thread's own (no other writer can take it), or None."""
+        for i in range(self.SPARES):
+            claimed = f"{self._spare(i)}.{os.getpid()}.{threading.get_ident()}"
+            try:
+                os.rename(self._spare(i), claimed)
+                return claimed
+            except FileNotFoundError:
+                continue
+        return None
+
+    def _keep_as_spare(self, path: str) -> bool:
+        """Link ``path``'s file under a free spare name; False if every spare name is taken."""
+        for i in range(self.SPARES):
+            try:
+                os.link(path, self._spare(i))
+                return True
+            except FileExistsError:
+                continue
+        return False
 
     def _new(self, name: str) -> str:
         return self.path(name) + ".new"
@@ -201,20 +202,11 @@ class BlobStore:
         """Move pack ``name``'s new file into place; the file it replaces becomes a spare (linked
         first, so the name is never missing). Writing fresh files instead would make every
         fsync on the disk (ext4 data=ordered) wait for their new blocks to reach it."""
-        path = self.path(name)
-        with self._lock:
-            free = self._free_spare()
-            if free is not None:
-                try:
-                    os.link(path, free)
-                    self._spares.append(free)
-                except FileNotFoundError:
-                    pass
-            os.replace(self._new(name), path)
-
-    def _free_spare(self) -> str | None:
-        in_use = set(self._spares) | self._taken
-        return next((s for s in map(self._spare, range(self.SPARES)) if s not in in_use), None)
+        try:
+            self._keep_as_spare(self.path(name))
+        except FileNotFoundError:
+            pass  # nothing to replace
+        os.replace(self._new(name), self.path(name))
 
     def read(self, name: str, shared: bool = False) -> dict[str, torch.Tensor]:
         return read_pack(self.path(name), shared)
@@ -224,13 +216,8 @@ class BlobStore:
 
     def delete(self, name: str) -> None:
         path = self.path(name)
-        with self._lock:
-            free = self._free_spare()
-            try:
-                if free is not None:
-                    os.replace(path, free)
-                    self._spares.append(free)
-                else:
-                    os.unlink(path)
-            except FileNotFoundError:
-                pass
+        try:
+            self._keep_as_spare(path)
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
