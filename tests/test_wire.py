@@ -223,6 +223,9 @@ def test_a_pack_filled_in_place_replaces_the_old_one_and_files_are_recycled(tmp_
     blobs.write("next", {"x": torch.zeros(5)})
     assert os.stat(blobs.path("next")).st_ino == old_inode
     assert sorted(os.listdir(tmp_path)) == ["next.pack", "task.pack"]  # no temporary left behind
+    blobs.allocate("failed", {"v": (torch.int32, (10,))})  # never committed (its task failed)
+    blobs.delete("failed")
+    assert sorted(os.listdir(tmp_path)) == ["next.pack", "task.pack"]
 
 
 def test_pack_stores_sharing_a_folder_never_trip_over_each_others_spares(tmp_path):

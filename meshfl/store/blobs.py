@@ -215,9 +215,14 @@ class BlobStore:
         return os.path.exists(self.path(name))
 
     def delete(self, name: str) -> None:
+        """Delete pack ``name`` (its file becomes a spare), and a new one never committed."""
         path = self.path(name)
         try:
             self._keep_as_spare(path)
             os.unlink(path)
+        except FileNotFoundError:
+            pass
+        try:
+            os.unlink(self._new(name))
         except FileNotFoundError:
             pass
