@@ -442,6 +442,17 @@ def test_prg_prefix_consistent_across_chunk_boundaries(n):
     assert np.array_equal(prg_uint32(seed, n), long[:n])
 
 
+def test_keystream_chunks_are_the_prg_words_chunk_by_chunk():
+    from meshfl.crypto import AegisChunks
+
+    seed = hashlib.sha256(b"chunks").digest()
+    whole = prg_uint32(seed, 3 * _WORDS_PER_CHUNK + 100).view(np.uint8)
+    chunks = AegisChunks()
+    for i in range(3):
+        assert chunks.chunk(seed, i).tobytes() == whole[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES].tobytes()
+    assert chunks.chunk(seed, 3, 400).tobytes() == whole[3 * CHUNK_BYTES :].tobytes()  # a short last chunk
+
+
 def test_prg_matches_libsodium_directly():
     seed = hashlib.sha256(b"kat").digest()
     if "aegis128l" in PRG_ALGORITHMS:

@@ -35,7 +35,7 @@ def test_init_creates_private_keys_and_commented_config(tmp_path):
 
 
 def test_config_round_trips_every_setting(tmp_path):
-    config = Config(role="researcher", name='odd "name" é', listen="tcp://0.0.0.0:5555",
+    config = Config(role="researcher", name='odd "name" é', listen="tcp://127.0.0.1:5555",
                     allow_cuda=False, task_timeout=60, heartbeat=0.5, dead_after=3)
     path = tmp_path / "c.toml"
     path.write_text(config.to_toml())

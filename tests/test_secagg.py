@@ -274,15 +274,20 @@ def test_values_beyond_the_range_are_refused_or_clipped_never_wrapped():
         frac_bits_for(2**20, 8.0)
 
 
-def test_shares_that_arrive_before_their_session_opens_wait_for_it():
+def test_shares_are_held_only_for_an_open_session():
+    """Shares come with the key list, after the node's own set-up: one for a session it never
+    opened (a restarted node, a stray message) is refused, and nothing waits in memory for it."""
     from meshfl.secagg import NodeSessions
 
     r = Round(3, 2)
     members = sorted(r.sessions)
-    late = NodeSessions()  # members[0] has not handled its set-up request yet
+    sessions = NodeSessions()
+    with pytest.raises(SecAggError) as info:
+        sessions.get(SESSION)
+    assert info.value.code == "secagg_session_lost"
+    sessions.open(r.sessions[members[0]])
     for pid in members[1:]:
         for dest, payload in r.sessions[pid].distribute(r.cards.get):
             if dest == members[0]:
-                late.receive_share(SESSION, pid, payload)
-    late.open(r.sessions[members[0]])
+                sessions.get(SESSION).receive_share(pid, payload)
     assert set(r.sessions[members[0]].held) == set(members[1:])

@@ -58,13 +58,12 @@ def derive_seed(shared_secret: bytes, context: bytes) -> bytes:
 
 
 def prg_uint32(seed: bytes, n: int, *, out: np.ndarray | None = None,
-               algorithm: str | None = None, first_chunk: int = 0) -> np.ndarray:
+               algorithm: str | None = None) -> np.ndarray:
     """Expand a 32-byte seed into ``n`` pseudorandom uint32 words (deterministic per seed).
 
     ``out``: an optional C-contiguous uint32 array of ``n`` words to fill in place (e.g. a reused
-    mask buffer); otherwise a new array is returned. ``first_chunk`` (AEGIS only) starts the words
-    at keystream chunk ``first_chunk`` (of :data:`CHUNK_BYTES`), so a long mask can be made and
-    used one cache-sized block at a time.
+    mask buffer); otherwise a new array is returned. :class:`AegisChunks` makes the same AEGIS
+    keystream one chunk at a time, for walking a long vector block by block.
     """
     seed = bytes(seed)
     if len(seed) != SEED_BYTES:
@@ -75,8 +74,6 @@ def prg_uint32(seed: bytes, n: int, *, out: np.ndarray | None = None,
     if algorithm not in PRG_ALGORITHMS:
         raise CryptoError(f"PRG {algorithm!r} unavailable here (have {PRG_ALGORITHMS})", code="unsupported")
     n = int(n)
-    if first_chunk and algorithm != "aegis128l":
-        raise CryptoError("only the AEGIS keystream can start past its first chunk", code="unsupported")
     if out is None:
         out = np.empty(n, dtype=np.uint32)
     elif out.dtype != np.uint32 or out.size != n or not out.flags.c_contiguous or not out.flags.writeable:
@@ -87,7 +84,7 @@ def prg_uint32(seed: bytes, n: int, *, out: np.ndarray | None = None,
     if algorithm == "chacha20":
         lib.randombytes_buf_deterministic(buf, 4 * n, seed)
     else:
-        _aegis_keystream(buf, 4 * n, seed, int(first_chunk))
+        _aegis_keystream(buf, 4 * n, seed)
     return out
 
 
@@ -114,10 +111,10 @@ class AegisChunks:
         return self._buf[:nbytes]
 
 
-def _aegis_keystream(buf, total: int, seed: bytes, index: int = 0) -> None:
+def _aegis_keystream(buf, total: int, seed: bytes) -> None:
     key = seed[:_KEY_BYTES]
     scratch = None
-    offset = 0
+    offset, index = 0, 0
     while offset < total:
         length = min(CHUNK_BYTES, total - offset)
         nonce = _NONCE_PREFIX + index.to_bytes(8, "little")

@@ -384,7 +384,7 @@ class Node:
     def _on_overlay_message(self, src: str, payload: dict) -> None:
         if payload.get("type") != "secagg.share":
             raise SecAggError(f"unknown overlay payload {str(payload.get('type'))[:40]!r}", code="unknown_type")
-        self.secagg.receive_share(str(payload.get("session")), src, payload)
+        self.secagg.get(str(payload.get("session"))).receive_share(src, payload)
 
     def _on_overlay_reject(self, src: str, code: str, message: str) -> None:
         self.audit.append("overlay.rejected", src=src, reason=code)

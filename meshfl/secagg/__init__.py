@@ -2,10 +2,10 @@
 
 Per round (see docs/security.md for the whole flow and threat model):
 
-1. every node makes a round key pair and a self-mask seed, and signs the round key;
-2. the researcher passes the signed keys around; each node splits its round secret key and its
-   self-mask seed into Shamir shares (threshold t) and seals one of each to every other member over
-   the overlay (the researcher relays ciphertext it cannot read);
+1. every node makes a round key pair and a self-mask seed, signs the round key, splits its round
+   secret key and its self-mask seed into Shamir shares (threshold t) and seals one of each to
+   every other participant as an overlay message;
+2. the researcher passes on the signed keys and, unread, the sealed shares (``secagg.keys``);
 3. each node trains, encodes its sample-weighted change ``w * (trained - global)``, its sample
    count and ``w * metrics`` in fixed point (:mod:`._fixed`: parameters in a 32-bit ring, the
    same bytes as a plain round, buffers and counts in a 64-bit one), adds its masks

@@ -88,7 +88,7 @@ class NodeSession:
         self._secret = PrivateKey.generate()
         self._self_seed = os.urandom(SEED_BYTES)
         self.public = bytes(self._secret.public_key)
-        self.keys: dict[str, bytes] = {}  # members' verified round keys (from the train request)
+        self.keys: dict[str, bytes] = {}  # members' verified round keys (from secagg.keys)
         self.held: dict[str, tuple[int, bytes, bytes]] = {}  # owner -> (x, round-key share, self-seed share)
         self.members: tuple[str, ...] | None = None  # who this node masked with
         self.revealed: tuple[str, ...] | None = None  # the survivors it revealed for
@@ -178,7 +178,7 @@ class NodeSession:
         self.keys = verified
 
     def receive_share(self, owner: str, payload: Mapping) -> None:
-        """Keep ``owner``'s shares (they may arrive before this node saw the key list)."""
+        """Keep ``owner``'s shares (they come with the key list)."""
         if owner not in self.participants or owner == self.me:
             raise SecAggError(f"{owner} is not another participant of {self.session}", code="secagg_protocol")
         if owner in self.held:
@@ -229,19 +229,13 @@ class NodeSession:
 
 
 class NodeSessions:
-    """A node's live sessions (memory only: a restarted node drops out of its open rounds).
-
-    Another participant's shares can arrive before this node has handled the set-up request of
-    the same round (set-up goes to every node at once): they wait, bounded, for their session.
-    """
+    """A node's live sessions (memory only: a restarted node drops out of its open rounds)."""
 
     MAX_SESSIONS = 64
     MAX_AGE_S = 6 * 3600.0
-    MAX_EARLY = 4096  # shares held for sessions not open yet, all sessions together
 
     def __init__(self) -> None:
         self._sessions: dict[str, NodeSession] = {}
-        self._early: dict[str, list[tuple[str, Mapping]]] = {}
         self._lock = threading.Lock()
 
     def open(self, session: NodeSession) -> None:
@@ -253,22 +247,6 @@ class NodeSessions:
             while len(self._sessions) >= self.MAX_SESSIONS:
                 self._sessions.pop(next(iter(self._sessions)))
             self._sessions[session.session] = session
-            early = self._early.pop(session.session, [])
-        for owner, payload in early:
-            try:
-                session.receive_share(owner, payload)
-            except SecAggError as exc:
-                log.warning("early share from %s for %s refused: %s", owner, session.session, exc)
-
-    def receive_share(self, session: str, owner: str, payload: Mapping) -> None:
-        with self._lock:
-            found = self._sessions.get(session)
-            if found is None:
-                self._early.setdefault(session, []).append((owner, payload))
-                while sum(len(v) for v in self._early.values()) > self.MAX_EARLY:
-                    self._early.pop(next(iter(self._early)))
-                return
-        found.receive_share(owner, payload)
 
     def get(self, session: str, researcher: str | None = None) -> NodeSession:
         with self._lock:

@@ -50,12 +50,6 @@ declare("hb")
 Handler = Callable[[Message], "Message | None"]
 LinkCallback = Callable[[str, bool], None]
 
-# Messages up to this size are copied into ZeroMQ rather than lent to it: a lent frame costs a
-# round trip to pyzmq's garbage-collector thread when ZeroMQ is done with it, which on a busy
-# small machine took longer than copying a small model. Bigger messages (models, 1 MiB chunks)
-# stay zero-copy, so a model sent to K nodes is still held once.
-COPY_BYTES = 1 << 20
-
 _DEALER_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 _DEALER_EVENTS |= zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
@@ -433,7 +427,6 @@ class Peer:
         self._set_online(peer_id, False)
 
     def _send_now(self, dest: str, frames: list, fut: Future | None, request_id: str | None = None) -> None:
-        copy = sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames) <= COPY_BYTES
         try:
             if self.curve and dest not in self.trust_table:
                 raise NotTrusted(f"peer {dest} is not trusted")
@@ -441,9 +434,9 @@ class Peer:
             if sock is not None:
                 if dest not in self._dealer_up:
                     raise PeerUnavailable(f"no live link to {self._names.get(dest, dest)} yet")
-                sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=copy)
+                sock.send_multipart(frames, flags=zmq.DONTWAIT, copy=False)
             elif self._router is not None:
-                self._router.send_multipart([dest.encode(), *frames], flags=zmq.DONTWAIT, copy=copy)
+                self._router.send_multipart([dest.encode(), *frames], flags=zmq.DONTWAIT, copy=False)
             else:
                 raise PeerUnavailable(f"no link to {dest}")
         except (zmq.Again, zmq.ZMQError, MeshflError) as exc:

@@ -4,6 +4,7 @@ Each plan stands alone: a plan's source is its class plus its module's imports, 
 """
 
 import os
+import threading
 import time
 
 import torch
@@ -45,7 +46,7 @@ class HangingPlan(TorchTrainingPlan):
         return nn.Linear(features, classes)
 
     def train(self, model, train, args, device):
-        time.sleep(3600)
+        threading.Event().wait()  # hangs until the node kills its worker at the task's time limit
 
 
 class DyingPlan(TorchTrainingPlan):
