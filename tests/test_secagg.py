@@ -270,6 +270,10 @@ def test_values_beyond_the_range_are_refused_or_clipped_never_wrapped():
     clipped, _ = encode_update({"w": torch.tensor([1e6, -1e6, 0.5, 0.0])}, 10, 10, {}, enc)
     mean, _, _ = decode_sum(clipped, enc, 10)
     assert mean["w"].tolist() == [8.0, -8.0, 0.5, 0.0]
+    for bad in (float("nan"), float("inf")):  # a diverged plan: refused, never wrapped into the sum
+        with pytest.raises(SecAggError) as info:
+            encode_update({"w": torch.tensor([0.5, bad, 0.0, 0.0])}, 10, 10, {}, enc)
+        assert info.value.code == "secagg_range" and "'w'" in info.value.message
     with pytest.raises(SecAggError):  # too many members for any precision at this clip
         frac_bits_for(2**20, 8.0)
 

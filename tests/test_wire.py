@@ -203,27 +203,36 @@ def test_tensor_packs_round_trip_and_reject_corruption(tmp_path):
         blobs.read("missing")
 
 
-def test_a_pack_filled_in_place_replaces_the_old_one_and_files_are_recycled(tmp_path):
+def test_a_pack_is_updated_in_place_and_replaced_files_are_recycled(tmp_path):
     import os
 
-    from meshfl.store.blobs import BlobStore
+    from meshfl.errors import StoreError
+    from meshfl.store.blobs import BlobStore, update_pack
 
     blobs = BlobStore(tmp_path)
-    blobs.write("task", {"w": torch.ones(1000)})
+    blobs.write("task", {"w": torch.ones(1000), "n": torch.tensor(3)})
+    reader = blobs.read("task")  # a private mapping: what the worker reads the model from
+    reader["w"].add_(5)  # writable, and the file stays intact
+    assert torch.equal(blobs.read("task")["w"], torch.ones(1000))
+    # The worker's result goes over the model, in the same file: same names, dtypes and shapes only.
+    update_pack(blobs.path("task"), {"w": torch.arange(1000.0), "n": torch.tensor(4)})
+    back = blobs.read("task")
+    assert torch.equal(back["w"], torch.arange(1000.0)) and int(back["n"]) == 4
+    for wrong in ({"w": torch.zeros(999), "n": torch.tensor(4)}, {"w": torch.zeros(1000)},
+                  {"w": torch.zeros(1000, dtype=torch.float64), "n": torch.tensor(4)}):
+        with pytest.raises(StoreError) as info:
+            update_pack(blobs.path("task"), wrong)
+        assert info.value.code == "bad_value"
+    assert torch.equal(blobs.read("task")["w"], torch.arange(1000.0))  # a refused update wrote nothing
+    # A replaced pack's file is kept as a spare and the next write reuses it (no fresh file).
     old_inode = os.stat(blobs.path("task")).st_ino
-    reader = blobs.read("task")  # still readable while the new pack is filled
-    packed, commit = blobs.allocate("task", {"v": (torch.int32, (10,))})
-    packed["v"].copy_(torch.arange(10, dtype=torch.int32))
-    assert torch.equal(blobs.read("task")["w"], torch.ones(1000))  # not in place before commit
-    assert torch.equal(reader["w"], torch.ones(1000))
-    del reader, packed
-    commit()
+    del reader, back
+    blobs.write("task", {"v": torch.arange(10, dtype=torch.int32)})
     assert torch.equal(blobs.read("task")["v"], torch.arange(10, dtype=torch.int32))
-    # The replaced file is kept as a spare and the next write reuses it (no fresh file).
     blobs.write("next", {"x": torch.zeros(5)})
     assert os.stat(blobs.path("next")).st_ino == old_inode
     assert sorted(os.listdir(tmp_path)) == ["next.pack", "task.pack"]  # no temporary left behind
-    blobs.allocate("failed", {"v": (torch.int32, (10,))})  # never committed (its task failed)
+    open(blobs.path("failed") + ".new", "wb").close()  # a write a crash cut short, never installed
     blobs.delete("failed")
     assert sorted(os.listdir(tmp_path)) == ["next.pack", "task.pack"]
 

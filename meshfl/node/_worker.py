@@ -3,10 +3,10 @@
 Started once (Python and torch imported once) and reused for task after task; the node kills and
 replaces it when a plan hangs past its time limit, crashes it, or runs it out of memory, so a bad
 plan fails its task and never the node. Jobs and results are orjson lines on stdin / a private
-copy of stdout (the plan's own prints go to stderr); the model goes through the task's pack file,
-mapped by both processes: the worker loads it, trains, and writes the result back into the same
-pages — never through the pipe, never pickled. With ``delta`` set (secure aggregation) it writes
-trained minus received instead, which the node then encodes and masks.
+copy of stdout (the plan's own prints go to stderr); the model goes through the task's pack file:
+the worker maps it to load the model, trains, and writes the result back over it (``pwrite``, see
+:mod:`meshfl.store.blobs`) — never through the pipe, never pickled. With ``delta`` set (secure
+aggregation) it writes trained minus received instead, which the node then encodes and masks.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import orjson
 import torch
 
 from ..plans import DEFAULT_TRAINING_ARGS, TorchTrainingPlan, load_plan_class
-from ..store.blobs import read_pack
+from ..store.blobs import read_pack, update_pack
 
 
 from ._datasets import load_dataset
@@ -30,6 +30,7 @@ log = logging.getLogger("meshfl.worker")
 _plans: dict[str, type] = {}
 _data: dict[tuple, tuple] = {}
 _models: dict[tuple, torch.nn.Module] = {}
+_deltas: dict[str, torch.Tensor] = {}  # the cached model's delta buffers (secure rounds), by tensor name
 
 
 def _device(args: dict, allow_cuda: bool) -> torch.device:
@@ -93,8 +94,18 @@ def _model(plan: TorchTrainingPlan, job: dict, device: torch.device):
     key = (job["plan_hash"], orjson.dumps(job["model_args"], option=orjson.OPT_SORT_KEYS), device.type)
     if key not in _models:
         _models.clear()
+        _deltas.clear()
         _models[key] = plan.init_model(**job["model_args"]).to(device)
     return _models[key]
+
+
+def _delta_buffer(name: str, like: torch.Tensor) -> torch.Tensor:
+    """A buffer for tensor ``name``'s delta, reused from round to round: a fresh one cost a page
+    fault per 4 KiB. Not the model's own memory: tied weights share it."""
+    buf = _deltas.get(name)
+    if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
+        buf = _deltas[name] = torch.empty(like.shape, dtype=like.dtype)
+    return buf
 
 
 def run_job(job: dict) -> dict:
@@ -117,7 +128,7 @@ def run_job(job: dict) -> dict:
     train, test = plan.split(x, y, float(args["test_fraction"]), int(args["seed"]))
 
     model = _model(plan, job, device)
-    pack = read_pack(job["pack"], shared=True)  # the received model; the result goes back into it
+    pack = read_pack(job["pack"])  # the received model; the result goes back over it
     model.load_state_dict(pack)
     if hasattr(plan, "train"):
         metrics = plan.train(model, train, args, device) or {}
@@ -130,11 +141,13 @@ def run_job(job: dict) -> dict:
     state = model.state_dict()
     if {k: (v.shape, v.dtype) for k, v in state.items()} != {k: (v.shape, v.dtype) for k, v in pack.items()}:
         raise ValueError("the plan changed the model's tensor names, shapes or dtypes during training")
+    result = {}
     for name, tensor in state.items():
+        tensor = tensor.detach().cpu()
         if job.get("delta") and tensor.dtype != torch.bool:  # secure aggregation masks the change
-            torch.sub(tensor.detach().to(pack[name].device), pack[name], out=pack[name])
-        else:
-            pack[name].copy_(tensor.detach())
+            tensor = torch.sub(tensor, pack[name], out=_delta_buffer(name, tensor))
+        result[name] = tensor
+    update_pack(job["pack"], result)
     return {
         "ok": True,
         "samples": int(train[0].shape[0]),

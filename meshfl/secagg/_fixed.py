@@ -23,7 +23,8 @@ default clip 8). Section 64 has ``2**62 / (K * CLIP_64 * 2**FRAC_BITS_64)`` to s
 Error bound: each value is rounded once (at most half a unit), so the averaged delta of a tensor is
 within ``K * 2**-(bits + 1) * W / N`` of the exact sample-weighted mean, for K summed nodes holding N
 samples, ``bits`` its section's fractional bits. Parameter deltas beyond ``±clip`` (default 8:
-far beyond a sane step) are clipped, and the node says so in its log.
+far beyond a sane step) are clipped, and the node says so in its log; a NaN or an infinity (a
+diverged plan) fails the node's task with ``secagg_range`` rather than wrap into the sum.
 """
 
 from __future__ import annotations
@@ -135,6 +136,9 @@ _BLOCK = 1 << 16  # elements converted at a time: the float64 scratch stays in c
 
 
 def _fill(section: np.ndarray, delta: Mapping[str, torch.Tensor], names, numels, scale: float, clip: float) -> int:
+    """Write each tensor's ``round(clip(value) * scale)`` into ``section``; returns how many were
+    clipped. The range is checked once per tensor, on its own values (one pass, and a NaN or an
+    infinity is refused there), so the block loop clips only tensors that need it."""
     limit = clip * scale
     scratch = np.empty(_BLOCK)
     pos, clipped = 0, 0
@@ -142,11 +146,17 @@ def _fill(section: np.ndarray, delta: Mapping[str, torch.Tensor], names, numels,
         t = delta[name].detach().reshape(-1)
         if t.numel() != n:
             raise SecAggError(f"tensor {name!r} has {t.numel()} elements, expected {n}", code="secagg_protocol")
+        if n == 0:
+            continue
+        lo, hi = (float(v) for v in torch.aminmax(t))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise SecAggError(f"tensor {name!r} holds NaN or infinite values", code="secagg_range")
+        needs_clip = hi > clip or lo < -clip
         values = t.numpy()  # only read: the caller's tensor is untouched
         for start in range(0, n, _BLOCK):
             d = scratch[: min(_BLOCK, n - start)]
             np.multiply(values[start : start + d.size], scale, out=d, dtype=np.float64)
-            if d.max() > limit or d.min() < -limit:
+            if needs_clip:
                 clipped += int(np.count_nonzero(np.abs(d) > limit))
                 np.clip(d, -limit, limit, out=d)
             np.rint(d, out=d)
