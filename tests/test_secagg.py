@@ -56,9 +56,10 @@ class Round:
             self.sessions[pid].set_keys(self.keys, self.cards.get)
 
     def masked(self, pid: str, members=None) -> np.ndarray:
-        vector = self.true[pid].copy()
-        self.sessions[pid].mask(vector, self.enc.boundary)  # with the members of exchange()
-        return vector
+        true = self.true[pid]
+        fill = lambda block, offset: np.copyto(block, true[offset : offset + block.size])  # noqa: E731
+        blocks = self.sessions[pid].masked_blocks(fill, self.enc.nbytes, self.enc.boundary)  # with the members of exchange()
+        return np.concatenate([b.copy() for b in blocks])
 
     def researcher_sum(self, survivors, members) -> np.ndarray:
         total = MaskedSum(self.enc)
@@ -259,6 +260,37 @@ def test_encoding_into_a_used_buffer_gives_the_same_bytes():
     again, names_again = encode_update(state, 10, 20, {"loss": 0.5}, enc, out=used)
     assert again is used and np.array_equal(used, fresh) and names_again == names
     assert enc.boundary > 4 * 7 and not used[4 * 7 : enc.boundary].any()
+
+
+def test_a_vector_made_block_by_block_is_the_whole_vector_and_its_masks_are_the_same():
+    """A node encodes, masks and writes its vector one 256 KiB block at a time: block edges fall
+    inside tensors, in the padding and in the 64-bit section, and nothing may differ from the whole."""
+    from meshfl.crypto import CHUNK_BYTES
+    from meshfl.secagg import Masker, UpdateEncoder
+
+    gen = torch.Generator().manual_seed(3)
+    state = {"w": torch.randn(70_001, generator=gen), "b": torch.randn(3, generator=gen) * 20,
+             "running_var": torch.rand(40_000, generator=gen) * 3, "steps": torch.tensor(12)}
+    enc = Encoding.for_state(state, {"w", "b"}, frac_bits_for(4, 8.0))
+    assert enc.nbytes > 2 * CHUNK_BYTES and enc.boundary % CHUNK_BYTES  # blocks cross the sections
+    whole, names = encode_update(state, 30, 40, {"loss": 0.25}, enc)
+    encoder = UpdateEncoder(state, 30, 40, {"loss": 0.25}, enc)
+    assert encoder.names == names and encoder.clipped == 0
+    for size in (CHUNK_BYTES, 4096 * 3):
+        parts = []
+        for offset in range(0, enc.nbytes, size):
+            block = np.full(min(size, enc.nbytes - offset), 0xAB, dtype=np.uint8)  # a used buffer
+            encoder.fill(block, offset)
+            parts.append(block)
+        assert np.array_equal(np.concatenate(parts), whole)
+    masks = [(bytes([i]) * 32, 1 if i % 2 else -1) for i in range(1, 5)]
+    masker = Masker(enc.nbytes, enc.boundary, DEFAULT_PRG)
+    streamed = np.concatenate([b.copy() for b in masker.masked_blocks(encoder.fill, masks)])
+    in_place = whole.copy()
+    masker.apply_all(in_place, masks)
+    assert np.array_equal(streamed, in_place) and not np.array_equal(streamed, whole)
+    with pytest.raises(SecAggError):
+        encoder.fill(np.empty(16, dtype=np.uint8), 4)  # not a block of the vector
 
 
 def test_values_beyond_the_range_are_refused_or_clipped_never_wrapped():

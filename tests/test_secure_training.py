@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import meshfl.node._node as node_module
 import meshfl.researcher._experiment as experiment_module
 from helpers.data import write_blobs_csv
 from helpers.plans import AddOnePlan, GatedPlan, TinyPlan
 from meshfl.researcher import Experiment, RoundFailed
-from meshfl.secagg import DEFAULT_CLIP, MaskedSum, frac_bits_for
+from meshfl.secagg import DEFAULT_CLIP, MaskedSum, UpdateEncoder, frac_bits_for
 from meshfl.testing import FederatedMesh
 from meshfl.wire import Message
 
@@ -68,24 +67,24 @@ def test_secure_round_equals_plain_fedavg_within_the_quantization_bound(mesh3):
 
 
 def test_the_researcher_receives_only_masked_vectors(mesh3, monkeypatch):
-    true, received = [], []
-    real_encode, real_add = node_module.encode_update, MaskedSum.add
+    blocks, received = {}, []
+    real_fill, real_add = UpdateEncoder.fill, MaskedSum.add
 
-    def spy_encode(*args, **kw):
-        vector, names = real_encode(*args, **kw)
-        true.append(vector.copy())
-        return vector, names
+    def spy_fill(self, out, offset):  # a node's true vector, block by block, before it is masked
+        real_fill(self, out, offset)
+        blocks.setdefault(id(self), []).append(out.copy())
 
     def spy_add(self, tensors, weight=0.0, node=""):
         received.append(tensors["masked"].numpy().copy())
         return real_add(self, tensors, weight, node)
 
-    monkeypatch.setattr(node_module, "encode_update", spy_encode)
+    monkeypatch.setattr(UpdateEncoder, "fill", spy_fill)
     monkeypatch.setattr(MaskedSum, "add", spy_add)
     torch.manual_seed(0)
     exp = Experiment(mesh3.researcher, AddOnePlan, ["blobs"], 1, model_args={"width": 500}, min_nodes=3,
                      round_timeout=60, progress=False, secagg=True)  # 4 000 parameters
     exp.run()
+    true = [np.concatenate(parts) for parts in blocks.values()]
     assert len(true) == len(received) == 3
     for masked in received:
         for update in true:  # no received vector resembles any node's true update

@@ -21,7 +21,6 @@ import signal
 import threading
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import __version__
@@ -29,7 +28,7 @@ from ..errors import MeshflError
 from ..home import Home
 from ..overlay import Overlay, OverlayRejected, bundle, unbundle
 from ..protocol import CHUNK_BYTES, INLINE_RESULT_BYTES, chunk_plan
-from ..secagg import VECTOR, Encoding, NodeSession, NodeSessions, SecAggError, encode_update, frac_bits_for
+from ..secagg import VECTOR, Encoding, NodeSession, NodeSessions, SecAggError, UpdateEncoder, frac_bits_for
 from ..store import Outbox, TaskQueue
 from ..store.blobs import BlobStore
 from ..transport import Peer
@@ -88,9 +87,6 @@ class Node:
         self._runner = threading.Thread(target=self._run_tasks, name=f"meshfl-runner-{self.name}", daemon=True)
         self._running_task: dict | None = None
         self._packs: dict[str, dict] = {}  # task id -> mapped result pack, while it is being pulled
-        # The runner's buffer for encoding and masking secure results, kept from round to round:
-        # a fresh one cost a page fault per 4 KiB, as much as the encoding itself.
-        self._vector: np.ndarray | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Node":
@@ -430,19 +426,17 @@ class Node:
         return None
 
     def _mask_result(self, task_id: str, spec: dict, result: dict) -> dict:
-        """Replace the trained delta in the task's pack by its encoded, masked vector."""
+        """Replace the trained delta in the task's pack by its encoded, masked vector, made, masked
+        and written one 256 KiB block at a time (the whole vector never goes through memory)."""
         session = self.secagg.get(spec["session"])
         session.wait_keys(KEYS_TIMEOUT_S)  # sent once every participant answered the set-up
         delta = self.blobs.read(task_id)
         enc = Encoding.for_state(delta, set(spec["parameters"]), spec["frac_bits"], spec["clip"])
-        if self._vector is None or self._vector.size != enc.nbytes:
-            self._vector = np.empty(enc.nbytes, dtype=np.uint8)
-        vector, names = encode_update(delta, result["samples"], spec["weight_scale"], result["metrics"], enc,
-                                      out=self._vector)
-        del delta  # its file becomes a spare when the vector replaces it
-        session.mask(vector, enc.boundary)
-        self.blobs.write(task_id, {VECTOR: torch.from_numpy(vector.view(np.int32))})
-        return {"ok": True, "metric_names": names, "duration": result["duration"]}
+        encoder = UpdateEncoder(delta, result["samples"], spec["weight_scale"], result["metrics"], enc)
+        blocks = session.masked_blocks(encoder.fill, enc.nbytes, enc.boundary)
+        self.blobs.write_stream(task_id, VECTOR, torch.int32, (enc.nbytes // 4,), blocks)  # the delta's file becomes a spare
+        encoder.log_clipped()
+        return {"ok": True, "metric_names": encoder.names, "duration": result["duration"]}
 
     def _atomically(self, *steps) -> None:
         """Run store operations in one LMDB transaction (they join it): one disk flush, all or none."""

@@ -101,68 +101,110 @@ class Encoding:
 
 def encode_update(delta: Mapping[str, torch.Tensor], samples: int, weight_scale: int,
                   metrics: Mapping[str, float], enc: Encoding, out: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
-    """The node's byte vector (see the module doc) and the metric names it carries, in slot order.
-
-    ``out``: ``enc.nbytes`` bytes to encode into (e.g. the result's own pack file), whatever they hold.
-    """
-    if not 0 < samples <= weight_scale:
-        raise SecAggError(f"{samples} training samples exceed the round's weight scale {weight_scale} "
-                          "(did preprocess() add samples?)", code="secagg_range")
-    names = sorted(metrics)[:METRIC_SLOTS]
-    values = np.zeros(METRIC_SLOTS)
-    values[: len(names)] = [float(metrics[k]) for k in names]
-    if np.any(~np.isfinite(values)) or np.any(np.abs(values) > CLIP_64):
-        raise SecAggError(f"metrics must be finite and within ±{CLIP_64:g} for secure aggregation",
-                          code="secagg_range")
-    w = samples / weight_scale
+    """The node's byte vector (see the module doc), whole, and the metric names it carries, in slot
+    order. ``out``: ``enc.nbytes`` bytes to encode into, whatever they hold."""
+    encoder = UpdateEncoder(delta, samples, weight_scale, metrics, enc)
     if out is None:
         out = np.empty(enc.nbytes, dtype=np.uint8)
     elif out.dtype != np.uint8 or out.shape != (enc.nbytes,):
         raise SecAggError(f"an encoded update is {enc.nbytes} bytes", code="secagg_protocol")
-    out[4 * sum(enc.numels32) : enc.boundary] = 0  # the padding between the sections
-    s32 = out[: enc.boundary].view(np.int32)
-    s64 = out[enc.boundary :].view(np.int64)
-    clipped = _fill(s32, delta, enc.names32, enc.numels32, w * 2.0**enc.frac_bits, enc.clip)
-    clipped += _fill(s64, delta, enc.names64, enc.numels64, w * 2.0**FRAC_BITS_64, CLIP_64)
-    tail = sum(enc.numels64)
-    s64[tail] = samples
-    s64[tail + 1 :] = np.rint(values * (w * 2.0**FRAC_BITS_64))
-    if clipped:
-        log.warning("secure aggregation clipped %d update values", clipped)
-    return out, names
+    encoder.fill(out, 0)
+    encoder.log_clipped()
+    return out, encoder.names
 
 
 _BLOCK = 1 << 16  # elements converted at a time: the float64 scratch stays in cache
 
 
-def _fill(section: np.ndarray, delta: Mapping[str, torch.Tensor], names, numels, scale: float, clip: float) -> int:
-    """Write each tensor's ``round(clip(value) * scale)`` into ``section``; returns how many were
-    clipped. The range is checked once per tensor, on its own values (one pass, and a NaN or an
-    infinity is refused there), so the block loop clips only tensors that need it."""
-    limit = clip * scale
-    scratch = np.empty(_BLOCK)
-    pos, clipped = 0, 0
+class UpdateEncoder:
+    """One update's byte vector, made a block at a time (:meth:`fill`), so that a node can mask and
+    write each block while it is in cache: the whole vector never goes through memory.
+
+    Everything is checked here first (sample count, metrics, each tensor's size and range: a NaN or
+    an infinity is refused), so a refused update fails before a byte is made.
+    """
+
+    def __init__(self, delta: Mapping[str, torch.Tensor], samples: int, weight_scale: int,
+                 metrics: Mapping[str, float], enc: Encoding) -> None:
+        if not 0 < samples <= weight_scale:
+            raise SecAggError(f"{samples} training samples exceed the round's weight scale {weight_scale} "
+                              "(did preprocess() add samples?)", code="secagg_range")
+        self.names = sorted(metrics)[:METRIC_SLOTS]
+        values = np.zeros(METRIC_SLOTS)
+        values[: len(self.names)] = [float(metrics[k]) for k in self.names]
+        if np.any(~np.isfinite(values)) or np.any(np.abs(values) > CLIP_64):
+            raise SecAggError(f"metrics must be finite and within ±{CLIP_64:g} for secure aggregation",
+                              code="secagg_range")
+        w = samples / weight_scale
+        self.nbytes, self.boundary = enc.nbytes, enc.boundary
+        self._padding = 4 * sum(enc.numels32)  # first byte of the padding between the sections
+        self._s32 = _segments(delta, enc.names32, enc.numels32, w * 2.0**enc.frac_bits, enc.clip)
+        self._s64 = _segments(delta, enc.names64, enc.numels64, w * 2.0**FRAC_BITS_64, CLIP_64)
+        tail = np.empty(1 + METRIC_SLOTS, dtype=np.int64)
+        tail[0] = samples
+        tail[1:] = np.rint(values * (w * 2.0**FRAC_BITS_64))
+        self._s64.append((sum(enc.numels64), tail.size, tail, None, None))
+        self._scratch = np.empty(_BLOCK)
+        self.clipped = 0
+
+    def fill(self, out: np.ndarray, offset: int) -> None:
+        """Bytes ``offset .. offset + out.size`` of the vector into ``out`` (uint8; ``offset`` a
+        multiple of 8)."""
+        if offset % 8 or offset < 0 or offset + out.size > self.nbytes:
+            raise SecAggError(f"bytes {offset}+{out.size} are not a block of the vector", code="secagg_protocol")
+        end = offset + out.size
+        cut = min(end, self._padding)
+        if offset < cut:
+            self._words(out[: cut - offset].view(np.int32), offset // 4, self._s32)
+        lo, hi = max(offset, self._padding), min(end, self.boundary)
+        if lo < hi:
+            out[lo - offset : hi - offset] = 0
+        lo = max(offset, self.boundary)
+        if lo < end:
+            self._words(out[lo - offset :].view(np.int64), (lo - self.boundary) // 8, self._s64)
+
+    def log_clipped(self) -> None:
+        if self.clipped:
+            log.warning("secure aggregation clipped %d update values", self.clipped)
+
+    def _words(self, dst: np.ndarray, first: int, segments: list) -> None:
+        """Words ``first .. first + dst.size`` of a section into ``dst``."""
+        last = first + dst.size
+        for start, n, values, scale, limit in segments:
+            lo, hi = max(first, start), min(last, start + n)
+            if lo >= hi:
+                continue
+            if scale is None:  # already words
+                dst[lo - first : hi - first] = values[lo - start : hi - start]
+                continue
+            for a in range(lo, hi, _BLOCK):
+                b = min(hi, a + _BLOCK)
+                d = self._scratch[: b - a]
+                np.multiply(values[a - start : b - start], scale, out=d, dtype=np.float64)
+                if limit is not None:
+                    self.clipped += int(np.count_nonzero(np.abs(d) > limit))
+                    np.clip(d, -limit, limit, out=d)
+                np.rint(d, out=d)
+                dst[a - first : b - first] = d
+
+
+def _segments(delta: Mapping[str, torch.Tensor], names, numels, scale: float, clip: float) -> list:
+    """``(first word, words, values, scale, limit)`` per tensor of a section; ``limit`` (the scaled
+    clip) only for a tensor with values beyond the clip, else None.
+    The range is checked once per tensor, on its own values (one pass), so only tensors that need it
+    are clipped block by block."""
+    out, start = [], 0
     for name, n in zip(names, numels):
         t = delta[name].detach().reshape(-1)
         if t.numel() != n:
             raise SecAggError(f"tensor {name!r} has {t.numel()} elements, expected {n}", code="secagg_protocol")
-        if n == 0:
-            continue
-        lo, hi = (float(v) for v in torch.aminmax(t))
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise SecAggError(f"tensor {name!r} holds NaN or infinite values", code="secagg_range")
-        needs_clip = hi > clip or lo < -clip
-        values = t.numpy()  # only read: the caller's tensor is untouched
-        for start in range(0, n, _BLOCK):
-            d = scratch[: min(_BLOCK, n - start)]
-            np.multiply(values[start : start + d.size], scale, out=d, dtype=np.float64)
-            if needs_clip:
-                clipped += int(np.count_nonzero(np.abs(d) > limit))
-                np.clip(d, -limit, limit, out=d)
-            np.rint(d, out=d)
-            section[pos + start : pos + start + d.size] = d
-        pos += n
-    return clipped
+        if n:
+            lo, hi = (float(v) for v in torch.aminmax(t))
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise SecAggError(f"tensor {name!r} holds NaN or infinite values", code="secagg_range")
+            out.append((start, n, t.numpy(), scale, clip * scale if (hi > clip or lo < -clip) else None))
+        start += n
+    return out
 
 
 def decode_sum(total: np.ndarray, enc: Encoding, weight_scale: int) -> tuple[dict[str, np.ndarray], int, np.ndarray]:

@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 from nacl.public import PrivateKey
@@ -188,9 +188,11 @@ class NodeSession:
             raise SecAggError("a share index is 1..participants", code="secagg_protocol")
         self.held[owner] = (x, _hex(payload.get("s"), "a share"), _hex(payload.get("b"), "a share"))
 
-    def mask(self, vector: np.ndarray, boundary: int) -> None:
-        """Add this node's self mask and its pairwise masks with every member to ``vector`` in place
-        (an encoded byte vector whose 64-bit section starts at byte ``boundary``)."""
+    def masked_blocks(self, fill: Callable[[np.ndarray, int], None], nbytes: int, boundary: int) -> Iterator[np.ndarray]:
+        """This node's vector of ``nbytes`` bytes (64-bit section from byte ``boundary``), which
+        ``fill(block, offset)`` makes block by block, with its self mask and its pairwise masks
+        with every member added: the masked blocks, in order. Once per round: asking again is
+        refused (two vectors under one mask would leak their difference)."""
         if not self.keys:
             raise SecAggError("masking before the members' keys arrived", code="secagg_protocol")
         if self.members is not None:
@@ -201,8 +203,8 @@ class NodeSession:
             (pair_seed(secret, self.keys[other], self.session, self.me, other), pair_sign(self.me, other))
             for other in members if other != self.me
         ]
-        Masker(vector.size, boundary, self.prg).apply_all(vector, masks)
         self.members = members
+        return Masker(nbytes, boundary, self.prg).masked_blocks(fill, masks)
 
     def reveal(self, survivors: Iterable[str], dropped: Iterable[str]) -> dict:
         """Shares for unmasking: self-seed shares of survivors, round-key shares of the dropped.

@@ -91,10 +91,14 @@ def _write(path, specs: Mapping[str, tuple], views, reuse) -> int:
     try:
         os.ftruncate(fd, data_start + offset)
         os.pwrite(fd, MAGIC + struct.pack("<Q", len(head)) + head, 0)
-        for name, _, _, off, _ in header:
-            _pwrite_all(fd, views(name), data_start + off)
-    finally:
+        for name, _, _, off, nbytes in header:
+            if _pwrite_all(fd, views(name), data_start + off) != nbytes:
+                raise StoreError(f"tensor {name!r}: its data is not {nbytes} bytes", code="bad_value")
+    except BaseException:
         os.close(fd)
+        os.unlink(tmp)  # never a half-written pack, nor its temporary
+        raise
+    os.close(fd)
     os.replace(tmp, path)
     return data_start + offset
 
@@ -103,12 +107,15 @@ def _data_start(header_len: int) -> int:
     return -(-(16 + header_len) // _ALIGN) * _ALIGN
 
 
-def _pwrite_all(fd: int, views, pos: int) -> None:
+def _pwrite_all(fd: int, views, pos: int) -> int:
+    """Write ``views`` one after the other from ``pos``; returns the bytes written."""
+    start = pos
     for view in views:
         while view.nbytes:
             n = os.pwrite(fd, view, pos)
             pos += n
             view = view[n:]
+    return pos - start
 
 
 def update_pack(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -202,6 +209,16 @@ class BlobStore:
     def write(self, name: str, tensors: Mapping[str, torch.Tensor]) -> int:
         """Write a pack ``name`` (replacing one of that name, whose file becomes a spare)."""
         size = write_pack(self._new(name), tensors, reuse=self._claim_spare())
+        self._install(name)
+        return size
+
+    def write_stream(self, name: str, tensor: str, dtype: torch.dtype, shape: tuple[int, ...], blocks) -> int:
+        """Write a pack ``name`` of one tensor whose bytes come from ``blocks`` (arrays, in order),
+        made while they are written: a masked vector is encoded, masked and written a block at a
+        time and never exists whole. A pack that gets too few or too many bytes is not installed."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        views = lambda _: (memoryview(b).cast("B") for b in blocks)  # noqa: E731
+        size = _write(self._new(name), {tensor: (dtype, tuple(shape), nbytes)}, views, self._claim_spare())
         self._install(name)
         return size
 
