@@ -8,6 +8,13 @@ copy=False frames under CURVE (tools/bench_wire.py's raw side); meshfl and raw r
 so machine noise hits both alike. Prints JSON: median round time of each and their ratio, the
 researcher's peak RSS above its baseline in model sizes, and the fixed cost of a small round.
 
+Right after the small case, the same round runs as tools/bench_floor.py: a lean script that does
+only the durable work the design requires (a synced commit of each task, of its result and of
+its ack, a warm worker process, a checkpoint), with no framework. Raw pyzmq only moves bytes; the
+floor is what such a round costs on this machine at least, and ``ratio_meshfl_over_floor`` what
+meshfl adds. (Its rounds are not interleaved with meshfl's: each side's commits after a round
+would slow the other's next round.)
+
     python tools/bench_round.py                       # P = 5e7 and P = 1e5, K = 8
     python tools/bench_round.py --params 1e7 --nodes 4 --rounds 3
 """
@@ -31,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from bench_floor import run_floor  # noqa: E402
 from bench_wire import RawSide, rss_mb  # noqa: E402
 from meshfl.home import Home  # noqa: E402
 from meshfl.node._datasets import DatasetRegistry  # noqa: E402
@@ -176,9 +184,12 @@ def main() -> None:
         finally:
             shutil.rmtree(root, ignore_errors=True)
     small, large = out["cases"]
+    floor = run_floor(int(args.small_params), args.nodes, small["rounds_timed"])
+    small.update(floor, ratio_meshfl_over_floor=round(small["meshfl_median_round_s"] / floor["floor_median_round_s"], 3))
     out["summary"] = {
         "ratio_at_large_P": large["ratio_meshfl_over_raw"],
         "small_round_ms": round(small["meshfl_median_round_s"] * 1000, 2),
+        "small_round_floor_ms": round(floor["floor_median_round_s"] * 1000, 2),
         "researcher_peak_above_baseline_in_models": large["researcher_peak_above_baseline_in_models"],
     }
     print(json.dumps(out, indent=2))
