@@ -19,6 +19,7 @@ node then reports the task failed rather than lose it silently.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import os
@@ -122,59 +123,28 @@ def update_pack(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
     """Overwrite every tensor of the pack at ``path`` in place with ``tensors`` (the same names,
     dtypes and shapes): how a worker returns its result in the very file it got the model in."""
     label = os.path.basename(path)
-    header, data_start = _header(path)
-    layout = {name: (dtype, list(shape)) for name, dtype, shape, _, _ in header}
-    given = {name: (DTYPE_NAMES.get(t.dtype), list(t.shape)) for name, t in tensors.items()}
-    if given != layout:
-        raise StoreError(f"tensors do not match the layout of pack {label}", code="bad_value")
-    with open(path, "r+b") as f:
+    with _open_pack(path, "r+b") as (f, mm):
+        header, data_start = _parse_header(mm, label)
+        mm.close()
+        layout = {name: (dtype, list(shape)) for name, dtype, shape, _, _ in header}
+        given = {name: (DTYPE_NAMES.get(t.dtype), list(t.shape)) for name, t in tensors.items()}
+        if given != layout:
+            raise StoreError(f"tensors do not match the layout of pack {label}", code="bad_value")
         for name, _, _, off, _ in header:
             _pwrite_all(f.fileno(), _byte_views(tensors, name), data_start + off)
-
-
-def _header(path: str | Path) -> tuple[list, int]:
-    """A pack's header rows and where its data starts, read without mapping the file."""
-    label = os.path.basename(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-            if len(head) < 16 or head[:8] != MAGIC:
-                raise StoreError(f"{label} is not a tensor pack", code="corrupt")
-            (hlen,) = struct.unpack("<Q", head[8:16])
-            raw = f.read(hlen)
-    except FileNotFoundError:
-        raise StoreError(f"pack {label} is missing", code="not_found") from None
-    try:
-        return orjson.loads(raw), _data_start(hlen)
-    except orjson.JSONDecodeError:
-        raise StoreError(f"pack {label} has a corrupt header", code="corrupt") from None
 
 
 def read_pack(path: str | Path) -> dict[str, torch.Tensor]:
     """Map a pack and return its tensors as views. The mapping is private (copy-on-write): the
     tensors are writable and the file stays intact."""
     label = os.path.basename(path)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 16:
-                raise StoreError(f"pack {label} is truncated", code="corrupt")
-            mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
-    except FileNotFoundError:
-        raise StoreError(f"pack {label} is missing", code="not_found") from None
-    if mm[:8] != MAGIC:
-        raise StoreError(f"{label} is not a tensor pack", code="corrupt")
-    (hlen,) = struct.unpack("<Q", mm[8:16])
-    try:
-        header = orjson.loads(mm[16 : 16 + hlen])
-    except orjson.JSONDecodeError:
-        raise StoreError(f"pack {label} has a corrupt header", code="corrupt") from None
+    with _open_pack(path, "rb") as (f, mm):
+        header, data_start = _parse_header(mm, label)
     buf = np.frombuffer(mm, dtype=np.uint8)
-    data_start = _data_start(hlen)
     out: dict[str, torch.Tensor] = {}
     for name, dtype, shape, off, nbytes in header:
         off += data_start
-        if off + nbytes > size:
+        if off + nbytes > mm.size():
             raise StoreError(f"pack {label} is truncated", code="corrupt")
         dt = DTYPES[dtype]
         if nbytes == 0:
@@ -182,6 +152,32 @@ def read_pack(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             out[name] = torch.from_numpy(buf[off : off + nbytes]).view(dt).reshape(shape)
     return out
+
+
+@contextlib.contextmanager
+def _open_pack(path: str | Path, mode: str):
+    """The open pack file and a mapping of it (private copy-on-write when read-only)."""
+    label = os.path.basename(path)
+    try:
+        f = open(path, mode)
+    except FileNotFoundError:
+        raise StoreError(f"pack {label} is missing", code="not_found") from None
+    with f:
+        if os.fstat(f.fileno()).st_size < 16:
+            raise StoreError(f"pack {label} is truncated", code="corrupt")
+        access = mmap.ACCESS_COPY if mode == "rb" else mmap.ACCESS_READ
+        yield f, mmap.mmap(f.fileno(), 0, access=access)
+
+
+def _parse_header(mm, label: str) -> tuple[list, int]:
+    """A pack's header rows and the offset its data starts at."""
+    if mm[:8] != MAGIC:
+        raise StoreError(f"{label} is not a tensor pack", code="corrupt")
+    (hlen,) = struct.unpack("<Q", mm[8:16])
+    try:
+        return orjson.loads(mm[16 : 16 + hlen]), _data_start(hlen)
+    except orjson.JSONDecodeError:
+        raise StoreError(f"pack {label} has a corrupt header", code="corrupt") from None
 
 
 class BlobStore:
