@@ -72,7 +72,7 @@ def test_the_researcher_receives_only_masked_vectors(mesh3, monkeypatch):
 
     def spy_fill(self, out, offset):  # a node's true vector, block by block, before it is masked
         real_fill(self, out, offset)
-        blocks.setdefault(id(self), []).append(out.copy())
+        blocks.setdefault(self, []).append(out.copy())  # keyed by the encoder itself: ids are reused
 
     def spy_add(self, tensors, weight=0.0, node=""):
         received.append(tensors["masked"].numpy().copy())
