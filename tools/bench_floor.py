@@ -127,7 +127,14 @@ class FloorSide:
             home.mkdir(parents=True)
             self.children.append(subprocess.Popen(
                 [sys.executable, __file__, "--child", "node", str(i), f"tcp://127.0.0.1:{port}", pub.decode(), str(home)]))
-        self.ids = [self.router.recv_multipart()[0] for _ in range(k)]
+        self.router.setsockopt(zmq.RCVTIMEO, 120_000)  # a child that never says hello fails the run
+        try:
+            self.ids = [self.router.recv_multipart()[0] for _ in range(k)]
+        except zmq.Again:
+            for child in self.children:
+                child.kill()
+                child.wait()
+            raise RuntimeError("floor nodes did not start") from None
         self.rounds = 0
 
     def round_trip(self, model: torch.Tensor) -> float:
