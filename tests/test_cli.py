@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 import meshfl
 from meshfl.cli import main
+from meshfl.cli._home import DEFAULT_RESEARCHER_LISTEN
 from meshfl.home import Home
 from meshfl.node._plans import PlanRegistry
 
@@ -76,12 +77,15 @@ def test_version():
 def test_init_and_peer_id(tmp_path):
     home = tmp_path / "h"
     info = run_json("init", "--home", home, "--role", "researcher", "--name", "lab")
-    assert info["listen"] == "tcp://0.0.0.0:5555" and info["card"].startswith("meshfl1:")
+    assert info["listen"] == DEFAULT_RESEARCHER_LISTEN and info["card"].startswith("meshfl1:")  # written, not bound
     assert run_json("peer", "id", "--home", home)["peer_id"] == info["peer_id"]
     text = run("peer", "id", env={"MESHFL_HOME": str(home)}).output
     assert info["peer_id"] in text and info["card"] in text
     result = run("init", "--home", home, "--role", "node", "--name", "x", ok=False)
     assert result.exit_code == 1 and "already a meshfl home" in result.stderr
+    other = run_json("init", "--home", tmp_path / "r2", "--role", "researcher", "--name", "lab2",
+                     "--listen", "tcp://127.0.0.1:6543")
+    assert other["listen"] == "tcp://127.0.0.1:6543"
 
 
 def test_user_errors_are_one_line(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import threading
 import time
 
@@ -115,10 +116,12 @@ def _gated_round(tmp_path, kill: int):
     """5 nodes, t = 3: start a secure round, stop ``kill`` nodes once the key exchange is done
     (their tasks are queued, training waits at the gate), then open the gate."""
     gate = tmp_path / "gate"
-    with FederatedMesh(5, dead_after=2.0) as mesh:
+    with FederatedMesh(5, dead_after=2.0) as mesh, open(gate, "wb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # closed: training waits for the lock
         _register(mesh)
         mesh.approve(GatedPlan)
-        exp = Experiment(mesh.researcher, GatedPlan, ["blobs"], 1, training_args={"gate": str(gate), "test_fraction": 0},
+        exp = Experiment(mesh.researcher, GatedPlan, ["blobs"], 1,
+                         training_args={"gate": str(gate), "test_fraction": 0, "timeout": 60},
                          min_nodes=3, round_timeout=60, progress=False, secagg={"threshold": 3})
         g = {k: v.clone() for k, v in exp.global_state.items()}
         outcome: dict = {}
@@ -129,10 +132,10 @@ def _gated_round(tmp_path, kill: int):
             assert wait_until(lambda: all(len(n.queue.list()) == 1 for n in mesh.nodes))  # all past the exchange
             for node in victims:
                 node.stop()
-            gate.touch()
+            fcntl.flock(held, fcntl.LOCK_UN)  # open the gate
             runner.join(90)
         finally:
-            gate.touch()
+            fcntl.flock(held, fcntl.LOCK_UN)
             runner.join(90)
             mesh.nodes[:] = mesh.nodes[kill:]  # the stopped ones are not stopped twice
         survivors = SIZES[kill:]
