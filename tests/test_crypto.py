@@ -451,6 +451,11 @@ def test_keystream_chunks_are_the_prg_words_chunk_by_chunk():
     for i in range(3):
         assert chunks.chunk(seed, i).tobytes() == whole[i * CHUNK_BYTES : (i + 1) * CHUNK_BYTES].tobytes()
     assert chunks.chunk(seed, 3, 400).tobytes() == whole[3 * CHUNK_BYTES :].tobytes()  # a short last chunk
+    if "aegis128l" in PRG_ALGORITHMS:  # and each chunk is libsodium's AEGIS-128L of zeros, by its own binding
+        for index, n in ((0, CHUNK_BYTES), (3, 400)):
+            nonce = _prg._NONCE_PREFIX + index.to_bytes(8, "little")
+            expect = nacl.bindings.crypto_aead_aegis128l_encrypt(bytes(n), None, nonce, seed[:16])[:n]
+            assert chunks.chunk(seed, index, n).tobytes() == expect
 
 
 def test_prg_matches_libsodium_directly():

@@ -58,7 +58,7 @@ class Round:
     def masked(self, pid: str, members=None) -> np.ndarray:
         true = self.true[pid]
         fill = lambda block, offset: np.copyto(block, true[offset : offset + block.size])  # noqa: E731
-        blocks = self.sessions[pid].masked_blocks(fill, self.enc.nbytes, self.enc.boundary)  # with the members of exchange()
+        blocks = self.sessions[pid].masked_blocks(fill, self.enc.nbytes, self.enc.boundary)  # exchange()'s members
         return np.concatenate([b.copy() for b in blocks])
 
     def researcher_sum(self, survivors, members) -> np.ndarray:
@@ -252,7 +252,7 @@ def test_fixed_point_sum_matches_the_weighted_mean_within_the_documented_bound(s
 
 
 def test_encoding_into_a_used_buffer_gives_the_same_bytes():
-    """A node encodes into its result's pack file, which holds an old model: nothing of it may stay."""
+    """Encoding into a buffer that holds old bytes (padding included) leaves nothing of them."""
     state = {"w": torch.randn(7), "running_mean": torch.randn(3)}  # 7 words: 4 bytes of padding
     enc = Encoding.for_state(state, {"w"}, frac_bits_for(4, 8.0))
     fresh, names = encode_update(state, 10, 20, {"loss": 0.5}, enc)

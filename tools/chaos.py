@@ -50,9 +50,7 @@ def researcher_main(home: str, rounds: int, nodes: int) -> None:
     import logging
 
     from chaos_plan import ChaosPlan
-    from meshfl.researcher import Experiment, Researcher
-
-    from meshfl.researcher import RoundFailed
+    from meshfl.researcher import Experiment, Researcher, RoundFailed
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with Researcher(home) as researcher:

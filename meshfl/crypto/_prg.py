@@ -80,19 +80,21 @@ def prg_uint32(seed: bytes, n: int, *, out: np.ndarray | None = None,
         raise CryptoError("out must be a writable C-contiguous uint32 array of n words", code="bad_argument")
     if n == 0:
         return out
-    buf = ffi.from_buffer("unsigned char[]", out, require_writable=True)
     if algorithm == "chacha20":
-        lib.randombytes_buf_deterministic(buf, 4 * n, seed)
-    else:
-        _aegis_keystream(buf, 4 * n, seed)
+        lib.randombytes_buf_deterministic(ffi.from_buffer("unsigned char[]", out, require_writable=True), 4 * n, seed)
+        return out
+    stream, raw = AegisChunks(), out.view(np.uint8)
+    for index, start in enumerate(range(0, raw.size, CHUNK_BYTES)):
+        block = raw[start : start + CHUNK_BYTES]
+        block[:] = stream.chunk(seed, index, block.size)
     return out
 
 
 class AegisChunks:
-    """AEGIS keystream one chunk at a time, into one reusable buffer with room for the AEAD's
-    32-byte tag after the chunk. Mask code walks a long vector chunk by chunk, for many seeds:
-    going through :func:`prg_uint32` there cost a zeroed scratch buffer and a copy per chunk,
-    more than the keystream itself."""
+    """The AEGIS keystream one chunk at a time, into one reusable buffer with room for the AEAD's
+    32-byte tag after the chunk: mask code walks a long vector chunk by chunk, for many seeds,
+    and uses each chunk where it lies. The one implementation of the keystream
+    (:func:`prg_uint32` copies its chunks out)."""
 
     def __init__(self) -> None:
         if not _HAS_AEGIS:
@@ -109,24 +111,3 @@ class AegisChunks:
         lib.crypto_aead_aegis128l_encrypt(self._ptr, ffi.NULL, _ZEROS, nbytes, ffi.NULL, 0, ffi.NULL, nonce,
                                           seed[:_KEY_BYTES])
         return self._buf[:nbytes]
-
-
-def _aegis_keystream(buf, total: int, seed: bytes) -> None:
-    key = seed[:_KEY_BYTES]
-    scratch = None
-    offset, index = 0, 0
-    while offset < total:
-        length = min(CHUNK_BYTES, total - offset)
-        nonce = _NONCE_PREFIX + index.to_bytes(8, "little")
-        if offset + length + _TAG_BYTES <= total:
-            # The tag spills into the next chunk's space, which the next call overwrites.
-            lib.crypto_aead_aegis128l_encrypt(buf + offset, ffi.NULL, _ZEROS, length,
-                                             ffi.NULL, 0, ffi.NULL, nonce, key)
-        else:  # the last chunk: no room for the tag, go through a small scratch buffer
-            if scratch is None:
-                scratch = ffi.new("unsigned char[]", CHUNK_BYTES + _TAG_BYTES)
-            lib.crypto_aead_aegis128l_encrypt(scratch, ffi.NULL, _ZEROS, length,
-                                             ffi.NULL, 0, ffi.NULL, nonce, key)
-            ffi.memmove(buf + offset, scratch, length)
-        offset += length
-        index += 1

@@ -434,7 +434,8 @@ class Node:
         enc = Encoding.for_state(delta, set(spec["parameters"]), spec["frac_bits"], spec["clip"])
         encoder = UpdateEncoder(delta, result["samples"], spec["weight_scale"], result["metrics"], enc)
         blocks = session.masked_blocks(encoder.fill, enc.nbytes, enc.boundary)
-        self.blobs.write_stream(task_id, VECTOR, torch.int32, (enc.nbytes // 4,), blocks)  # the delta's file becomes a spare
+        # The masked vector replaces the delta's pack, whose file becomes a spare.
+        self.blobs.write_stream(task_id, VECTOR, torch.int32, (enc.nbytes // 4,), blocks)
         encoder.log_clipped()
         return {"ok": True, "metric_names": encoder.names, "duration": result["duration"]}
 

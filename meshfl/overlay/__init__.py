@@ -15,9 +15,11 @@ whose expiry has passed. Ids are remembered until their expiry, and an expiry mo
 
 Only one hop: a relay forwards only messages that came straight from their source, so no message
 can loop. A protocol may also carry sealed messages in bulk inside its own messages
-(:func:`bundle`, :func:`unbundle`); :meth:`Overlay.accept` checks each as if it came alone. Not durable: the overlay carries short-lived protocol messages (secure-aggregation
-shares) whose senders give up on a round rather than queue for it; the replay memory is lost with
-a restart, which the short expiry bounds.
+(:func:`bundle`, :func:`unbundle`); :meth:`Overlay.accept` checks each as if it came alone.
+
+Not durable: the overlay carries short-lived protocol messages (secure-aggregation shares) whose
+senders give up on a round rather than queue for it; the replay memory is lost with a restart,
+which the short expiry bounds.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ leftover masks from the sum of the survivors' vectors.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -30,7 +29,6 @@ from ._fixed import SecAggError
 from ._masks import Masker, pair_seed, pair_sign
 
 _KEY_CONTEXT = b"meshfl.secagg.key.v1\x00"
-log = logging.getLogger("meshfl.secagg")
 
 
 def key_statement(session: str, public: bytes) -> bytes:
