@@ -71,7 +71,7 @@ declare("task.cancelled", required={"count": "int"})
 declare("secagg.setup", required={"session": "str", "participants": "list", "threshold": "int", "prg": "str"})
 # The nodes' sealed shares ride along in bulk (overlay.bundle): headers in ``shares``, sealed
 # bytes as tensors ``share.i``; the researcher passes each node those addressed to it.
-declare("secagg.key", required={"session": "str", "public": "str", "signature": "str"},
+declare("secagg.key", required={"session": "str", "public": "str"},
         optional={"shares": "list"}, tensors=True)
 declare("secagg.keys", required={"session": "str", "keys": "dict"},  # one-way; {} calls the round off
         optional={"shares": "list"}, tensors=True)

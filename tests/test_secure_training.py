@@ -57,7 +57,7 @@ def test_secure_round_equals_plain_fedavg_within_the_quantization_bound(mesh3):
     n_total = plain_history[0]["samples"]
     assert secure_history[0]["samples"] == n_total  # only the total sample count is learned
     # docs/security.md: K * 2**-(frac_bits + 1) * W / N for K nodes, weight scale W (the largest
-    # dataset), N samples; plus float32 arithmetic on the nodes.
+    # dataset), N samples; plus float32 arithmetic (2**-21 of these deltas, well below 1e-6).
     bound = 3 * 2.0 ** -(frac_bits_for(3, DEFAULT_CLIP) + 1) * max(SIZES[:3]) / n_total + 1e-6
     for name, value in plain.global_state.items():
         assert torch.allclose(secure.global_state[name], value, atol=bound, rtol=0), name

@@ -357,7 +357,7 @@ class Node:
     # ------------------------------------------------------------------ secure aggregation
     def _on_secagg_setup(self, msg: Message) -> Message:
         """Open a round: make its secrets, seal their shares to the other participants, answer
-        with the signed round key and the sealed shares (the researcher passes them on)."""
+        with the round key and the sealed shares (the researcher passes them on)."""
         f = msg.fields
         participants = [str(p) for p in f["participants"]]
         session = NodeSession(self.home.identity, f["session"], msg.sender, participants, f["threshold"], f["prg"])

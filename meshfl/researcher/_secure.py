@@ -1,7 +1,7 @@
 """The researcher's side of one secure-aggregation round: set-up beside training, unmasking after.
 
 :class:`SecureRound` talks to the nodes (request/reply through the Researcher) and keeps what the
-researcher may know: the signed round keys, who took part at each step, the masked sum. The
+researcher may know: the round keys, who took part at each step, the masked sum. The
 cryptography is in :mod:`meshfl.secagg`.
 """
 
@@ -70,7 +70,7 @@ class SecureRound:
         self.encoding = Encoding.for_state(global_state, self.parameters, frac_bits_for(len(self.nodes), clip), clip)
         self.prg = DEFAULT_PRG
         self.keys: dict[str, bytes] = {}
-        self.signed_keys: dict[str, list] = {}  # as the nodes sent them, passed on in train requests
+        self.public_keys: dict[str, str] = {}  # as the nodes sent them (hex), passed on in secagg.keys
         self.members: list[str] = []
         self.sum = MaskedSum(self.encoding)
         self.seconds: dict[str, float] = {}  # time spent in set-up and unmasking, for the history
@@ -89,7 +89,7 @@ class SecureRound:
 
     def start(self) -> None:
         """Ask every node to open the round: make its round secrets, seal their shares to the other
-        participants and answer with its signed round key and those shares. Does not wait: the
+        participants and answer with its round key and those shares. Does not wait: the
         train requests go out next, and :meth:`exchange_keys` collects the answers."""
         self._started = time.monotonic()
         try:
@@ -102,7 +102,7 @@ class SecureRound:
 
     def exchange_keys(self, failed: dict) -> list[str]:
         """Wait for the set-up answers; the nodes that answered are the round's members, and every
-        participant gets their signed keys (an empty list if too few answered: the round is off)
+        participant gets their round keys (an empty list if too few answered: the round is off)
         with the members' shares sealed to it, which we pass on unread."""
         shares: dict[str, list[Message]] = {n: [] for n in self.nodes}  # recipient -> sealed shares
         for node, reply in self._answers(self._setup, failed).items():
@@ -116,13 +116,13 @@ class SecureRound:
                                 "and shares from its sender to participants"}
                 continue
             self.keys[node] = key
-            self.signed_keys[node] = [reply.fields["public"], reply.fields["signature"]]
+            self.public_keys[node] = reply.fields["public"]
             for m in sealed:
                 shares[m.fields["dst"]].append(m)
         enough = len(self.keys) >= self.threshold
         for node in self.nodes:
             headers, tensors = bundle(shares[node] if enough else [], "share")
-            fields = {"session": self.session, "keys": self.signed_keys if enough else {}, "shares": headers}
+            fields = {"session": self.session, "keys": self.public_keys if enough else {}, "shares": headers}
             try:
                 self.researcher.send(node, Message("secagg.keys", fields, tensors))
             except MeshflError as exc:

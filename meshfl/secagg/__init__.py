@@ -2,10 +2,11 @@
 
 Per round (see docs/security.md for the whole flow and threat model):
 
-1. every node makes a round key pair and a self-mask seed, signs the round key, splits its round
-   secret key and its self-mask seed into Shamir shares (threshold t) and seals one of each to
-   every other participant as an overlay message;
-2. the researcher passes on the signed keys and, unread, the sealed shares (``secagg.keys``);
+1. every node makes a round key pair and a self-mask seed, splits its round secret key and its
+   self-mask seed into Shamir shares (threshold t) and seals one of each, with its round public
+   key, to every other participant as an overlay message (signed by the node: end to end);
+2. the researcher passes on the keys and, unread, the sealed shares (``secagg.keys``); each node
+   checks every member's key against the one that member's share carried;
 3. each node trains, encodes its sample-weighted change ``w * (trained - global)``, its sample
    count and ``w * metrics`` in fixed point (:mod:`._fixed`: parameters in a 32-bit ring, the
    same bytes as a plain round, buffers and counts in a 64-bit one), adds its masks
@@ -34,7 +35,7 @@ from ._fixed import (
     frac_bits_for,
 )
 from ._masks import Masker, pair_seed, pair_sign, ring_apply
-from ._session import NodeSession, NodeSessions, check_threshold, key_statement, unmask
+from ._session import NodeSession, NodeSessions, check_threshold, unmask
 
 VECTOR = "masked"  # the one tensor of a masked result
 
@@ -90,7 +91,6 @@ __all__ = [
     "decode_sum",
     "encode_update",
     "frac_bits_for",
-    "key_statement",
     "pair_seed",
     "pair_sign",
     "ring_apply",

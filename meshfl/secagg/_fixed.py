@@ -22,7 +22,9 @@ default clip 8). Section 64 has ``2**62 / (K * CLIP_64 * 2**FRAC_BITS_64)`` to s
 
 Error bound: each value is rounded once (at most half a unit), so the averaged delta of a tensor is
 within ``K * 2**-(bits + 1) * W / N`` of the exact sample-weighted mean, for K summed nodes holding N
-samples, ``bits`` its section's fractional bits. Parameter deltas beyond ``±clip`` (default 8:
+samples, ``bits`` its section's fractional bits. Section 32 is scaled and read back in float32
+(half the memory traffic of float64), which adds at most ``2**-21 * max|delta|`` per element (the
+largest of the nodes' deltas there): a few float32 ulps of the update. Parameter deltas beyond ``±clip`` (default 8:
 far beyond a sane step) are clipped, and the node says so in its log; a NaN or an infinity (a
 diverged plan) fails the node's task with ``secagg_range`` rather than wrap into the sum.
 """
@@ -144,7 +146,11 @@ class UpdateEncoder:
         tail[0] = samples
         tail[1:] = np.rint(values * (w * 2.0**FRAC_BITS_64))
         self._s64.append((sum(enc.numels64), tail.size, tail, None, None))
-        self._scratch = np.empty(_BLOCK)
+        # Section 32 is scaled in float32: its words hold at most 2**30, and a float32 product is off
+        # by at most 2**-24 of the value, below the float32 precision of the update itself; half
+        # the memory traffic of float64. Section 64 (wide values, 2**62) needs float64.
+        self._scratch32 = np.empty(_BLOCK, dtype=np.float32)
+        self._scratch64 = np.empty(_BLOCK, dtype=np.float64)
         self.clipped = 0
 
     def fill(self, out: np.ndarray, offset: int) -> None:
@@ -155,20 +161,20 @@ class UpdateEncoder:
         end = offset + out.size
         cut = min(end, self._padding)
         if offset < cut:
-            self._words(out[: cut - offset].view(np.int32), offset // 4, self._s32)
+            self._words(out[: cut - offset].view(np.int32), offset // 4, self._s32, self._scratch32)
         lo, hi = max(offset, self._padding), min(end, self.boundary)
         if lo < hi:
             out[lo - offset : hi - offset] = 0
         lo = max(offset, self.boundary)
         if lo < end:
-            self._words(out[lo - offset :].view(np.int64), (lo - self.boundary) // 8, self._s64)
+            self._words(out[lo - offset :].view(np.int64), (lo - self.boundary) // 8, self._s64, self._scratch64)
 
     def log_clipped(self) -> None:
         if self.clipped:
             log.warning("secure aggregation clipped %d update values", self.clipped)
 
-    def _words(self, dst: np.ndarray, first: int, segments: list) -> None:
-        """Words ``first .. first + dst.size`` of a section into ``dst``."""
+    def _words(self, dst: np.ndarray, first: int, segments: list, scratch: np.ndarray) -> None:
+        """Words ``first .. first + dst.size`` of a section into ``dst``, scaled in ``scratch``'s dtype."""
         last = first + dst.size
         for start, n, values, scale, limit in segments:
             lo, hi = max(first, start), min(last, start + n)
@@ -179,8 +185,8 @@ class UpdateEncoder:
                 continue
             for a in range(lo, hi, _BLOCK):
                 b = min(hi, a + _BLOCK)
-                d = self._scratch[: b - a]
-                np.multiply(values[a - start : b - start], scale, out=d, dtype=np.float64)
+                d = scratch[: b - a]
+                np.multiply(values[a - start : b - start], scale, out=d, dtype=d.dtype)
                 if limit is not None:
                     self.clipped += int(np.count_nonzero(np.abs(d) > limit))
                     np.clip(d, -limit, limit, out=d)
@@ -208,7 +214,8 @@ def _segments(delta: Mapping[str, torch.Tensor], names, numels, scale: float, cl
 
 
 def decode_sum(total: np.ndarray, enc: Encoding, weight_scale: int) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
-    """The unmasked byte sum -> (sample-weighted mean delta per tensor, total samples, mean metric slots)."""
+    """The unmasked byte sum -> (sample-weighted mean delta per tensor, total samples, mean metric slots).
+    Parameters come back as float32 (one pass; the error bound covers it), the rest as float64."""
     s32 = total[: enc.boundary].view(np.int32)
     s64 = total[enc.boundary :].view(np.int64)
     tail = sum(enc.numels64)
@@ -217,11 +224,11 @@ def decode_sum(total: np.ndarray, enc: Encoding, weight_scale: int) -> tuple[dic
         raise SecAggError(f"the secure sum holds {samples} samples: masks did not cancel", code="secagg_protocol")
     weight = samples / weight_scale  # the sum of the members' w
     deltas: dict[str, np.ndarray] = {}
-    for section, names, numels, bits in ((s32, enc.names32, enc.numels32, enc.frac_bits),
-                                         (s64, enc.names64, enc.numels64, FRAC_BITS_64)):
-        pos = 0
+    for section, names, numels, bits, dtype in ((s32, enc.names32, enc.numels32, enc.frac_bits, np.float32),
+                                                (s64, enc.names64, enc.numels64, FRAC_BITS_64, np.float64)):
+        pos, scale = 0, dtype(1.0 / (weight * 2.0**bits))
         for name, n in zip(names, numels):
-            deltas[name] = section[pos : pos + n] / (weight * 2.0**bits)
+            deltas[name] = np.multiply(section[pos : pos + n], scale, dtype=dtype)
             pos += n
     metrics = s64[tail + 1 :] / (weight * 2.0**FRAC_BITS_64)
     return deltas, samples, metrics

@@ -2,8 +2,10 @@
 
 A node's :class:`NodeSession` holds its round secrets: an X25519 round key (pairwise masks) and a
 self-mask seed. Both are split into Shamir shares (threshold t) for the other participants at
-set-up; the members (participants whose signed round keys reached the researcher) come with the
-training request, and the node masks with exactly them. Each holder reveals shares to the
+set-up; each share also carries its sender's round public key, so the key comes sealed and signed
+by its owner, end to end. The members (participants whose round keys reached the researcher) come
+in the researcher's key list, and the node masks with exactly them, each key checked against the
+one its owner's share carried. Each holder reveals shares to the
 researcher for one of two purposes: the self-mask seed of a member that *sent* its masked vector,
 or the round key of a member that *dropped out*. A node reveals only once, for one partition of
 the members into survivors and dropped, and the threshold is a majority, so the researcher can
@@ -23,17 +25,10 @@ from typing import Callable, Iterable, Iterator, Mapping
 import numpy as np
 from nacl.public import PrivateKey
 
-from ..crypto import PRG_ALGORITHMS, SEED_BYTES, Identity, PeerCard, shamir_combine, shamir_split, verify_signature
+from ..crypto import PRG_ALGORITHMS, SEED_BYTES, Identity, PeerCard, shamir_combine, shamir_split
 from ..errors import CryptoError
 from ._fixed import SecAggError
 from ._masks import Masker, pair_seed, pair_sign
-
-_KEY_CONTEXT = b"meshfl.secagg.key.v1\x00"
-
-
-def key_statement(session: str, public: bytes) -> bytes:
-    """What a node signs to vouch for its round key (so no one can swap it on the way)."""
-    return _KEY_CONTEXT + session.encode() + b"\x00" + bytes(public)
 
 
 def check_threshold(threshold: int, participants: int) -> int:
@@ -86,16 +81,18 @@ class NodeSession:
         self._secret = PrivateKey.generate()
         self._self_seed = os.urandom(SEED_BYTES)
         self.public = bytes(self._secret.public_key)
-        self.keys: dict[str, bytes] = {}  # members' verified round keys (from secagg.keys)
+        self.keys: dict[str, bytes] = {}  # members' checked round keys (from secagg.keys)
         self.held: dict[str, tuple[int, bytes, bytes]] = {}  # owner -> (x, round-key share, self-seed share)
+        self._sealed_keys: dict[str, bytes] = {}  # owner -> the round key its sealed share carried
         self.members: tuple[str, ...] | None = None  # who this node masked with
         self.revealed: tuple[str, ...] | None = None  # the survivors it revealed for
         self._keys_known = threading.Event()  # set_keys succeeded, or the key list was refused
         self._keys_error: SecAggError | None = None
 
     def key_fields(self) -> dict:
-        """The signed round key for the researcher to pass on."""
-        return {"public": self.public.hex(), "signature": self._identity.sign(key_statement(self.session, self.public)).hex()}
+        """The round key for the researcher to pass on (the members check it against the one
+        this node's sealed share gave them)."""
+        return {"public": self.public.hex()}
 
     def distribute(self, card_of: Callable[[str], PeerCard | None]) -> list[tuple[str, dict]]:
         """Split this node's secrets; one share payload per other participant, to send sealed."""
@@ -114,11 +111,12 @@ class NodeSession:
                 self.held[pid] = (x, key_share, seed_share)
             else:
                 out.append((pid, {"type": "secagg.share", "session": self.session, "x": x,
-                                  "s": key_share.hex(), "b": seed_share.hex()}))
+                                  "s": key_share.hex(), "b": seed_share.hex(), "public": self.public.hex()}))
         return out
 
-    def set_keys(self, keys: Mapping[str, list], card_of: Callable[[str], PeerCard | None]) -> None:
-        """Take the members' signed round keys (the researcher passes them on); check each signature.
+    def set_keys(self, keys: Mapping[str, str], card_of: Callable[[str], PeerCard | None]) -> None:
+        """Take the members' round keys (the researcher passes them on); each must be the key its
+        owner's sealed share carried, so that no one on the way can swap it.
 
         The members are the participants whose keys the researcher got: this node masks with them.
         An empty list means the researcher called the round off. Either way :meth:`wait_keys`
@@ -148,35 +146,34 @@ class NodeSession:
         if self._keys_error is not None:
             raise SecAggError(self._keys_error.message, code=self._keys_error.code)
 
-    def _set_keys(self, keys: Mapping[str, list], card_of: Callable[[str], PeerCard | None]) -> None:
+    def _set_keys(self, keys: Mapping[str, str], card_of: Callable[[str], PeerCard | None]) -> None:
         if isinstance(keys, Mapping) and not keys:
             raise SecAggError("the researcher called this secure round off", code="secagg_not_enough")
         if not isinstance(keys, Mapping) or not set(keys) <= self.participants or self.me not in keys:
             raise SecAggError("the key list must name participants, this node among them", code="secagg_protocol")
         if len(keys) < self.threshold:
             raise SecAggError(f"{len(keys)} members cannot meet threshold {self.threshold}", code="secagg_not_enough")
-        verified = {}
+        checked = {}
         for pid, entry in keys.items():
-            if not (isinstance(entry, list) and len(entry) == 2):
-                raise SecAggError(f"key entry of {pid} must be [public, signature]", code="secagg_protocol")
-            public, signature = _hex(entry[0], "a round key", 32), _hex(entry[1], "a key signature", 64)
-            card = card_of(pid)
+            public = _hex(entry, "a round key", 32)
             if pid == self.me:
                 if public != self.public:
                     raise SecAggError("the researcher passed on another key for this node", code="secagg_protocol")
-            elif card is None:
+            elif card_of(pid) is None:
                 raise SecAggError(f"this node does not trust member {pid}", code="secagg_untrusted_peer",
                                   details={"peers": [pid]})
-            else:
-                try:
-                    verify_signature(card.sign_key, key_statement(self.session, public), signature)
-                except CryptoError:
-                    raise SecAggError(f"the round key of {pid} is not signed by it", code="secagg_protocol") from None
-            verified[pid] = public
-        self.keys = verified
+            elif pid not in self._sealed_keys:
+                raise SecAggError(f"no share from member {pid} reached this node: its round key is unchecked",
+                                  code="secagg_protocol")
+            elif public != self._sealed_keys[pid]:
+                raise SecAggError(f"the round key of {pid} is not the one its sealed share carried",
+                                  code="secagg_protocol")
+            checked[pid] = public
+        self.keys = checked
 
     def receive_share(self, owner: str, payload: Mapping) -> None:
-        """Keep ``owner``'s shares (they come with the key list)."""
+        """Keep ``owner``'s shares and its round key (they come, sealed by ``owner``, with the key
+        list)."""
         if owner not in self.participants or owner == self.me:
             raise SecAggError(f"{owner} is not another participant of {self.session}", code="secagg_protocol")
         if owner in self.held:
@@ -184,7 +181,9 @@ class NodeSession:
         x = payload.get("x")
         if isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= len(self.participants):
             raise SecAggError("a share index is 1..participants", code="secagg_protocol")
+        public = _hex(payload.get("public"), "a round key", 32)
         self.held[owner] = (x, _hex(payload.get("s"), "a share"), _hex(payload.get("b"), "a share"))
+        self._sealed_keys[owner] = public
 
     def masked_blocks(self, fill: Callable[[np.ndarray, int], None], nbytes: int, boundary: int) -> Iterator[np.ndarray]:
         """This node's vector of ``nbytes`` bytes (64-bit section from byte ``boundary``), which
