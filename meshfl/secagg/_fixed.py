@@ -24,9 +24,10 @@ Error bound: each value is rounded once (at most half a unit), so the averaged d
 within ``K * 2**-(bits + 1) * W / N`` of the exact sample-weighted mean, for K summed nodes holding N
 samples, ``bits`` its section's fractional bits. Section 32 is scaled and read back in float32
 (half the memory traffic of float64), which adds at most ``2**-21 * max|delta|`` per element (the
-largest of the nodes' deltas there): a few float32 ulps of the update. Parameter deltas beyond ``±clip`` (default 8:
-far beyond a sane step) are clipped, and the node says so in its log; a NaN or an infinity (a
-diverged plan) fails the node's task with ``secagg_range`` rather than wrap into the sum.
+largest of the nodes' deltas there): a few float32 ulps of the update. Parameter deltas beyond
+``±clip`` (default 8: far beyond a sane step) are clipped, and the node says so in its log; a NaN
+or an infinity (a diverged plan) fails the node's task with ``secagg_range`` rather than wrap into
+the sum.
 """
 
 from __future__ import annotations

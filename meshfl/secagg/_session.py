@@ -5,11 +5,11 @@ self-mask seed. Both are split into Shamir shares (threshold t) for the other pa
 set-up; each share also carries its sender's round public key, so the key comes sealed and signed
 by its owner, end to end. The members (participants whose round keys reached the researcher) come
 in the researcher's key list, and the node masks with exactly them, each key checked against the
-one its owner's share carried. Each holder reveals shares to the
-researcher for one of two purposes: the self-mask seed of a member that *sent* its masked vector,
-or the round key of a member that *dropped out*. A node reveals only once, for one partition of
-the members into survivors and dropped, and the threshold is a majority, so the researcher can
-never get both secrets of one node (which would unmask that node's vector).
+one its owner's share carried. Each holder reveals shares to the researcher for one of two
+purposes: the self-mask seed of a member that *sent* its masked vector, or the round key of a
+member that *dropped out*. A node reveals only once, for one partition of the members into
+survivors and dropped, and the threshold is a majority, so the researcher can never get both
+secrets of one node (which would unmask that node's vector).
 
 The researcher's :func:`unmask` takes the revealed shares, rebuilds those secrets and strips the
 leftover masks from the sum of the survivors' vectors.
@@ -77,7 +77,6 @@ class NodeSession:
             raise SecAggError(f"mask PRG {prg!r} is not available here (have {PRG_ALGORITHMS})", code="secagg_protocol")
         self.prg = prg
         self.created = time.monotonic()
-        self._identity = identity
         self._secret = PrivateKey.generate()
         self._self_seed = os.urandom(SEED_BYTES)
         self.public = bytes(self._secret.public_key)
