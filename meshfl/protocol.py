@@ -13,7 +13,7 @@ Training is a durable exchange rather than one long request:
    ZeroMQ nor the researcher ever buffers more than a window per node (credit flow control).
 
 With secure aggregation, ``secagg.setup`` comes just before ``train`` (whose ``secagg`` field
-names the session) and ``secagg.keys`` (the members' signed round keys, and the shares sealed to
+names the session) and ``secagg.keys`` (the members' round keys, and the shares sealed to
 this node) follows once every node has answered the set-up, so the key exchange runs while the
 model travels and trains; a node waits for the keys only to mask its result, which is one masked
 vector. ``secagg.unmask`` follows the round's last result.

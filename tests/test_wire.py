@@ -246,6 +246,7 @@ def test_a_pack_is_updated_in_place_and_replaced_files_are_recycled(tmp_path):
             blobs.write_stream("next", "v", torch.int32, (10,), bad)
         assert torch.equal(blobs.read("next")["v"], torch.arange(10, dtype=torch.int32))  # untouched
     open(blobs.path("failed") + ".new", "wb").close()  # a write a crash cut short, never installed
+    open(blobs.path("failed") + ".new.tmp", "wb").close()  # and one cut short earlier still
     blobs.delete("failed")
     assert sorted(os.listdir(tmp_path)) == ["next.pack", "task.pack"]
 

@@ -402,9 +402,10 @@ class Node:
                 "clip": float(clip), "frac_bits": frac_bits}
 
     def _on_secagg_keys(self, msg: Message) -> None:
-        """The members' signed round keys and their shares for this node: the task of this round
-        masks its result with the keys. A share that does not check out is refused and audited
-        (the overlay's checks); the others still count."""
+        """The members' round keys and their shares for this node: the task of this round masks
+        its result with the keys, each checked against the copy its owner's share carried. A share
+        that does not check out is refused and audited (the overlay's checks); without it, its
+        owner's key cannot be checked, and the key list (so the task) fails."""
         session = self.secagg.get(msg.fields["session"], msg.sender)
         try:
             envelopes = unbundle(msg.fields.get("shares", []), msg.tensors, "share")

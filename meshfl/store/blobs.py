@@ -259,14 +259,16 @@ class BlobStore:
         return os.path.exists(self.path(name))
 
     def delete(self, name: str) -> None:
-        """Delete pack ``name`` (its file becomes a spare), and a new one never committed."""
+        """Delete pack ``name`` (its file becomes a spare), and any new one a crash left
+        uncommitted (its ``.new`` file, or the temporary that becomes it)."""
         path = self.path(name)
         try:
             self._keep_as_spare(path)
             os.unlink(path)
         except FileNotFoundError:
             pass
-        try:
-            os.unlink(self._new(name))
-        except FileNotFoundError:
-            pass
+        for leftover in (self._new(name), self._new(name) + ".tmp"):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
