@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import meshfl.researcher._experiment as experiment_module
+import meshfl.researcher._secure as secure_module
 from helpers.data import write_blobs_csv
 from helpers.plans import AddOnePlan, GatedPlan, TinyPlan
 from meshfl.researcher import Experiment, RoundFailed
@@ -41,6 +42,7 @@ def mesh3():
         _register(m)
         m.approve(TinyPlan)
         m.approve(AddOnePlan)
+        m.approve(GatedPlan)
         yield m
 
 
@@ -110,6 +112,67 @@ def test_a_forged_overlay_message_is_rejected_and_audited(mesh3):
     assert wait_until(lambda: any(r.event == "overlay.rejected" for r in b.audit.records()))
     record = [r for r in b.audit.records() if r.event == "overlay.rejected"][-1]
     assert record.fields["src"] == a.peer.peer_id and record.fields["reason"] == "bad_signature"
+
+
+def _sized_experiment(mesh, tmp_path) -> Experiment:
+    """A secure round of GatedPlan with its gate open: every node adds samples / 100."""
+    gate = tmp_path / "gate"
+    gate.touch()
+    return Experiment(mesh.researcher, GatedPlan, ["blobs"], 1, min_nodes=2, round_timeout=60, progress=False,
+                      training_args={"gate": str(gate), "test_fraction": 0}, secagg=True)
+
+
+def test_a_node_denied_a_members_share_fails_its_task_and_the_others_finish(mesh3, tmp_path, monkeypatch):
+    """The researcher withholds one share from node0: node0 cannot check that member's round key,
+    so it fails its task rather than mask blind; the round completes over node1 and node2."""
+    victim = mesh3.nodes[0].peer.peer_id
+    real_bundle = secure_module.bundle
+
+    def withhold_one(messages, prefix):
+        if messages and messages[0].fields["dst"] == victim:
+            messages = messages[1:]
+        return real_bundle(messages, prefix)
+
+    monkeypatch.setattr(secure_module, "bundle", withhold_one)
+    exp = _sized_experiment(mesh3, tmp_path)
+    g = {k: v.clone() for k, v in exp.global_state.items()}
+    (entry,) = exp.run()
+    assert entry["failed"]["node0"]["code"] == "secagg_protocol"
+    assert "round key is unchecked" in entry["failed"]["node0"]["message"]
+    assert sorted(entry["nodes"]) == ["node1", "node2"]
+    survivors = SIZES[1:3]
+    expected = sum(n * n for n in survivors) / sum(survivors) / 100  # node0's pairwise masks were removed
+    for name, value in exp.global_state.items():
+        assert torch.allclose(value, g[name] + expected, atol=1e-5), name
+
+
+def test_cancel_ends_a_secure_task_that_waits_for_its_keys(mesh3, tmp_path, monkeypatch):
+    """node0 never gets the key list, so its trained task waits for it; cancelling the experiment
+    ends that wait at once (not after the keys' time limit), and the round completes without it."""
+    victim = mesh3.nodes[0]
+    researcher = mesh3.researcher
+    real_send = researcher.send
+    monkeypatch.setattr(researcher, "send", lambda node, msg: None if (
+        msg.type == "secagg.keys" and node == victim.peer.peer_id) else real_send(node, msg))
+    exp = _sized_experiment(mesh3, tmp_path)
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=_catch(exp.run)))
+    runner.start()
+    try:
+        def mine(node):
+            return [t for t in node.queue.list() if t.payload.get("experiment") == exp.id]
+
+        assert wait_until(lambda: all(t.state == "done" for n in mesh3.nodes[1:] for t in mine(n)) and all(
+            mine(n) for n in mesh3.nodes[1:]))
+        assert wait_until(lambda: victim._running_task is not None)  # trains, then waits for keys
+        exp.cancel()
+        # well inside the 60 s the task would otherwise wait for its keys
+        assert wait_until(lambda: [t.state for t in mine(victim)] == ["failed"], timeout=20)
+    finally:
+        runner.join(90)
+    (entry,) = outcome["result"]
+    assert entry["failed"]["node0"]["code"] == "cancelled"
+    assert sorted(entry["nodes"]) == ["node1", "node2"]
 
 
 def _gated_round(tmp_path, kill: int):
