@@ -10,6 +10,8 @@ round ends when every node answered or ``round_timeout`` passed; it counts if at
 
 After each round the global model, the aggregator's state and the history are checkpointed in
 the researcher's home (pack files + LMDB), so :meth:`Experiment.resume` continues after a crash.
+Each round's history entry is its own LMDB record (table ``rounds``), written once: a checkpoint
+costs the same in round 1000 as in round 1.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..errors import ConfigError, MeshflError
 from ..plans import DEFAULT_TRAINING_ARGS, TorchTrainingPlan, load_plan_class, plan_source
 from ..protocol import chunk_plan
 from ..store import Table
+from ..store._codec import seq_key
 from ..store.blobs import BlobStore
 from ..wire import DTYPES, Message
 from .._progress import Progress
@@ -40,6 +43,7 @@ log = logging.getLogger("meshfl.researcher")
 
 WINDOW = 16  # chunks in flight per stream (1 MB each): the credit a node gets at a time
 STALL_S = 5.0  # a stream silent this long is asked again for what is missing
+ROUNDS_TABLE = "rounds"  # one history entry per (experiment, round)
 
 
 class RoundFailed(MeshflError):
@@ -114,6 +118,7 @@ class Experiment:
         self.round = 0  # rounds completed
         self.attempt = 0  # bumped on every resume: task ids never repeat across attempts
         home = researcher.home
+        self._store = home.store
         self._table: Table = home.store.table("experiments")
         self._blobs = BlobStore(home.path / "blobs")
         self._audit = home.audit
@@ -142,7 +147,6 @@ class Experiment:
             "secagg": self.secagg,
             "round": self.round,
             "attempt": self.attempt,
-            "history": self.history,
         }
 
     def _checkpoint(self) -> None:
@@ -154,7 +158,12 @@ class Experiment:
         record = self._record()
         record["checkpoint"] = name
         record["aggregator_meta"] = agg.get("meta", {})
-        self._table.put(self.id, record)
+
+        def commit(tx) -> None:  # the round's history entry and the record that counts it: one commit
+            tx.put(ROUNDS_TABLE, _round_key(self.id, self.round), self.history[-1])
+            tx.put(self._table.name, self.id, record)
+
+        self._store.atomic(commit)
         previous = f"{self.id}.r{self.round - 1}"
         self._blobs.delete(f"{previous}.model")
         self._blobs.delete(f"{previous}.agg")
@@ -187,7 +196,9 @@ class Experiment:
             on_round=on_round,
             secagg=record.get("secagg") or False,
         )
-        exp.round, exp.history, exp.attempt = record["round"], record["history"], record["attempt"] + 1
+        exp.round, exp.attempt = record["round"], record["attempt"] + 1
+        exp.history = exp._store.read(lambda tx: [tx.get(ROUNDS_TABLE, _round_key(experiment_id, r))
+                                                 for r in range(1, exp.round + 1)])
         if record.get("checkpoint"):
             state = exp._blobs.read(f"{record['checkpoint']}.model")
             exp.global_state = {k: v.clone() for k, v in state.items()}
@@ -524,6 +535,10 @@ def _one_torch_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _round_key(experiment_id: str, rnd: int) -> str:
+    return f"{experiment_id}/{seq_key(rnd)}"
 
 
 def _info(fields: dict) -> dict:
