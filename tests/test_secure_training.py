@@ -67,6 +67,13 @@ def test_secure_round_equals_plain_fedavg_within_the_quantization_bound(mesh3):
         assert secure_history[0]["global"][key] == pytest.approx(value, abs=1e-6)
     assert all(info["samples"] is None and info["metrics"] == {} for info in secure_history[0]["nodes"].values())
     assert secure_history[0]["secagg"]["threshold"] == 2
+    for node in mesh3.nodes:  # each node's audit log records the round's set-up with the task it served
+        records = node.audit.records()
+        setup = [i for i, r in enumerate(records) if r.event == "secagg.setup"][-1]
+        accepted, revealed = records[setup - 1], [r for r in records[setup:] if r.event == "secagg.revealed"]
+        assert accepted.event == "task.accepted" and accepted.fields["task"] == records[setup].fields["task"]
+        assert records[setup].fields["participants"] == 3 and records[setup].fields["threshold"] == 2
+        assert len(revealed) <= 1 and all(r.fields["session"] == records[setup].fields["session"] for r in revealed)
 
 
 def test_the_researcher_receives_only_masked_vectors(mesh3, monkeypatch):

@@ -194,6 +194,10 @@ class Node:
                 "task.accepted", task=task_id, researcher=msg.sender, experiment=f["experiment"],
                 round=f["round"], plan=payload["plan_hash"], dataset=found[0]["name"],
             )
+            if secagg is not None:  # the round's set-up, recorded with the task that uses it
+                session = self.secagg.get(secagg["session"])
+                self.audit.append("secagg.setup", session=session.session, researcher=msg.sender, task=task_id,
+                                  participants=len(session.participants), threshold=session.threshold)
 
         try:
             self.home.store.atomic(accept)
@@ -362,9 +366,7 @@ class Node:
         participants = [str(p) for p in f["participants"]]
         session = NodeSession(self.home.identity, f["session"], msg.sender, participants, f["threshold"], f["prg"])
         sealed = [self.overlay.seal(dest, payload) for dest, payload in session.distribute(self._card_of)]
-        self.secagg.open(session)
-        self.audit.append("secagg.setup", session=f["session"], researcher=msg.sender,
-                          participants=len(participants), threshold=f["threshold"])
+        self.secagg.open(session)  # audited with the round's task (_on_train): one commit less per round
         headers, tensors = bundle(sealed, "share")
         return Message("secagg.key", {"session": f["session"], **session.key_fields(), "shares": headers}, tensors)
 
