@@ -353,7 +353,10 @@ class Experiment:
                 mean[key] = g
                 continue
             d = torch.from_numpy(deltas[key]).view(g.shape)
-            mean[key] = g + d.to(g.dtype) if g.is_floating_point() else g + d.round().to(g.dtype)
+            if d.dtype == g.dtype:
+                mean[key] = d.add_(g)  # the decoded delta's own memory: no new 4 MB per tensor
+            else:
+                mean[key] = g + d.to(g.dtype) if g.is_floating_point() else g + d.round().to(g.dtype)
         # The mean is one update holding every sample: FedAvg returns it, server optimizers step on it.
         self.aggregator.begin(self.global_state, [n for n, _ in self.model.named_parameters()])
         self.aggregator.add(mean, float(samples), "secure-sum")
