@@ -48,8 +48,8 @@ def test_federated_training_learns_and_records_history(mesh):
     # record of its own, so the experiment's record does not grow with the rounds.
     record = mesh.researcher.home.store.table("experiments").get(exp.id)
     assert record["round"] == 3 and "history" not in record
-    entries = mesh.researcher.home.store.table("rounds").items(f"{exp.id}/")
-    assert [entry for _, entry in entries] == orjson.loads(orjson.dumps(history))
+    assert Experiment.saved_history(mesh.researcher.home.store, exp.id) == orjson.loads(orjson.dumps(history))
+    assert Experiment.saved_history(mesh.researcher.home.store, "exp-none") == []
 
 
 def test_search_reply_never_reveals_a_path(mesh):

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import meshfl.researcher._experiment as experiment_module
 import meshfl.researcher._secure as secure_module
 from helpers.data import write_blobs_csv
 from helpers.plans import AddOnePlan, GatedPlan, TinyPlan

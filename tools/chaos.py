@@ -216,9 +216,10 @@ def main() -> None:
                 sigkill(proc)
 
         with Home.open(r_path) as home:
-            record = home.store.table("experiments").get(EXPERIMENT) or {"history": []}
+            from meshfl.researcher import Experiment
+
+            history = Experiment.saved_history(home.store, EXPERIMENT)
             researcher_audit_ok = home.audit.verify().ok
-        history = record["history"]
         tasks = [info["task"] for entry in history for info in entry["nodes"].values()]
         double = sum(entry["updates"] - len(entry["nodes"]) for entry in history) + (len(tasks) - len(set(tasks)))
         last = history[-1]["nodes"] if history else {}

@@ -31,7 +31,7 @@ from ..aggregate import Aggregator, FedAvg, make_aggregator
 from ..errors import ConfigError, MeshflError
 from ..plans import DEFAULT_TRAINING_ARGS, TorchTrainingPlan, load_plan_class, plan_source
 from ..protocol import chunk_plan
-from ..store import Table
+from ..store import Store, Table
 from ..store._codec import seq_key
 from ..store.blobs import BlobStore
 from ..wire import DTYPES, Message
@@ -197,8 +197,7 @@ class Experiment:
             secagg=record.get("secagg") or False,
         )
         exp.round, exp.attempt = record["round"], record["attempt"] + 1
-        exp.history = exp._store.read(lambda tx: [tx.get(ROUNDS_TABLE, _round_key(experiment_id, r))
-                                                 for r in range(1, exp.round + 1)])
+        exp.history = cls.saved_history(researcher.home.store, experiment_id)
         if record.get("checkpoint"):
             state = exp._blobs.read(f"{record['checkpoint']}.model")
             exp.global_state = {k: v.clone() for k, v in state.items()}
@@ -207,6 +206,17 @@ class Experiment:
             exp.aggregator.load_state_dict({"meta": record.get("aggregator_meta", {}), "tensors": dict(agg_tensors)})
         log.info("resuming %s after round %d of %d", experiment_id, exp.round, exp.rounds)
         return exp
+
+    @staticmethod
+    def saved_history(store: Store, experiment_id: str) -> list[dict]:
+        """The history of an experiment's last checkpoint in a researcher home's ``store`` (empty
+        if it has none): what :meth:`resume` starts from, read without resuming."""
+        def read(tx) -> list[dict]:
+            record = tx.get("experiments", experiment_id)
+            rounds = record["round"] if record else 0
+            return [tx.get(ROUNDS_TABLE, _round_key(experiment_id, r)) for r in range(1, rounds + 1)]
+
+        return store.read(read)
 
     # ------------------------------------------------------------------ running
     def run(self) -> list[dict]:
