@@ -170,7 +170,8 @@ def test_cancel_ends_a_secure_task_that_waits_for_its_keys(mesh3, tmp_path, monk
 
         assert wait_until(lambda: all(t.state == "done" for n in mesh3.nodes[1:] for t in mine(n)) and all(
             mine(n) for n in mesh3.nodes[1:]))
-        assert wait_until(lambda: victim._running_task is not None)  # trains, then waits for keys
+        # its task is running and its training is over: it waits for the keys
+        assert wait_until(lambda: victim._running_task is not None and not victim.executor._lock.locked())
         exp.cancel()
         # well inside the 60 s the task would otherwise wait for its keys
         assert wait_until(lambda: [t.state for t in mine(victim)] == ["failed"], timeout=20)
