@@ -52,6 +52,31 @@ def test_federated_training_learns_and_records_history(mesh):
     assert Experiment.saved_history(mesh.researcher.home.store, "exp-none") == []
 
 
+def test_a_resume_that_crashes_before_its_first_checkpoint_loses_nothing(mesh):
+    """Resuming rewrites the experiment's record (a new attempt); a second crash before the next
+    checkpoint must still find the last checkpoint's model and history."""
+    mesh.approve(AddOnePlan)
+    exp = _experiment(mesh, AddOnePlan, rounds=2)
+    exp.run()  # two rounds checkpointed
+    saved = {k: v.clone() for k, v in exp.global_state.items()}
+
+    crashing = Experiment.resume(mesh.researcher, exp.id, progress=False)
+    crashing.rounds = 3
+
+    def crash(rnd):
+        raise RuntimeError("the researcher's script dies in round 3")
+
+    crashing._run_round = crash
+    with pytest.raises(RuntimeError):
+        crashing.run()
+    again = Experiment.resume(mesh.researcher, exp.id, progress=False)
+    assert again.round == 2 and [h["round"] for h in again.history] == [1, 2]
+    for name, value in saved.items():
+        assert torch.equal(again.global_state[name], value), name
+    again.rounds = 3
+    assert [h["round"] for h in again.run()] == [1, 2, 3]
+
+
 def test_search_reply_never_reveals_a_path(mesh):
     found = mesh.researcher.search(["blobs"])
     assert len(found) == 2

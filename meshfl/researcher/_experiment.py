@@ -117,6 +117,7 @@ class Experiment:
         self.history: list[dict] = []
         self.round = 0  # rounds completed
         self.attempt = 0  # bumped on every resume: task ids never repeat across attempts
+        self._saved: dict = {}  # where the last checkpoint is: kept in every record written after it
         home = researcher.home
         self._store = home.store
         self._table: Table = home.store.table("experiments")
@@ -147,6 +148,7 @@ class Experiment:
             "secagg": self.secagg,
             "round": self.round,
             "attempt": self.attempt,
+            **self._saved,
         }
 
     def _checkpoint(self) -> None:
@@ -155,9 +157,8 @@ class Experiment:
         self._blobs.write(f"{name}.model", self.global_state)
         agg = self.aggregator.state_dict()
         self._blobs.write(f"{name}.agg", agg.get("tensors", {}))
+        self._saved = {"checkpoint": name, "aggregator_meta": agg.get("meta", {})}
         record = self._record()
-        record["checkpoint"] = name
-        record["aggregator_meta"] = agg.get("meta", {})
 
         def commit(tx) -> None:  # the round's history entry and the record that counts it: one commit
             tx.put(ROUNDS_TABLE, _round_key(self.id, self.round), self.history[-1])
@@ -199,6 +200,7 @@ class Experiment:
         exp.round, exp.attempt = record["round"], record["attempt"] + 1
         exp.history = cls.saved_history(researcher.home.store, experiment_id)
         if record.get("checkpoint"):
+            exp._saved = {"checkpoint": record["checkpoint"], "aggregator_meta": record.get("aggregator_meta", {})}
             state = exp._blobs.read(f"{record['checkpoint']}.model")
             exp.global_state = {k: v.clone() for k, v in state.items()}
             exp.model.load_state_dict(exp.global_state)
