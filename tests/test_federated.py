@@ -50,6 +50,14 @@ def test_federated_training_learns_and_records_history(mesh):
     assert record["round"] == 3 and "history" not in record
     assert Experiment.saved_history(mesh.researcher.home.store, exp.id) == orjson.loads(orjson.dumps(history))
     assert Experiment.saved_history(mesh.researcher.home.store, "exp-none") == []
+    # A record written before the rounds table holds its history: resume moves it there.
+    old_style = {**record, "id": "exp-old", "history": Experiment.saved_history(mesh.researcher.home.store, exp.id)}
+    mesh.researcher.home.store.table("experiments").put("exp-old", old_style)
+    old = Experiment.resume(mesh.researcher, "exp-old", progress=False)
+    assert [h["round"] for h in old.history] == [1, 2, 3]
+    old.rounds = 4
+    old.run()
+    assert [h["round"] for h in Experiment.saved_history(mesh.researcher.home.store, "exp-old")] == [1, 2, 3, 4]
 
 
 def test_a_resume_that_crashes_before_its_first_checkpoint_loses_nothing(mesh):

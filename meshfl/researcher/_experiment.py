@@ -199,6 +199,9 @@ class Experiment:
         )
         exp.round, exp.attempt = record["round"], record["attempt"] + 1
         exp.history = cls.saved_history(researcher.home.store, experiment_id)
+        if "history" in record:  # a record written before the rounds table: move its history there
+            exp._store.atomic(lambda tx: [tx.put(ROUNDS_TABLE, _round_key(experiment_id, r), entry)
+                                          for r, entry in enumerate(exp.history, 1)])
         if record.get("checkpoint"):
             exp._saved = {"checkpoint": record["checkpoint"], "aggregator_meta": record.get("aggregator_meta", {})}
             state = exp._blobs.read(f"{record['checkpoint']}.model")
@@ -214,9 +217,10 @@ class Experiment:
         """The history of an experiment's last checkpoint in a researcher home's ``store`` (empty
         if it has none): what :meth:`resume` starts from, read without resuming."""
         def read(tx) -> list[dict]:
-            record = tx.get("experiments", experiment_id)
-            rounds = record["round"] if record else 0
-            return [tx.get(ROUNDS_TABLE, _round_key(experiment_id, r)) for r in range(1, rounds + 1)]
+            record = tx.get("experiments", experiment_id) or {"round": 0}
+            if "history" in record:  # written before the rounds table: resume moves it there
+                return record["history"]
+            return [tx.get(ROUNDS_TABLE, _round_key(experiment_id, r)) for r in range(1, record["round"] + 1)]
 
         return store.read(read)
 
