@@ -179,7 +179,7 @@ class Node:
         if self.home.config.force_secure_aggregation and not f.get("secagg"):
             self.audit.append("task.refused", task=task_id, researcher=msg.sender, reason="secagg_required")
             raise MeshflError("this node only trains with secure aggregation", code="secagg_required")
-        secagg = self._secagg_spec(f["secagg"], msg.sender) if f.get("secagg") else None
+        secagg, session = self._secagg_spec(f["secagg"], msg.sender) if f.get("secagg") else (None, None)
         found = self.datasets.search([str(t) for t in f["dataset_tags"]], self.home.config.minimum_samples)
         if not found:
             raise MeshflError(f"no dataset on {self.name} matches tags {f['dataset_tags']}", code="no_dataset")
@@ -194,8 +194,7 @@ class Node:
                 "task.accepted", task=task_id, researcher=msg.sender, experiment=f["experiment"],
                 round=f["round"], plan=payload["plan_hash"], dataset=found[0]["name"],
             )
-            if secagg is not None:  # the round's set-up, recorded with the task that uses it
-                session = self.secagg.get(secagg["session"])
+            if session is not None:  # the round's set-up, recorded with the task that uses it
                 self.audit.append("secagg.setup", session=session.session, researcher=msg.sender, task=task_id,
                                   participants=len(session.participants), threshold=session.threshold)
 
@@ -390,8 +389,9 @@ class Node:
     def _on_overlay_reject(self, src: str, code: str, message: str) -> None:
         self.audit.append("overlay.rejected", src=src, reason=code)
 
-    def _secagg_spec(self, spec: dict, researcher: str) -> dict:
-        """The ``secagg`` field of a train request, checked against this node's open session."""
+    def _secagg_spec(self, spec: dict, researcher: str) -> tuple[dict, NodeSession]:
+        """The ``secagg`` field of a train request, checked against this node's open session; and
+        that session."""
         parameters, clip = spec.get("parameters"), spec.get("clip")
         frac_bits, scale = spec.get("frac_bits"), spec.get("weight_scale")
         session = self.secagg.get(str(spec.get("session")), researcher)
@@ -401,7 +401,7 @@ class Node:
             raise MeshflError("secagg needs parameters, weight_scale > 0, clip > 0 and frac_bits "
                               "that keep the sum of the participants' values in range", code="bad_field")
         return {"session": session.session, "parameters": parameters, "weight_scale": scale,
-                "clip": float(clip), "frac_bits": frac_bits}
+                "clip": float(clip), "frac_bits": frac_bits}, session
 
     def _on_secagg_keys(self, msg: Message) -> None:
         """The members' round keys and their shares for this node: the task of this round masks

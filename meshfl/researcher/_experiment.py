@@ -10,8 +10,8 @@ round ends when every node answered or ``round_timeout`` passed; it counts if at
 
 After each round the global model, the aggregator's state and the history are checkpointed in
 the researcher's home (pack files + LMDB), so :meth:`Experiment.resume` continues after a crash.
-Each round's history entry is its own LMDB record (table ``rounds``), written once: a checkpoint
-costs the same in round 1000 as in round 1.
+Each round's history entry is its own LMDB record (table ``rounds``), written once, so what a
+checkpoint writes does not grow with the rounds.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ log = logging.getLogger("meshfl.researcher")
 
 WINDOW = 16  # chunks in flight per stream (1 MB each): the credit a node gets at a time
 STALL_S = 5.0  # a stream silent this long is asked again for what is missing
+EXPERIMENTS_TABLE = "experiments"  # one record per experiment: its settings and last checkpoint
 ROUNDS_TABLE = "rounds"  # one history entry per (experiment, round)
 
 
@@ -120,7 +121,7 @@ class Experiment:
         self._saved: dict = {}  # where the last checkpoint is: kept in every record written after it
         home = researcher.home
         self._store = home.store
-        self._table: Table = home.store.table("experiments")
+        self._table: Table = home.store.table(EXPERIMENTS_TABLE)
         self._blobs = BlobStore(home.path / "blobs")
         self._audit = home.audit
         cls = load_plan_class(self.plan_source, self.plan_class, f"meshfl_plan_local_{self.id}")
@@ -162,7 +163,7 @@ class Experiment:
 
         def commit(tx) -> None:  # the round's history entry and the record that counts it: one commit
             tx.put(ROUNDS_TABLE, _round_key(self.id, self.round), self.history[-1])
-            tx.put(self._table.name, self.id, record)
+            tx.put(EXPERIMENTS_TABLE, self.id, record)
 
         self._store.atomic(commit)
         previous = f"{self.id}.r{self.round - 1}"
@@ -174,7 +175,7 @@ class Experiment:
         cls, researcher: Researcher, experiment_id: str, *, evaluate=None, progress: bool | None = None, on_round=None
     ) -> "Experiment":
         """Rebuild an experiment from its last checkpoint; :meth:`run` then finishes it."""
-        record = researcher.home.store.table("experiments").get(experiment_id)
+        record = researcher.home.store.table(EXPERIMENTS_TABLE).get(experiment_id)
         if record is None:
             raise MeshflError(f"no experiment {experiment_id!r} in {researcher.home.path}", code="unknown_experiment")
         exp = cls(
@@ -200,8 +201,11 @@ class Experiment:
         exp.round, exp.attempt = record["round"], record["attempt"] + 1
         exp.history = cls.saved_history(researcher.home.store, experiment_id)
         if "history" in record:  # a record written before the rounds table: move its history there
-            exp._store.atomic(lambda tx: [tx.put(ROUNDS_TABLE, _round_key(experiment_id, r), entry)
-                                          for r, entry in enumerate(exp.history, 1)])
+            def move(tx) -> None:
+                for rnd, entry in enumerate(exp.history, 1):
+                    tx.put(ROUNDS_TABLE, _round_key(experiment_id, rnd), entry)
+
+            exp._store.atomic(move)
         if record.get("checkpoint"):
             exp._saved = {"checkpoint": record["checkpoint"], "aggregator_meta": record.get("aggregator_meta", {})}
             state = exp._blobs.read(f"{record['checkpoint']}.model")
@@ -217,7 +221,7 @@ class Experiment:
         """The history of an experiment's last checkpoint in a researcher home's ``store`` (empty
         if it has none): what :meth:`resume` starts from, read without resuming."""
         def read(tx) -> list[dict]:
-            record = tx.get("experiments", experiment_id) or {"round": 0}
+            record = tx.get(EXPERIMENTS_TABLE, experiment_id) or {"round": 0}
             if "history" in record:  # written before the rounds table: resume moves it there
                 return record["history"]
             return [tx.get(ROUNDS_TABLE, _round_key(experiment_id, r)) for r in range(1, record["round"] + 1)]
