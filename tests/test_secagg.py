@@ -58,8 +58,9 @@ class Round:
     def masked(self, pid: str, members=None) -> np.ndarray:
         true = self.true[pid]
         fill = lambda block, offset: np.copyto(block, true[offset : offset + block.size])  # noqa: E731
-        blocks = self.sessions[pid].masked_blocks(fill, self.enc.nbytes, self.enc.boundary)  # exchange()'s members
-        return np.concatenate([b.copy() for b in blocks])
+        vector = np.full(self.enc.nbytes, 0xAB, dtype=np.uint8)  # used memory: fill makes every byte
+        self.sessions[pid].mask(vector, fill, self.enc.boundary)  # with exchange()'s members
+        return vector
 
     def researcher_sum(self, survivors, members) -> np.ndarray:
         total = MaskedSum(self.enc)
@@ -279,7 +280,7 @@ def test_encoding_into_a_used_buffer_gives_the_same_bytes():
 
 
 def test_a_vector_made_block_by_block_is_the_whole_vector_and_its_masks_are_the_same():
-    """A node encodes, masks and writes its vector one 256 KiB block at a time: block edges fall
+    """A node encodes and masks its vector one 256 KiB block at a time: block edges fall
     inside tensors, in the padding and in the 64-bit section, and nothing may differ from the whole."""
     from meshfl.crypto import CHUNK_BYTES
     from meshfl.secagg import Masker, UpdateEncoder
@@ -301,9 +302,10 @@ def test_a_vector_made_block_by_block_is_the_whole_vector_and_its_masks_are_the_
         assert np.array_equal(np.concatenate(parts), whole)
     masks = [(bytes([i]) * 32, 1 if i % 2 else -1) for i in range(1, 5)]
     masker = Masker(enc.nbytes, enc.boundary, DEFAULT_PRG)
-    streamed = np.concatenate([b.copy() for b in masker.masked_blocks(encoder.fill, masks)])
+    streamed = np.full(enc.nbytes, 0xAB, dtype=np.uint8)  # used memory: fill makes every byte
+    masker.apply(streamed, masks, encoder.fill)
     in_place = whole.copy()
-    masker.apply_all(in_place, masks)
+    masker.apply(in_place, masks)
     assert np.array_equal(streamed, in_place) and not np.array_equal(streamed, whole)
     with pytest.raises(SecAggError):
         encoder.fill(np.empty(16, dtype=np.uint8), 4)  # not a block of the vector

@@ -240,6 +240,44 @@ def test_one_node_too_many_dies_and_the_round_fails_without_unmasking(tmp_path):
     assert not any(revealed)  # no survivor revealed a single share
 
 
+def test_a_node_restarted_before_its_masked_update_arrives_reports_it_lost_and_the_round_completes():
+    """A masked vector lives in the node's memory until the researcher acknowledges it, as its
+    round's secrets do: it never reaches the disk, and a node restarted before the researcher got
+    it reports the result lost, so the round goes on without it."""
+    from meshfl.node import Node
+
+    with FederatedMesh(4, dead_after=2.0) as mesh:  # t = 3
+        _register(mesh)
+        mesh.approve(TinyPlan)
+        victim = mesh.nodes[0]
+        held: dict = {}
+
+        def hold(dest, task_id, fields, tensors=None):  # committed to the outbox, never sent
+            held.update(task=task_id, on_disk=victim.blobs.exists(task_id),
+                        in_outbox=victim.outbox.get(task_id) is not None, vector=victim.masked.tensors(task_id))
+            held["event"].set()
+
+        held["event"] = threading.Event()
+        victim._send_result = hold
+        exp = Experiment(mesh.researcher, TinyPlan, ["blobs"], 1, training_args={"epochs": 1, "seed": 1, "test_fraction": 0},
+                         min_nodes=3, round_timeout=60, progress=False, secagg=True)
+        outcome: dict = {}
+        runner = threading.Thread(target=lambda: outcome.update(result=_catch(exp.run)))
+        runner.start()
+        try:
+            assert held["event"].wait(60)
+            assert held["in_outbox"] and held["vector"] is not None and not held["on_disk"]
+            victim.stop()
+            mesh.nodes[0] = Node(victim.home.path).start()  # comes back, re-sends its outbox
+        finally:
+            runner.join(90)
+        (entry,) = outcome["result"]
+        assert entry["failed"]["node0"]["code"] == "result_lost"
+        assert sorted(entry["nodes"]) == ["node1", "node2", "node3"]
+        assert entry["samples"] == sum(SIZES[1:4])  # the survivors' alone
+        assert wait_until(lambda: mesh.nodes[0].outbox.get(held["task"]) is None)  # the loss is acknowledged
+
+
 def test_a_node_that_forces_secure_aggregation_trains_in_secure_rounds():
     with FederatedMesh(2, node_config={"force_secure_aggregation": True}) as mesh:
         _register(mesh)

@@ -9,7 +9,8 @@ file before the researcher hears ``train.accepted``; a result is committed to th
 the task is marked done, and stays there until the researcher's ``result.ack``. On restart, a
 task left running is reported failed (``interrupted``: its worker trains in place in the task's
 pack, which may hold a half-trained model), and every unacknowledged result is re-sent when the
-researcher's link comes up.
+researcher's link comes up - but for a secure round's masked vector, kept in memory only (see
+``_masked``): that result is reported lost, as the node has dropped out of the round.
 """
 
 from __future__ import annotations
@@ -21,20 +22,19 @@ import signal
 import threading
 from pathlib import Path
 
-import torch
-
 from .. import __version__
 from ..errors import MeshflError
 from ..home import Home
 from ..overlay import Overlay, OverlayRejected, bundle, unbundle
 from ..protocol import CHUNK_BYTES, INLINE_RESULT_BYTES, chunk_plan
-from ..secagg import VECTOR, Encoding, NodeSession, NodeSessions, SecAggError, UpdateEncoder, frac_bits_for
+from ..secagg import Encoding, NodeSession, NodeSessions, SecAggError, UpdateEncoder, frac_bits_for
 from ..store import Outbox, TaskQueue
 from ..store.blobs import BlobStore
 from ..transport import Peer
 from ..wire import DTYPE_NAMES, Message
 from ._datasets import DatasetRegistry, public_view
 from ._executor import Executor, TaskFailed
+from ._masked import MaskedResults
 from ._plans import PlanRegistry
 
 KEYS_TIMEOUT_S = 60.0  # a secure task waits this long after training for the members' keys
@@ -82,6 +82,7 @@ class Node:
         )
         self.overlay = Overlay(self.peer, self._on_overlay_message, on_reject=self._on_overlay_reject)
         self.secagg = NodeSessions()
+        self.masked = MaskedResults()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._runner = threading.Thread(target=self._run_tasks, name=f"meshfl-runner-{self.name}", daemon=True)
@@ -217,7 +218,7 @@ class Node:
             raise MeshflError(f"no result {task_id} waits for you here", code="unknown_task")
         tensors = self._packs.get(task_id)
         if tensors is None:
-            tensors = self._packs[task_id] = self.blobs.read(task_id)
+            tensors = self._packs[task_id] = self._result(task_id)
         chunks = chunk_plan(item.envelope["layout"], CHUNK_BYTES)
         for index in range(max(0, first), min(first + max(0, count), len(chunks))):
             name, start, n = chunks[index]
@@ -235,8 +236,7 @@ class Node:
             return acked
 
         if self.home.store.atomic(ack):
-            self._packs.pop(task_id, None)
-            self.blobs.delete(task_id)
+            self._discard_result(task_id)
         return None
 
     def _on_task_cancel(self, msg: Message) -> Message:
@@ -272,15 +272,26 @@ class Node:
             self._send_result(item.dest, task_id, item.envelope["fields"])
 
     def _send_result(self, dest: str, task_id: str, fields: dict, tensors: dict | None = None) -> None:
-        """``train.done``: the result inline if small (``tensors``, else mapped from its pack),
-        otherwise announced for pulling."""
-        if fields.get("inline") and tensors is None:
+        """``train.done``: the result inline if small (``tensors``, else :meth:`_result`),
+        otherwise announced for pulling. A result that is gone - a masked vector after a restart
+        (it lives in memory), a pack after an OS crash (packs are not fsynced) - is reported lost,
+        never dropped silently."""
+        if fields.get("ok") and tensors is None:
             try:
-                tensors = self.blobs.read(task_id)
-            except MeshflError:  # the pack was lost (OS crash): report, never drop silently
+                tensors = self._result(task_id)
+            except MeshflError:
                 fields = {**fields, "ok": False, "inline": False,
-                          "error": {"code": "result_lost", "message": "the result was lost in a crash of this node"}}
+                          "error": {"code": "result_lost", "message": "the result was lost when this node restarted"}}
         self.peer.send(dest, Message("train.done", fields, tensors if fields.get("inline") else {}))
+
+    def _result(self, task_id: str) -> dict:
+        """A finished task's tensors: its masked vector (secure rounds) or its pack."""
+        return self.masked.tensors(task_id) or self.blobs.read(task_id)
+
+    def _discard_result(self, task_id: str) -> None:
+        self._packs.pop(task_id, None)
+        self.masked.drop(task_id)
+        self.blobs.delete(task_id)
 
     def _run_tasks(self) -> None:
         while not self._stopping.is_set():
@@ -331,7 +342,7 @@ class Node:
             fields.update(samples=result["samples"], metrics=result["metrics"], duration=result["duration"])
         tensors = None
         if fields["ok"]:
-            tensors = self.blobs.read(task.id)
+            tensors = self._result(task.id)
             layout = [[name, DTYPE_NAMES[t.dtype], list(t.shape), t.numel() * t.element_size()]
                       for name, t in tensors.items()]
             nbytes = sum(row[3] for row in layout)
@@ -354,7 +365,7 @@ class Node:
             lambda: self.audit.append("task.finished", task=task.id, ok=fields["ok"], error=fields.get("error", {}).get("code")),
         )
         if not fields["ok"]:
-            self.blobs.delete(task.id)
+            self._discard_result(task.id)
         self._send_result(p["researcher"], task.id, fields, tensors)
 
     # ------------------------------------------------------------------ secure aggregation
@@ -429,16 +440,18 @@ class Node:
         return None
 
     def _mask_result(self, task_id: str, spec: dict, result: dict) -> dict:
-        """Replace the trained delta in the task's pack by its encoded, masked vector, made, masked
-        and written one 256 KiB block at a time (the whole vector never goes through memory)."""
+        """Encode and mask the trained delta into the task's result, one 256 KiB block at a time
+        (the plain vector never goes through memory whole). The result stays in memory until it is
+        acknowledged (:mod:`._masked`); the delta's pack is deleted."""
         session = self.secagg.get(spec["session"])
         session.wait_keys(KEYS_TIMEOUT_S)  # sent once every participant answered the set-up
         delta = self.blobs.read(task_id)
         enc = Encoding.for_state(delta, set(spec["parameters"]), spec["frac_bits"], spec["clip"])
         encoder = UpdateEncoder(delta, result["samples"], spec["weight_scale"], result["metrics"], enc)
-        blocks = session.masked_blocks(encoder.fill, enc.nbytes, enc.boundary)
-        # The masked vector replaces the delta's pack, whose file becomes a spare.
-        self.blobs.write_stream(task_id, VECTOR, torch.int32, (enc.nbytes // 4,), blocks)
+        vector = self.masked.buffer(enc.nbytes)
+        session.mask(vector, encoder.fill, enc.boundary)
+        self.masked.keep(task_id, vector)
+        self.blobs.delete(task_id)
         encoder.log_clipped()
         return {"ok": True, "metric_names": encoder.names, "duration": result["duration"]}
 

@@ -9,7 +9,7 @@ remove, from the secrets it reconstructs out of Shamir shares.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 from nacl.bindings import crypto_scalarmult
@@ -47,22 +47,27 @@ def ring_apply(op, dst: np.ndarray, src: np.ndarray, offset: int, boundary: int)
 class Masker:
     """Adds or subtracts keystreams into the byte vectors of one :class:`~._fixed.Encoding`.
 
-    Both forms walk the vector one keystream chunk (256 KiB) at a time and add every seed's chunk
-    while the block is in cache: :meth:`apply_all` over a whole vector in place, and
-    :meth:`masked_blocks` over blocks made on the fly (a node encodes, masks and writes each block
-    in turn, so its vector never goes through memory whole). ChaCha20 cannot start mid-stream, so
-    with it each mask is made whole, in one scratch vector.
+    :meth:`apply` walks a vector one keystream chunk (256 KiB) at a time and adds every seed's
+    chunk while the block is in cache. Given ``fill``, it first makes each block (a node encodes,
+    masks and stores its update in one pass, so the plain vector never goes through memory whole).
+    ChaCha20 cannot start mid-stream, so with it each mask is made whole, in one scratch vector.
     """
 
     def __init__(self, nbytes: int, boundary: int, algorithm: str) -> None:
         self.nbytes, self.boundary, self.algorithm = nbytes, boundary, algorithm
 
-    def apply_all(self, vector: np.ndarray, masks: list[tuple[bytes, int]]) -> None:
-        """``vector += sum(sign * PRG(seed))`` over ``masks`` [(seed, +1 | -1), ...]."""
+    def apply(self, vector: np.ndarray, masks: list[tuple[bytes, int]],
+              fill: Callable[[np.ndarray, int], None] | None = None) -> None:
+        """``vector += sum(sign * PRG(seed))`` over ``masks`` [(seed, +1 | -1), ...]; with ``fill``,
+        ``vector`` is first made block by block by ``fill(block, offset)``, whatever it held."""
         if vector.dtype != np.uint8 or vector.size != self.nbytes or not vector.flags.c_contiguous:
             raise SecAggError(f"a masked vector is {self.nbytes} contiguous bytes", code="secagg_protocol")
-        masks = self._prepare(masks)
+        masks = [(bytes(seed), np.add if sign > 0 else np.subtract) for seed, sign in masks]
+        if any(len(seed) != SEED_BYTES for seed, _ in masks):
+            raise SecAggError(f"mask seeds are {SEED_BYTES} bytes", code="secagg_protocol")
         if self.algorithm != "aegis128l":
+            if fill is not None:
+                fill(vector, 0)
             scratch = np.empty(self.nbytes, dtype=np.uint8)
             for seed, op in masks:
                 prg_uint32(seed, self.nbytes // 4, out=scratch.view(np.uint32), algorithm=self.algorithm)
@@ -70,32 +75,8 @@ class Masker:
             return
         stream = AegisChunks()
         for chunk, start in enumerate(range(0, self.nbytes, CHUNK_BYTES)):
-            self._mask_chunk(vector[start : start + CHUNK_BYTES], chunk, start, masks, stream)
-
-    def masked_blocks(self, fill: Callable[[np.ndarray, int], None], masks: list[tuple[bytes, int]]
-                      ) -> Iterator[np.ndarray]:
-        """The vector ``fill(block, offset)`` makes, masked, block by block in order (each block is
-        valid until the next is asked for)."""
-        masks = self._prepare(masks)
-        if self.algorithm != "aegis128l":
-            vector = np.empty(self.nbytes, dtype=np.uint8)
-            fill(vector, 0)
-            self.apply_all(vector, masks)
-            yield vector
-            return
-        stream, buf = AegisChunks(), np.empty(min(CHUNK_BYTES, self.nbytes), dtype=np.uint8)
-        for chunk, start in enumerate(range(0, self.nbytes, CHUNK_BYTES)):
-            block = buf[: min(CHUNK_BYTES, self.nbytes - start)]
-            fill(block, start)
-            self._mask_chunk(block, chunk, start, masks, stream)
-            yield block
-
-    def _prepare(self, masks: list[tuple[bytes, int]]) -> list:
-        masks = [(bytes(seed), np.add if sign > 0 else np.subtract) for seed, sign in masks]
-        if any(len(seed) != SEED_BYTES for seed, _ in masks):
-            raise SecAggError(f"mask seeds are {SEED_BYTES} bytes", code="secagg_protocol")
-        return masks
-
-    def _mask_chunk(self, block: np.ndarray, chunk: int, start: int, masks: list, stream: AegisChunks) -> None:
-        for seed, op in masks:
-            ring_apply(op, block, stream.chunk(seed, chunk, block.size), start, self.boundary)
+            block = vector[start : start + CHUNK_BYTES]
+            if fill is not None:
+                fill(block, start)
+            for seed, op in masks:
+                ring_apply(op, block, stream.chunk(seed, chunk, block.size), start, self.boundary)

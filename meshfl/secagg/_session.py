@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 from nacl.public import PrivateKey
@@ -184,11 +184,11 @@ class NodeSession:
         self.held[owner] = (x, _hex(payload.get("s"), "a share"), _hex(payload.get("b"), "a share"))
         self._sealed_keys[owner] = public
 
-    def masked_blocks(self, fill: Callable[[np.ndarray, int], None], nbytes: int, boundary: int) -> Iterator[np.ndarray]:
-        """This node's vector of ``nbytes`` bytes (64-bit section from byte ``boundary``), which
-        ``fill(block, offset)`` makes block by block, with its self mask and its pairwise masks
-        with every member added: the masked blocks, in order. Once per round: asking again is
-        refused (two vectors under one mask would leak their difference)."""
+    def mask(self, vector: np.ndarray, fill: Callable[[np.ndarray, int], None], boundary: int) -> None:
+        """Make this node's vector in ``vector`` (uint8; its 64-bit section from byte ``boundary``)
+        with ``fill(block, offset)``, a block at a time, adding its self mask and its pairwise masks
+        with every member to each block. Once per round: asking again is refused (two vectors
+        under one mask would leak their difference)."""
         if not self.keys:
             raise SecAggError("masking before the members' keys arrived", code="secagg_protocol")
         if self.members is not None:
@@ -200,7 +200,7 @@ class NodeSession:
             for other in members if other != self.me
         ]
         self.members = members
-        return Masker(nbytes, boundary, self.prg).masked_blocks(fill, masks)
+        Masker(vector.size, boundary, self.prg).apply(vector, masks, fill)
 
     def reveal(self, survivors: Iterable[str], dropped: Iterable[str]) -> dict:
         """Shares for unmasking: self-seed shares of survivors, round-key shares of the dropped.
@@ -284,4 +284,4 @@ def unmask(total: np.ndarray, boundary: int, session: str, keys: Mapping[str, by
             raise SecAggError(f"the rebuilt round key of {owner} does not match its public key", code="secagg_protocol")
         # undo what each survivor added for the pair (survivor, owner)
         masks += [(pair_seed(secret, keys[other], session, owner, other), -pair_sign(other, owner)) for other in survivors]
-    Masker(total.size, boundary, prg).apply_all(total, masks)
+    Masker(total.size, boundary, prg).apply(total, masks)

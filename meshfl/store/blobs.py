@@ -20,7 +20,6 @@ node then reports the task failed rather than lose it silently.
 from __future__ import annotations
 
 import contextlib
-import math
 import mmap
 import os
 import struct
@@ -64,15 +63,9 @@ def write_pack(path: str | Path, tensors: Mapping[str, torch.Tensor], reuse: str
     ``reuse`` names a spare pack file to overwrite instead of a new one: its pages are already
     in memory, so writing a model costs a memcpy instead of page allocation.
     """
-    specs = {name: _spec(tensors, name) for name in tensors}
-    return _write(path, specs, lambda name: _byte_views(tensors, name), reuse)
-
-
-def _write(path, specs: Mapping[str, tuple], views, reuse) -> int:
-    """A pack of ``specs`` {name: (dtype, shape, nbytes)} at ``path`` (temp file + rename), its data
-    from ``views(name)``."""
     header, offset = [], 0
-    for name, (dtype, shape, nbytes) in specs.items():
+    for name in tensors:
+        dtype, shape, nbytes = _spec(tensors, name)
         if dtype not in DTYPE_NAMES:
             raise StoreError(f"tensor {name!r}: unsupported dtype {dtype}", code="bad_value")
         header.append([name, DTYPE_NAMES[dtype], list(shape), offset, nbytes])  # offset from data start
@@ -93,7 +86,7 @@ def _write(path, specs: Mapping[str, tuple], views, reuse) -> int:
         os.ftruncate(fd, data_start + offset)
         os.pwrite(fd, MAGIC + struct.pack("<Q", len(head)) + head, 0)
         for name, _, _, off, nbytes in header:
-            if _pwrite_all(fd, views(name), data_start + off) != nbytes:
+            if _pwrite_all(fd, _byte_views(tensors, name), data_start + off) != nbytes:
                 raise StoreError(f"tensor {name!r}: its data is not {nbytes} bytes", code="bad_value")
     except BaseException:
         os.close(fd)
@@ -205,16 +198,6 @@ class BlobStore:
     def write(self, name: str, tensors: Mapping[str, torch.Tensor]) -> int:
         """Write a pack ``name`` (replacing one of that name, whose file becomes a spare)."""
         size = write_pack(self._new(name), tensors, reuse=self._claim_spare())
-        self._install(name)
-        return size
-
-    def write_stream(self, name: str, tensor: str, dtype: torch.dtype, shape: tuple[int, ...], blocks) -> int:
-        """Write a pack ``name`` of one tensor whose bytes come from ``blocks`` (arrays, in order),
-        made while they are written: a masked vector is encoded, masked and written a block at a
-        time and never exists whole. A pack that gets too few or too many bytes is not installed."""
-        nbytes = math.prod(shape) * dtype.itemsize
-        views = lambda _: (memoryview(b).cast("B") for b in blocks)  # noqa: E731
-        size = _write(self._new(name), {tensor: (dtype, tuple(shape), nbytes)}, views, self._claim_spare())
         self._install(name)
         return size
 
