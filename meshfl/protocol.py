@@ -16,7 +16,7 @@ With secure aggregation, ``secagg.setup`` comes just before ``train`` (whose ``s
 names the session) and ``secagg.keys`` (the members' round keys, and the shares sealed to
 this node) follows once every node has answered the set-up, so the key exchange runs while the
 model travels and trains; a node waits for the keys only to mask its result, which is one masked
-vector. ``secagg.unmask`` follows the round's last result.
+vector. ``secagg.unmask`` follows the round's last result and acknowledges the node's result.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ declare("secagg.key", required={"session": "str", "public": "str"},
         optional={"shares": "list"}, tensors=True)
 declare("secagg.keys", required={"session": "str", "keys": "dict"},  # one-way; {} calls the round off
         optional={"shares": "list"}, tensors=True)
-declare("secagg.unmask", required={"session": "str", "survivors": "list", "dropped": "list"})
+declare("secagg.unmask", required={"session": "str", "survivors": "list", "dropped": "list"},
+        optional={"ack": "str"})  # the task id of the node's result it acknowledges
 declare("secagg.shares", required={"session": "str", "b": "dict", "s": "dict"})
 
 #: Results up to this size travel inside ``train.done``; larger ones are pulled in chunks.

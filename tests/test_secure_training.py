@@ -73,6 +73,12 @@ def test_secure_round_equals_plain_fedavg_within_the_quantization_bound(mesh3):
         assert accepted.event == "task.accepted" and accepted.fields["task"] == records[setup].fields["task"]
         assert records[setup].fields["participants"] == 3 and records[setup].fields["threshold"] == 2
         assert len(revealed) <= 1 and all(r.fields["session"] == records[setup].fields["session"] for r in revealed)
+    for node in mesh3.nodes:  # the unmasking request acknowledged each result, in the reveal's commit
+        assert wait_until(lambda: len(node.outbox) == 0)
+        records = node.audit.records()
+        revealed = [i for i, r in enumerate(records) if r.event == "secagg.revealed"][-1]
+        acked = records[revealed + 1]
+        assert acked.event == "result.acknowledged" and node.masked.tensors(acked.fields["task"]) is None
 
 
 def test_the_researcher_receives_only_masked_vectors(mesh3, monkeypatch):
@@ -210,7 +216,8 @@ def _gated_round(tmp_path, kill: int):
             mesh.nodes[:] = mesh.nodes[kill:]  # the stopped ones are not stopped twice
         survivors = SIZES[kill:]
         revealed = [any(r.event == "secagg.revealed" for r in n.audit.records()) for n in mesh.nodes]
-        return outcome["result"], exp, g, survivors, revealed
+        acknowledged = wait_until(lambda: all(len(n.outbox) == 0 for n in mesh.nodes))  # round over or not
+        return outcome["result"], exp, g, survivors, revealed, acknowledged
 
 
 def _catch(fn):
@@ -221,7 +228,7 @@ def _catch(fn):
 
 
 def test_two_of_five_nodes_die_after_the_key_exchange_and_the_round_completes(tmp_path):
-    result, exp, g, survivors, revealed = _gated_round(tmp_path, kill=2)
+    result, exp, g, survivors, revealed, acknowledged = _gated_round(tmp_path, kill=2)
     assert not isinstance(result, Exception), result
     (entry,) = result
     assert sorted(entry["nodes"]) == ["node2", "node3", "node4"]
@@ -230,14 +237,15 @@ def test_two_of_five_nodes_die_after_the_key_exchange_and_the_round_completes(tm
     expected = sum(n * n for n in survivors) / sum(survivors) / 100  # FedAvg of the 3 survivors only
     for name, value in exp.global_state.items():
         assert torch.allclose(value, g[name] + expected, atol=1e-5), name
-    assert all(revealed)
+    assert all(revealed) and acknowledged
 
 
 def test_one_node_too_many_dies_and_the_round_fails_without_unmasking(tmp_path):
-    result, _, _, _, revealed = _gated_round(tmp_path, kill=3)
+    result, _, _, _, revealed, acknowledged = _gated_round(tmp_path, kill=3)
     assert isinstance(result, RoundFailed)
     assert "2 of 5 nodes contributed, 3 needed" in result.message and "nothing was unmasked" in result.message
     assert not any(revealed)  # no survivor revealed a single share
+    assert acknowledged  # their results were acknowledged all the same: nothing waits in an outbox
 
 
 def test_a_node_restarted_before_its_masked_update_arrives_reports_it_lost_and_the_round_completes():

@@ -228,16 +228,16 @@ class Node:
 
     def _on_result_ack(self, msg: Message) -> None:
         task_id = msg.fields["task_id"]
-
-        def ack(tx) -> bool:  # the acknowledgement and its audit record: one commit
-            acked = self.outbox.ack(task_id, dest=msg.sender)
-            if acked:
-                self.audit.append("result.acknowledged", task=task_id, researcher=msg.sender)
-            return acked
-
-        if self.home.store.atomic(ack):
+        if self.home.store.atomic(lambda tx: self._acknowledge(task_id, msg.sender)):
             self._discard_result(task_id)
         return None
+
+    def _acknowledge(self, task_id: str, researcher: str) -> bool:
+        """Drop an acknowledged result from the outbox, audited (in the caller's commit)."""
+        acked = self.outbox.ack(task_id, dest=researcher)
+        if acked:
+            self.audit.append("result.acknowledged", task=task_id, researcher=researcher)
+        return acked
 
     def _on_task_cancel(self, msg: Message) -> Message:
         experiment = msg.fields["experiment"]
@@ -385,11 +385,27 @@ class Node:
         return entry.card if entry is not None else None
 
     def _on_secagg_unmask(self, msg: Message) -> Message:
+        """Reveal shares for unmasking, audited in a synced commit before they leave. The request
+        also acknowledges this node's masked result (``ack``): one commit for both, not one each."""
         f = msg.fields
+        ack = f.get("ack")
         session = self.secagg.get(f["session"], msg.sender)
-        shares = session.reveal([str(p) for p in f["survivors"]], [str(p) for p in f["dropped"]])
-        self.audit.append("secagg.revealed", session=f["session"], researcher=msg.sender,
-                          survivors=len(f["survivors"]), dropped=len(f["dropped"]))
+        refused = None
+        try:
+            shares = session.reveal([str(p) for p in f["survivors"]], [str(p) for p in f["dropped"]])
+        except SecAggError as exc:  # refused to reveal; the researcher has the result all the same
+            refused = exc
+
+        def commit(tx) -> bool:
+            if refused is None:
+                self.audit.append("secagg.revealed", session=f["session"], researcher=msg.sender,
+                                  survivors=len(f["survivors"]), dropped=len(f["dropped"]))
+            return ack is not None and self._acknowledge(ack, msg.sender)
+
+        if self.home.store.atomic(commit):
+            self._discard_result(ack)
+        if refused is not None:
+            raise refused
         return Message("secagg.shares", {"session": f["session"], **shares})
 
     def _on_overlay_message(self, src: str, payload: dict) -> None:

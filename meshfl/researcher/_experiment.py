@@ -311,6 +311,7 @@ class Experiment:
         else:
             sink, layout = secure.sum, secure.sum.layout
         deadline = started + self.round_timeout
+        deferred: dict[str, str] = {}  # secure results: acknowledged with the unmasking request
         try:
             self._send_tasks(rnd, tasks, args, inbox, deadline, secure.train_fields() if secure else None)
             if secure is not None:  # the key exchange ran while the model travelled
@@ -318,7 +319,7 @@ class Experiment:
                     secure.exchange_keys(failed)
                 except MeshflError as exc:
                     raise RoundFailed(f"round {rnd}: {exc.message}", details=self._failure_details(failed, [])) from None
-            contributed = self._collect(tasks, inbox, failed, deadline, sink, layout)
+            contributed = self._collect(tasks, inbox, failed, deadline, sink, layout, deferred if secure else None)
         finally:
             self.researcher._route(tasks, None)
         name = self.researcher.node_name
@@ -326,6 +327,8 @@ class Experiment:
         dropped = [name(n) for n in selected if n not in contributed and n not in failed]
         needed = max(self.min_nodes, secure.threshold if secure else 0)
         if len(contributed) < needed:
+            for node, tid in deferred.items():  # nothing will be unmasked: acknowledge them now
+                self.researcher.send(node, Message("result.ack", {"task_id": tid}))
             reasons = ", ".join(f"{name(n)}: {e.get('code')}" for n, e in failed.items())
             note = " (secure aggregation threshold; nothing was unmasked)" if secure else ""
             raise RoundFailed(
@@ -340,7 +343,7 @@ class Experiment:
             metrics = _weighted_metrics(contributed)
         else:
             try:
-                new_state, samples, metrics = self._unmask(secure, contributed, failed)
+                new_state, samples, metrics = self._unmask(secure, contributed, failed, deferred)
             except MeshflError as exc:
                 raise RoundFailed(f"round {rnd}: {exc.message}", details=self._failure_details(failed, dropped)) from None
         self.global_state = new_state
@@ -364,9 +367,9 @@ class Experiment:
     def _failure_details(self, failed: dict, dropped: list) -> dict:
         return {"failed": {self.researcher.node_name(n): e for n, e in failed.items()}, "dropped": dropped}
 
-    def _unmask(self, secure: SecureRound, contributed: dict, failed: dict) -> tuple[dict, int, dict]:
+    def _unmask(self, secure: SecureRound, contributed: dict, failed: dict, acks: dict) -> tuple[dict, int, dict]:
         """The survivors' sum, unmasked, as the next model: FedAvg of their updates, then the server step."""
-        deltas, samples, slots = secure.finish(sorted(contributed), failed)
+        deltas, samples, slots = secure.finish(sorted(contributed), failed, acks)
         mean = {}
         for key, g in self.global_state.items():
             if key not in deltas:  # bool buffers are not aggregated
@@ -403,9 +406,12 @@ class Experiment:
             fut = self.researcher.request(node, Message("train", {**fields, "task_id": tid}, self.global_state), timeout)
             fut.add_done_callback(lambda f, tid=tid: inbox.put(("answer", tid, f)))
 
-    def _collect(self, tasks: dict[str, str], inbox, failed: dict, deadline: float, sink, layout: dict) -> dict[str, dict]:
+    def _collect(self, tasks: dict[str, str], inbox, failed: dict, deadline: float, sink, layout: dict,
+                 deferred: dict | None = None) -> dict[str, dict]:
         """Take results as they arrive into ``sink`` (the aggregator, or the masked sum); a large
-        one must match ``layout`` ({name: (shape, dtype)}) and is pulled chunk by chunk."""
+        one must match ``layout`` ({name: (shape, dtype)}) and is pulled chunk by chunk. Each is
+        acknowledged once taken, except into ``deferred`` ({node: task id}, secure rounds): those
+        ride on the unmasking request, one message and one node commit less per node and round."""
         waiting = dict(tasks)  # task id -> node, until its train.done
         queued: list[_Stream] = []
         active: dict[str, _Stream] = {}
@@ -438,7 +444,7 @@ class Experiment:
                     self._ack(node, tid, done_ids)
                 elif f.get("inline"):
                     self._take(sink, msg.tensors, f, node, contributed, failed)
-                    self._ack(node, tid, done_ids)
+                    self._ack(node, tid, done_ids, deferred if node in contributed else None)
                 elif not self._matches(f, layout):
                     failed[node] = {"code": "bad_update", "message": "the result has another layout than the model"}
                     self._ack(node, tid, done_ids)
@@ -452,7 +458,8 @@ class Experiment:
                         del active[stream.task_id]
                         self._take(sink, stream.buffer, stream.fields, stream.node, contributed, failed)
                         self._buffers.append(stream.buffer)
-                        self._ack(stream.node, stream.task_id, done_ids)
+                        self._ack(stream.node, stream.task_id, done_ids,
+                                  deferred if stream.node in contributed else None)
             while queued and len(active) < self.max_streams:
                 stream = queued.pop(0)
                 stream.buffer = self._buffer_for(stream.fields["layout"])
@@ -490,9 +497,12 @@ class Experiment:
                 self._buffers.append(stream.buffer)
 
     # ------------------------------------------------------------------ streams
-    def _ack(self, node: str, task_id: str, done_ids: set) -> None:
+    def _ack(self, node: str, task_id: str, done_ids: set, deferred: dict | None = None) -> None:
         done_ids.add(task_id)
-        self.researcher.send(node, Message("result.ack", {"task_id": task_id}))
+        if deferred is not None:
+            deferred[node] = task_id
+        else:
+            self.researcher.send(node, Message("result.ack", {"task_id": task_id}))
 
     @staticmethod
     def _matches(fields: dict, expected: dict) -> bool:
