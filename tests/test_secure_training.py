@@ -267,8 +267,8 @@ def test_a_node_restarted_before_its_masked_update_arrives_reports_it_lost_and_t
 
         held["event"] = threading.Event()
         victim._send_result = hold
-        exp = Experiment(mesh.researcher, TinyPlan, ["blobs"], 1, training_args={"epochs": 1, "seed": 1, "test_fraction": 0},
-                         min_nodes=3, round_timeout=60, progress=False, secagg=True)
+        exp = Experiment(mesh.researcher, TinyPlan, ["blobs"], 1,
+                         training_args={"epochs": 1, "seed": 1, "test_fraction": 0}, min_nodes=3, round_timeout=60, progress=False, secagg=True)
         outcome: dict = {}
         runner = threading.Thread(target=lambda: outcome.update(result=_catch(exp.run)))
         runner.start()

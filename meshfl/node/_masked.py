@@ -19,6 +19,8 @@ from ..secagg import VECTOR
 
 
 class MaskedResults:
+    """Masked vectors by task id, and up to ``SPARES`` spare buffers. Thread-safe."""
+
     SPARES = 2
 
     def __init__(self) -> None:

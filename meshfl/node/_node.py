@@ -389,9 +389,9 @@ class Node:
         also acknowledges this node's masked result (``ack``): one commit for both, not one each."""
         f = msg.fields
         ack = f.get("ack")
-        session = self.secagg.get(f["session"], msg.sender)
         refused = None
         try:
+            session = self.secagg.get(f["session"], msg.sender)
             shares = session.reveal([str(p) for p in f["survivors"]], [str(p) for p in f["dropped"]])
         except SecAggError as exc:  # refused to reveal; the researcher has the result all the same
             refused = exc

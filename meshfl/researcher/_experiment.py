@@ -498,6 +498,7 @@ class Experiment:
 
     # ------------------------------------------------------------------ streams
     def _ack(self, node: str, task_id: str, done_ids: set, deferred: dict | None = None) -> None:
+        """A result is taken: acknowledge it now, or leave it in ``deferred`` for the unmasking."""
         done_ids.add(task_id)
         if deferred is not None:
             deferred[node] = task_id

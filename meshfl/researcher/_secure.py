@@ -137,7 +137,8 @@ class SecureRound:
         return {"session": self.session, "parameters": self.parameters, "weight_scale": self.weight_scale,
                 "clip": self.encoding.clip, "frac_bits": self.encoding.frac_bits}
 
-    def finish(self, survivors: list[str], failed: dict, acks: Mapping[str, str]) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
+    def finish(self, survivors: list[str], failed: dict,
+               acks: Mapping[str, str]) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
         """Unmask the sum of the survivors' vectors: (mean delta per tensor, samples, mean metric
         slots). Each request also acknowledges the node's result (``acks``: node -> task id)."""
         started = time.monotonic()
