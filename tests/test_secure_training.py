@@ -81,6 +81,19 @@ def test_secure_round_equals_plain_fedavg_within_the_quantization_bound(mesh3):
         assert acked.event == "result.acknowledged" and node.masked.tensors(acked.fields["task"]) is None
 
 
+def test_a_masked_result_too_large_to_travel_inline_is_pulled_from_the_nodes_memory(mesh3):
+    """Width 600_000: ~9.6 MB masked vectors, above the inline limit, so the researcher pulls them in
+    chunks - from the node's memory, where a masked result stays until the unmasking acknowledges it."""
+    exp = Experiment(mesh3.researcher, AddOnePlan, ["blobs"], 1, model_args={"width": 600_000}, min_nodes=3,
+                     round_timeout=120, progress=False, secagg=True)
+    before = {k: v.clone() for k, v in exp.global_state.items()}
+    (entry,) = exp.run()
+    assert sorted(entry["nodes"]) == ["node0", "node1", "node2"]
+    for k, v in exp.global_state.items():  # every node added 1: so does their mean, exactly
+        assert torch.allclose(v, before[k] + 1.0, atol=1e-5), k
+    assert all(wait_until(lambda: len(node.outbox) == 0) for node in mesh3.nodes)
+
+
 def test_the_researcher_receives_only_masked_vectors(mesh3, monkeypatch):
     blocks, received = {}, []
     real_fill, real_add = UpdateEncoder.fill, MaskedSum.add

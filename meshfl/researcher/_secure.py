@@ -140,16 +140,15 @@ class SecureRound:
     def finish(self, survivors: list[str], failed: dict,
                acks: Mapping[str, str]) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
         """Unmask the sum of the survivors' vectors: (mean delta per tensor, samples, mean metric
-        slots). Each request also acknowledges the node's result (``acks``: node -> task id)."""
+        slots). Each request also acknowledges the node's result (``acks``: survivor -> task id)."""
         started = time.monotonic()
         survivors = sorted(survivors)
         dropped = [n for n in self.members if n not in survivors]
         self._need(len(survivors), "sent masked updates", unmasked=False)
         fields = {"session": self.session, "survivors": survivors, "dropped": dropped}
-        futures = {}
-        for n in survivors:
-            request = Message("secagg.unmask", {**fields, "ack": acks[n]} if n in acks else fields)
-            futures[self.researcher.request(n, request, SETUP_TIMEOUT_S)] = n
+        futures = {self.researcher.request(n, Message("secagg.unmask", {**fields, "ack": acks[n]}),
+                                           SETUP_TIMEOUT_S): n
+                   for n in survivors}
         reveals: list[dict] = []
         for fut in as_completed(futures):  # t shares of each secret suffice: the slowest need not answer
             try:
