@@ -46,8 +46,21 @@ class Config:
     allow_cuda: bool = True
     task_timeout: float = 3600.0
     force_secure_aggregation: bool = False
+    sandbox: bool = True
+    plan_memory_mb: int = 0
+    plan_cpu_seconds: float = 0.0
+    sandbox_read_paths: tuple = ()
     heartbeat: float = 1.0
     dead_after: float = 10.0
+
+    def sandbox_settings(self) -> dict | None:
+        """What the training worker confines itself with (``meshfl.node._sandbox``); None: nothing."""
+        if not self.sandbox:
+            return None
+        memory = self.plan_memory_mb or max(2048, (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) >> 21)
+        return {"network": True, "audit_hook": True, "memory_mb": memory,
+                "cpu_seconds": self.plan_cpu_seconds or self.task_timeout,
+                "read_paths": list(self.sandbox_read_paths)}
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -57,11 +70,21 @@ class Config:
             raise ConfigError("name must be a non-empty string", code="bad_config")
         if self.listen is not None:
             _check_endpoint(self.listen)
-        for field in ("dev", "allow_cuda", "force_secure_aggregation"):
+        for field in ("dev", "allow_cuda", "force_secure_aggregation", "sandbox"):
             if not isinstance(getattr(self, field), bool):
                 raise ConfigError(f"{field} must be true or false", code="bad_config")
         if not _is_int(self.minimum_samples) or self.minimum_samples < 0:
             raise ConfigError("minimum_samples must be an integer >= 0", code="bad_config")
+        if not _is_int(self.plan_memory_mb) or self.plan_memory_mb < 0:
+            raise ConfigError("plan_memory_mb must be an integer >= 0 (0: half this machine's memory)",
+                              code="bad_config")
+        if not _is_number(self.plan_cpu_seconds) or self.plan_cpu_seconds < 0:
+            raise ConfigError("plan_cpu_seconds must be a number >= 0 (0: task_timeout)", code="bad_config")
+        paths = self.sandbox_read_paths
+        if isinstance(paths, str) or not all(isinstance(p, str) and os.path.isabs(p) for p in paths):
+            raise ConfigError("sandbox_read_paths must be a list of absolute paths", code="bad_config")
+        object.__setattr__(self, "sandbox_read_paths", tuple(paths))
+        object.__setattr__(self, "plan_cpu_seconds", float(self.plan_cpu_seconds))
         for field in ("task_timeout", "heartbeat", "dead_after"):
             value = getattr(self, field)
             if not _is_number(value) or value <= 0:
@@ -130,6 +153,15 @@ allow_cuda = {allow_cuda}
 task_timeout = {task_timeout}
 # Refuse training rounds that do not use secure aggregation.
 force_secure_aggregation = {force_secure_aggregation}
+# Confine plans (docs/security.md): no network, a memory and a CPU-time cap, files limited to
+# the task's dataset and scratch folder. Turn off only to debug a plan on synthetic data.
+sandbox = {sandbox}
+# Memory cap of the training worker in MiB (0: half of this machine's memory).
+plan_memory_mb = {plan_memory_mb}
+# CPU seconds a task may use (0: as many as task_timeout allows).
+plan_cpu_seconds = {plan_cpu_seconds}
+# Folders plans may also read (absolute paths), e.g. ["/srv/models"] for pretrained weights.
+sandbox_read_paths = {sandbox_read_paths}
 
 # --- links (both roles) ---
 # Seconds between liveness messages to connected peers.
@@ -142,8 +174,8 @@ dead_after = {dead_after}
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (str, tuple, list)):
+        return json.dumps(value if isinstance(value, str) else list(value))  # valid TOML too
     return repr(value)
 
 

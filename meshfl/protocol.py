@@ -42,7 +42,7 @@ declare(
         "training_args": "dict",
         "model_args": "dict",
     },
-    optional={"secagg": "dict"},
+    optional={"secagg": "dict", "dp": "dict"},
     tensors=True,
 )
 declare("train.accepted", required={"task_id": "str", "state": "str"})
@@ -58,6 +58,7 @@ declare(
         "inline": "bool",
         "duration": "float",
         "metric_names": "list",
+        "privacy": "dict",  # a DP task's cost, debited from its dataset's budget when it was released
     },
     tensors=True,
 )

@@ -36,8 +36,10 @@ def wait_until(cond, timeout=30.0):
 
 
 @pytest.fixture(scope="module")
-def mesh3():
-    with FederatedMesh(3) as m:
+def mesh3(tmp_path_factory):
+    gates = tmp_path_factory.mktemp("gates")  # GatedPlan reads its gate there: the sandbox allows it
+    with FederatedMesh(3, node_config={"sandbox_read_paths": [str(gates)]}) as m:
+        m.gates = gates
         _register(m)
         m.approve(TinyPlan)
         m.approve(AddOnePlan)
@@ -141,7 +143,7 @@ def test_a_forged_overlay_message_is_rejected_and_audited(mesh3):
 
 def _sized_experiment(mesh, tmp_path) -> Experiment:
     """A secure round of GatedPlan with its gate open: every node adds samples / 100."""
-    gate = tmp_path / "gate"
+    gate = mesh.gates / tmp_path.name
     gate.touch()
     return Experiment(mesh.researcher, GatedPlan, ["blobs"], 1, min_nodes=2, round_timeout=60, progress=False,
                       training_args={"gate": str(gate), "test_fraction": 0}, secagg=True)
@@ -205,7 +207,8 @@ def _gated_round(tmp_path, kill: int):
     """5 nodes, t = 3: start a secure round, stop ``kill`` nodes once the key exchange is done
     (their tasks are queued, training waits at the gate), then open the gate."""
     gate = tmp_path / "gate"
-    with FederatedMesh(5, dead_after=2.0) as mesh, open(gate, "wb") as held:
+    with FederatedMesh(5, dead_after=2.0, node_config={"sandbox_read_paths": [str(tmp_path)]}) as mesh, \
+            open(gate, "wb") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # closed: training waits for the lock
         _register(mesh)
         mesh.approve(GatedPlan)

@@ -8,6 +8,8 @@ import click
 
 from ..node._datasets import FORMATS, DatasetRegistry, normalize_tags
 from ..node._plans import STATUSES, PlanRegistry
+from ..node._release import open_release
+from ..privacy import KINDS, PolicyTable
 from ..store import Outbox, TaskQueue
 from ._app import UserError, emit_json, home_option, json_option, main, open_home, table, when
 
@@ -50,7 +52,9 @@ def node_status(home: Path, as_json: bool) -> None:
             "plans": {s: sum(p["status"] == s for p in plans) for s in STATUSES},
             "tasks": {s: tasks.count(s) for s in TASK_STATES},
             "outbox": len(Outbox(h.store, "outbox")),
+            "held_for_review": len(Outbox(h.store, "outbox").held()),
             "audit": len(h.audit),
+            "policies": _policies(h),
         }
     if as_json:
         emit_json(info)
@@ -63,8 +67,12 @@ def node_status(home: Path, as_json: bool) -> None:
     click.echo(f"datasets:      {info['datasets']}")
     click.echo("plans:         " + ", ".join(f"{n} {s}" for s, n in info["plans"].items()))
     click.echo("tasks:         " + ", ".join(f"{n} {s}" for s, n in info["tasks"].items()))
-    click.echo(f"outbox:        {info['outbox']} unacknowledged")
+    click.echo(f"outbox:        {info['outbox']} unacknowledged, {info['held_for_review']} held for review")
     click.echo(f"audit records: {info['audit']}")
+    for name, rules in info["policies"].items():
+        click.echo(f"policy of {name}:")
+        for line in rules["lines"]:
+            click.echo(f"  {line}")
 
 
 @main.group()
@@ -126,10 +134,14 @@ def dataset_show(home: Path, name: str, as_json: bool) -> None:
     """Show everything recorded about one dataset."""
     with open_home(home, role="node") as h:
         record = DatasetRegistry(h.store).get(name)
+        record = {**record, "policy": _policies(h, [name])[name]}
     if as_json:
         emit_json(record)
     else:
         _show(record)
+        click.echo("  policy:")
+        for line in record["policy"]["lines"]:
+            click.echo(f"    {line}")
 
 
 @dataset.command("remove")
@@ -146,6 +158,83 @@ def dataset_remove(home: Path, name: str, as_json: bool) -> None:
         click.echo(f"removed dataset {name}")
     if not removed:
         raise UserError(f"no dataset named {name!r} (see `meshfl dataset list`)")
+
+
+@dataset.command("policy")
+@home_option
+@click.argument("name")
+@click.option("--researchers", metavar="A,B", help="Only these researchers (names as trusted here, or peer ids).")
+@click.option("--any-researcher", is_flag=True, help="Every trusted researcher (the default).")
+@click.option("--kinds", metavar="K,L", help=f"Request kinds served, of: {', '.join(KINDS)}.")
+@click.option("--min-participants", type=click.IntRange(min=1),
+              help="Contribute only to sums of at least this many nodes (above 1: secure aggregation only).")
+@click.option("--require-secagg/--no-require-secagg", default=None, help="Serve only secure aggregation.")
+@click.option("--require-dp/--no-require-dp", default=None, help="Serve only differentially private tasks.")
+@click.option("--min-noise", type=click.FloatRange(min=0), help="The smallest DP noise multiplier accepted.")
+@click.option("--budget", "epsilon", type=click.FloatRange(min=0, min_open=True),
+              help="The dataset's privacy budget epsilon (DP tasks only, spent by released results).")
+@click.option("--delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+              help="The budget's delta (default 1e-5).")
+@click.option("--no-budget", is_flag=True, help="Remove the privacy budget.")
+@click.option("--review/--auto-release", default=None,
+              help="Hold results for your review (`meshfl result ...`) before they leave.")
+@click.option("--reset", is_flag=True, help="Back to the default policy.")
+@click.option("--by", default="operator", show_default=True, help="Who decides, for the audit log.")
+@json_option
+def dataset_policy(home: Path, name: str, researchers, any_researcher, kinds, min_participants, require_secagg,
+                   require_dp, min_noise, epsilon, delta, no_budget, review, reset, by, as_json) -> None:
+    """Show or change what dataset NAME may be used for (each change is audited).
+
+    Without options, shows the policy in force. Options change only the rules they name.
+    """
+    changes: dict = {}
+    if researchers and any_researcher:
+        raise UserError("give --researchers or --any-researcher, not both")
+    if researchers:
+        changes["researchers"] = [r.strip() for r in researchers.split(",") if r.strip()]
+    if any_researcher:
+        changes["researchers"] = None
+    if kinds:
+        changes["kinds"] = [k.strip() for k in kinds.split(",") if k.strip()]
+    for key, value in (("min_participants", min_participants), ("require_secagg", require_secagg),
+                       ("require_dp", require_dp), ("min_noise", min_noise), ("epsilon", epsilon),
+                       ("delta", delta), ("review", review)):
+        if value is not None:
+            changes[key] = value
+    if no_budget:
+        if epsilon is not None:
+            raise UserError("give --budget or --no-budget, not both")
+        changes["epsilon"] = None
+    with open_home(home, role="node") as h:
+        DatasetRegistry(h.store).get(name)  # a clear error for an unknown dataset
+        table_ = PolicyTable(h.store, h.audit)
+        if reset:
+            table_.reset(name, by=by)
+        if changes:
+            table_.set(name, by=by, **changes)
+        info = _policies(h, [name])[name]
+    if as_json:
+        emit_json(info)
+        return
+    click.echo(f"policy of {name}:")
+    for line in info["lines"]:
+        click.echo(f"  {line}")
+
+
+def _policies(h, names: list[str] | None = None) -> dict:
+    """The policy in force per dataset (config.toml applied), with its budget's use."""
+    gate = open_release(h).gate
+    names = names if names is not None else [r["name"] for r in DatasetRegistry(h.store).list()]
+    out = {}
+    for name in names:
+        policy = gate.policy(name)
+        budget = gate.budget(name)
+        lines = policy.describe()
+        if budget is not None:
+            lines.append(f"budget spent:     epsilon {budget['spent']:.4g}, "
+                         f"{budget['left']:.4g} left (queued tasks counted)")
+        out[name] = {"policy": policy.to_dict(), "budget": budget, "lines": lines}
+    return out
 
 
 def _shape(record: dict) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ import threading
 import orjson
 
 from ..errors import MeshflError
+from ._sandbox import ENV as SANDBOX_ENV
 
 log = logging.getLogger("meshfl.node")
 
@@ -27,23 +29,32 @@ class TaskFailed(MeshflError):
 
 
 class Executor:
-    def __init__(self, *, name: str = "node", env: dict | None = None) -> None:
+    """``sandbox``: the worker's confinement (see ``_sandbox``); None runs plans unconfined."""
+
+    def __init__(self, *, name: str = "node", env: dict | None = None, sandbox: dict | None = None) -> None:
         self.name = name
         self._env = {**os.environ, **(env or {})}
+        if sandbox is not None:
+            self._env[SANDBOX_ENV] = orjson.dumps(sandbox).decode()
+        self.protections: dict | None = None  # what the last worker achieved (its ready line)
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()
 
     def _spawn(self) -> subprocess.Popen:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "meshfl.node._worker"],
+            [sys.executable, "-m", "meshfl.node._worker_main"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=self._env,
         )
         line = self._read_line(proc, timeout=120)
-        if not line or not orjson.loads(line).get("ready"):
+        ready = orjson.loads(line) if line else {}
+        if not ready.get("ready"):
             self._kill(proc)
             raise TaskFailed("the training worker did not start", code="worker_died")
+        if ready.get("protections") != self.protections:
+            log.info("[%s] plan sandbox: %s", self.name, ready.get("protections"))
+        self.protections = ready.get("protections")
         log.info("[%s] training worker started (pid %d)", self.name, proc.pid)
         return proc
 
@@ -88,6 +99,8 @@ class Executor:
                 self._proc = None
                 if line is None:
                     raise TaskFailed(f"training did not finish within {timeout:g} s", code="timeout")
+                if proc.returncode == -signal.SIGXCPU:
+                    raise TaskFailed("the plan went over its CPU-time cap", code="plan_violation")
                 raise TaskFailed(
                     f"the training process died (exit {proc.returncode}): crash or out of memory", code="worker_died"
                 )

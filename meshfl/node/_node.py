@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import shutil
 import signal
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from .. import __version__
 from ..errors import MeshflError
 from ..home import Home
 from ..overlay import Overlay, OverlayRejected, bundle, unbundle
+from ..privacy import DPSpec, Gate, Ledger, PolicyTable, Request, clip_and_noise, public_policy
 from ..protocol import CHUNK_BYTES, INLINE_RESULT_BYTES, chunk_plan
 from ..secagg import Encoding, NodeSession, NodeSessions, SecAggError, UpdateEncoder, frac_bits_for
 from ..store import Outbox, TaskQueue
@@ -35,12 +39,15 @@ from ..wire import DTYPE_NAMES, Message
 from ._datasets import DatasetRegistry, public_view
 from ._executor import Executor, TaskFailed
 from ._masked import MaskedResults
-from ._plans import PlanRegistry
+from ._plans import APPROVED, PlanError, PlanRegistry, plan_hash
+from ._release import Release
 
 KEYS_TIMEOUT_S = 60.0  # a secure task waits this long after training for the members' keys
 # (the researcher sends them once every participant answered the set-up, within 30 s)
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
+RELEASE_CHECK_S = 5.0  # how often the outbox is checked for releases nobody announced
+PID_FILE = "node.pid"  # written by Node.run(): `meshfl result release` nudges the node through it
 
 
 def _integer(value) -> bool:
@@ -74,8 +81,12 @@ class Node:
         self.plans = PlanRegistry(store, self.audit)
         self.queue = TaskQueue(store, "tasks")
         self.outbox = Outbox(store, "outbox")
+        self.ledger = Ledger(store)
+        self.gate = Gate(PolicyTable(store, self.audit), self.ledger, check_plan=self._check_plan,
+                         force_secure_aggregation=cfg.force_secure_aggregation)
+        self.release = Release(store, self.outbox, self.queue, self.ledger, self.audit, self.gate)
         self.blobs = BlobStore(self.home.path / "blobs")
-        self.executor = Executor(name=self.name)
+        self.executor = Executor(name=self.name, sandbox=cfg.sandbox_settings())
         options = {"heartbeat": cfg.heartbeat, "dead_after": cfg.dead_after, **(peer_options or {})}
         self.peer = Peer(
             self.home.identity, listen=cfg.listen, handler=self._handle, on_link=self._on_link, **options
@@ -86,6 +97,9 @@ class Node:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._runner = threading.Thread(target=self._run_tasks, name=f"meshfl-runner-{self.name}", daemon=True)
+        self._released = threading.Event()  # set when a held result was released (notify_released)
+        self._sender = threading.Thread(target=self._send_released, name=f"meshfl-release-{self.name}", daemon=True)
+        self._trusted_names: dict[str, str] = {}
         self._running_task: dict | None = None
         self._packs: dict[str, dict] = {}  # task id -> mapped result pack, while it is being pulled
 
@@ -99,26 +113,34 @@ class Node:
             self.log.warning("task %s was interrupted by a restart: reporting it failed", task.id)
             fields = {"task_id": task.id, "experiment": task.payload["experiment"],
                       "round": task.payload["round"], "ok": False, "error": task.error}
-            self.outbox.put(task.id, task.payload["researcher"], {"fields": fields})
+            self._atomically(lambda: self.outbox.put(task.id, task.payload["researcher"], {"fields": fields}),
+                             lambda: self.ledger.unreserve(task.id),
+                             lambda: self.audit.append("task.interrupted", task=task.id))
             self.blobs.delete(task.id)
-            self.audit.append("task.interrupted", task=task.id)
+        self._drop_stale_reservations()
         if self.dev:
             self.log.warning("development mode: training plans run WITHOUT operator approval")
         self.peer.start()
         for entry in self.home.trusted():
             self.peer.trust(entry["card"], entry.get("endpoint"))
-        self.audit.append("node.started", dev=self.dev, version=__version__)
+            self._trusted_names[entry["peer_id"]] = entry["name"]
         self.executor.start()
+        self.audit.append("node.started", dev=self.dev, version=__version__, sandbox=self.executor.protections)
+        if self.executor.protections is None:
+            self.log.warning("plans run without a sandbox (config.toml: sandbox = false)")
         self._runner.start()
+        self._sender.start()
         self.log.info("node %s (%s) up; %d unacknowledged results", self.name, self.peer.peer_id, len(self.outbox))
         return self
 
     def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
+        self._released.set()
         self.executor.cancel()
-        if self._runner.is_alive():
-            self._runner.join()
+        for thread in (self._runner, self._sender):
+            if thread.is_alive():
+                thread.join()
         self.peer.close()
         self.executor.close()
         self._packs.clear()
@@ -130,11 +152,15 @@ class Node:
         done = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: done.set())
+        signal.signal(signal.SIGUSR1, lambda *_: self.notify_released())  # `meshfl result release`
+        pid_file = self.home.path / PID_FILE
+        pid_file.write_text(str(os.getpid()))
         self.start()
         try:
             done.wait()
         finally:
             self.stop()
+            pid_file.unlink(missing_ok=True)
 
     def __enter__(self) -> "Node":
         return self.start()
@@ -154,10 +180,15 @@ class Node:
         return Message("pong", fields)
 
     def _on_datasets_search(self, msg: Message) -> Message:
+        """The datasets with the tags that this researcher may use, each with the rules it must
+        meet (``policy``) and what is left of its privacy budget (``privacy``, if it has one)."""
         tags = [str(t) for t in msg.fields.get("tags") or []]
-        found = self.datasets.search(tags, self.home.config.minimum_samples)
+        name = self._trusted_names.get(msg.sender, "")
+        found = [dict(r, policy=public_policy(self.gate.policy(r["name"])), privacy=self.gate.budget(r["name"]))
+                 for r in self.datasets.search(tags, self.home.config.minimum_samples)
+                 if self.gate.may_use(msg.sender, name, r["name"])]
         self.audit.append("datasets.searched", researcher=msg.sender, tags=tags, found=len(found))
-        return Message("datasets.list", {"datasets": [public_view(r) for r in found]})
+        return Message("datasets.list", {"datasets": found})
 
     def _on_plan_status(self, msg: Message) -> Message:
         h = msg.fields["hash"]
@@ -177,23 +208,33 @@ class Node:
             if self.outbox.get(task_id) is not None:
                 self._deliver(task_id)
             return Message("train.accepted", {"task_id": task_id, "state": existing.state})
-        if self.home.config.force_secure_aggregation and not f.get("secagg"):
-            self.audit.append("task.refused", task=task_id, researcher=msg.sender, reason="secagg_required")
-            raise MeshflError("this node only trains with secure aggregation", code="secagg_required")
         secagg, session = self._secagg_spec(f["secagg"], msg.sender) if f.get("secagg") else (None, None)
+        dp = DPSpec.from_wire(f["dp"]) if f.get("dp") is not None else None
         found = self.datasets.search([str(t) for t in f["dataset_tags"]], self.home.config.minimum_samples)
         if not found:
             raise MeshflError(f"no dataset on {self.name} matches tags {f['dataset_tags']}", code="no_dataset")
+        request = Request("training", msg.sender, found[0], researcher_name=self._trusted_names.get(msg.sender, ""),
+                          plan_source=f["plan_source"], secagg=session is not None,
+                          summed_over=session.threshold if session is not None else 1, dp=dp,
+                          training_args=f["training_args"])
         self.blobs.write(task_id, msg.tensors)  # before the task exists: never a task without its model
+        if dp is not None and dp.mode == "client" and session is None:  # the noised change goes back onto it
+            self.blobs.write(f"{task_id}.base", msg.tensors)
         payload = {k: f[k] for k in ("experiment", "round", "plan_source", "plan_class", "training_args", "model_args")}
-        payload.update(researcher=msg.sender, dataset=found[0]["name"], secagg=secagg)
+        payload.update(researcher=msg.sender, secagg=secagg, dp=dp.to_wire() if dp else None)
 
-        def accept(tx) -> None:  # the approval decision, the task and its audit record: one commit
-            payload["plan_hash"] = self.plans.check(f["plan_source"], dev=self.dev, requester=msg.sender)
+        def accept(tx) -> None:  # the gate's decision, the task and its audit record: one commit
+            dataset, grant = self._admit(request, found)
+            payload.update(dataset=dataset, plan_hash=grant.plan_hash)
+            if grant.mechanism is not None:
+                payload["privacy"] = {"mechanism": list(grant.mechanism)}
+                if grant.policy.epsilon is not None:
+                    self.ledger.reserve(task_id, dataset, grant.mechanism)
             self.queue.push(payload, task_id=task_id)
             self.audit.append(
                 "task.accepted", task=task_id, researcher=msg.sender, experiment=f["experiment"],
-                round=f["round"], plan=payload["plan_hash"], dataset=found[0]["name"],
+                round=f["round"], plan=grant.plan_hash, dataset=dataset, dp=payload["dp"],
+                epsilon=grant.epsilon if grant.mechanism is not None else None,
             )
             if session is not None:  # the round's set-up, recorded with the task that uses it
                 self.audit.append("secagg.setup", session=session.session, researcher=msg.sender, task=task_id,
@@ -201,15 +242,39 @@ class Node:
 
         try:
             self.home.store.atomic(accept)
-        except MeshflError:
+        except MeshflError as exc:
             self.blobs.delete(task_id)
+            self.blobs.delete(f"{task_id}.base")
             try:  # outside the rolled-back transaction: record the plan for review, audit the refusal
-                self.plans.check(f["plan_source"], dev=self.dev, requester=msg.sender)
+                if isinstance(exc, PlanError):
+                    self.plans.check(f["plan_source"], dev=self.dev, requester=msg.sender)
             finally:
-                self.audit.append("task.refused", task=task_id, researcher=msg.sender, reason="plan_not_approved")
+                self.audit.append("task.refused", task=task_id, researcher=msg.sender, reason=exc.code,
+                                  dataset=exc.details.get("dataset"))
             raise
         self._wake.set()
         return Message("train.accepted", {"task_id": task_id, "state": "pending"})
+
+    def _admit(self, request: Request, datasets: list[dict]):
+        """The first of ``datasets`` the gate admits ``request`` to, and the grant; else the first
+        dataset's refusal. The plan is decided (and audited) once: its refusal holds for all."""
+        first, plan = None, None
+        for record in datasets:
+            try:
+                grant = self.gate.check(replace(request, dataset=record, plan_source=None if plan else request.plan_source))
+                return record["name"], replace(grant, plan_hash=plan or grant.plan_hash)
+            except PlanError:
+                raise
+            except MeshflError as exc:
+                first, plan = first or exc, plan_hash(request.plan_source)
+        raise first
+
+    def _check_plan(self, request: Request) -> str:
+        """The gate's plan rule: the plan's hash if it may run here, else PlanError. A task already
+        accepted is checked again without a new audit record, unless it is refused now."""
+        if request.task_id is not None and (self.dev or self.plans.status(plan_hash(request.plan_source)) == APPROVED):
+            return plan_hash(request.plan_source)
+        return self.plans.check(request.plan_source, dev=self.dev, requester=request.researcher)
 
     def _on_result_pull(self, msg: Message) -> None:
         task_id, first, count = msg.fields["task_id"], msg.fields["first"], msg.fields["count"]
@@ -245,6 +310,7 @@ class Node:
         for task in self.queue.list("pending"):
             if task.payload.get("experiment") == experiment and task.payload.get("researcher") == msg.sender:
                 count += self.queue.cancel(task.id)
+                self.ledger.unreserve(task.id)
                 self.blobs.delete(task.id)
         running = self._running_task
         if running and running["experiment"] == experiment and running["researcher"] == msg.sender:
@@ -268,7 +334,7 @@ class Node:
     def _deliver(self, task_id: str) -> None:
         """Send (or re-send) a result kept in the outbox."""
         item = self.outbox.get(task_id)
-        if item is not None:
+        if item is not None and not item.held:
             self._send_result(item.dest, task_id, item.envelope["fields"])
 
     def _send_result(self, dest: str, task_id: str, fields: dict, tensors: dict | None = None) -> None:
@@ -292,6 +358,7 @@ class Node:
         self._packs.pop(task_id, None)
         self.masked.drop(task_id)
         self.blobs.delete(task_id)
+        self.blobs.delete(f"{task_id}.base")
 
     def _run_tasks(self) -> None:
         while not self._stopping.is_set():
@@ -307,9 +374,10 @@ class Node:
         fields: dict = {"task_id": task.id, "experiment": p["experiment"], "round": p["round"]}
         self._running_task = {"experiment": p["experiment"], "researcher": p["researcher"], "cancelled": False,
                               "session": (p.get("secagg") or {}).get("session")}
+        client_dp = (p.get("dp") or {}).get("mode") == "client"
         try:
-            if not self.dev and self.plans.status(p["plan_hash"]) != "approved":
-                self.plans.check(p["plan_source"], dev=self.dev)  # approval withdrawn: refuse, audited
+            dataset = self.datasets.get(p["dataset"])
+            self._recheck(task, dataset)  # approval, policy or budget may have changed since acceptance
             job = {
                 "task_id": task.id,
                 "plan_source": p["plan_source"],
@@ -317,21 +385,32 @@ class Node:
                 "plan_hash": p["plan_hash"],
                 "model_args": p["model_args"],
                 "training_args": p["training_args"],
-                "dataset": self.datasets.get(p["dataset"]),
+                "dataset": dataset,
                 "pack": str(self.blobs.path(task.id)),
                 "allow_cuda": self.home.config.allow_cuda,
-                "delta": bool(p.get("secagg")),
+                "delta": bool(p.get("secagg")) or client_dp,  # the node itself masks or noises the change
+                "update_norm": self.gate.policy(p["dataset"]).review,  # for the operator's review
+                "dp": p.get("dp"),
+                "mechanism": (p.get("privacy") or {}).get("mechanism"),
             }
             limit = self.home.config.task_timeout  # the operator's limit: a researcher may only lower it
             timeout = min(limit, float(p["training_args"].get("timeout") or limit))
+            job["scratch"] = self._scratch(task.id)
+            job["cpu_seconds"] = self.home.config.plan_cpu_seconds or timeout
             result = self.executor.run(job, timeout)
+            delta = None
+            if result.get("ok") and p.get("dp"):  # only the noised model leaves: no data-dependent metric
+                result["metrics"] = {"steps": float(result["metrics"].get("steps", 0))}
+                if client_dp:
+                    delta = self._client_dp(task.id, p, result)
             if result.get("ok") and p.get("secagg"):
-                result = self._mask_result(task.id, p["secagg"], result)
+                result = self._mask_result(task.id, p["secagg"], result, delta)
         except MeshflError as exc:
             result = {"ok": False, "error": exc.to_wire()}
         finally:
             cancelled = self._running_task["cancelled"]
             self._running_task = None
+            shutil.rmtree(self.home.path / "scratch" / task.id, ignore_errors=True)
         if cancelled:
             result = {"ok": False, "error": TaskFailed("the researcher cancelled the experiment", code="cancelled").to_wire()}
         fields["ok"] = bool(result.get("ok"))
@@ -353,20 +432,88 @@ class Node:
         else:
             fields["error"] = result["error"]
             self.log.warning("task %s failed: %s", task.id, result["error"].get("message"))
-        envelope["fields"] = fields
-        finish = (
-            (lambda: self.queue.done(task.id, {"samples": fields.get("samples")}))
-            if fields["ok"]
-            else (lambda: self.queue.fail(task.id, fields["error"]))
-        )
-        self._atomically(  # the result, the task's end and its audit record: one commit
-            lambda: self.outbox.put(task.id, p["researcher"], envelope),
-            finish,
-            lambda: self.audit.append("task.finished", task=task.id, ok=fields["ok"], error=fields.get("error", {}).get("code")),
-        )
+        review = {k: result.get(k) for k in ("metrics", "samples", "duration", "update_norm")}
+        held, fields = self.release.finish(task, fields, envelope, review)
         if not fields["ok"]:
             self._discard_result(task.id)
-        self._send_result(p["researcher"], task.id, fields, tensors)
+        elif held:
+            return
+        self._send_result(p["researcher"], task.id, fields, tensors if fields["ok"] else None)
+
+    def _scratch(self, task_id: str) -> str:
+        """A fresh folder the task's plan may write in (removed after the task)."""
+        path = self.home.path / "scratch" / task_id
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(mode=0o700, parents=True)
+        return str(path)
+
+    def _client_dp(self, task_id: str, payload: dict, result: dict) -> dict | None:
+        """Clip and noise the trained change here, in the node process, where no plan code runs.
+        A secure round masks the noised change (returned); otherwise it goes back onto the received
+        model in the task's pack (counters and flags keep their received values)."""
+        spec = DPSpec.from_wire(payload["dp"])
+        delta = dict(self.blobs.read(task_id))  # a private mapping: changed in memory, not on disk
+        secagg = payload.get("secagg")
+        weight = result["samples"] / secagg["weight_scale"] if secagg else 1.0
+        norm = clip_and_noise(delta, spec, self._summed_over(payload), weight)
+        if result.get("update_norm") is not None:
+            result["update_norm"] = norm
+        if secagg:
+            return delta
+        base = self.blobs.read(f"{task_id}.base")
+        self.blobs.write(task_id, {k: base[k] + delta[k] if base[k].is_floating_point() else base[k] for k in base})
+        self.blobs.delete(f"{task_id}.base")
+        return None
+
+    def _recheck(self, task, dataset: dict) -> None:
+        """The gate again, just before the task runs (without a new reservation)."""
+        p = task.payload
+        self.gate.check(Request("training", p["researcher"], dataset,
+                                researcher_name=self._trusted_names.get(p["researcher"], ""),
+                                plan_source=p["plan_source"], secagg=bool(p.get("secagg")),
+                                summed_over=self._summed_over(p),
+                                dp=DPSpec.from_wire(p["dp"]) if p.get("dp") else None,
+                                training_args=p["training_args"], task_id=task.id))
+
+    def _summed_over(self, payload: dict) -> int:
+        secagg = payload.get("secagg")
+        if not secagg:
+            return 1
+        try:
+            return self.secagg.get(secagg["session"]).threshold
+        except SecAggError:
+            return 1  # its session is gone (a restart): the task fails when it masks
+
+    # ------------------------------------------------------------------ released results
+    def notify_released(self) -> None:
+        """A held result was released or denied (here or by another process): send it now."""
+        self._released.set()
+
+    def _send_released(self) -> None:
+        """Send results the operator released (``meshfl result release``, which nudges this node
+        with SIGUSR1 when it can, the console, :meth:`Release.decide`). The outbox is looked at
+        every few seconds too, so a release nobody announced still goes out."""
+        while not self._stopping.is_set():
+            self._released.wait(RELEASE_CHECK_S)
+            self._released.clear()
+            if self._stopping.is_set():
+                return
+            for task_id in self.outbox.take_released():
+                item = self.outbox.get(task_id)
+                if item is None:
+                    continue
+                if not item.envelope["fields"].get("ok"):
+                    self._discard_result(task_id)
+                self._deliver(task_id)
+
+    def _drop_stale_reservations(self) -> None:
+        """Budget set aside for tasks that can no longer be released (a crash between their end and
+        the reservation's removal cannot happen - one commit - but a table edited by hand can)."""
+        live = {t.id for t in self.queue.list("pending") + self.queue.list("running")}
+        live |= {item.msg_id for item in self.outbox.held()}
+        for task_id in self.ledger.reserved():
+            if task_id not in live:
+                self.ledger.unreserve(task_id)
 
     # ------------------------------------------------------------------ secure aggregation
     def _on_secagg_setup(self, msg: Message) -> Message:
@@ -455,13 +602,14 @@ class Node:
             self.log.warning("secure round %s: key list refused: %s", session.session, exc.message)
         return None
 
-    def _mask_result(self, task_id: str, spec: dict, result: dict) -> dict:
-        """Encode and mask the trained delta into the task's result, one 256 KiB block at a time
-        (the plain vector never goes through memory whole). The result stays in memory until it is
-        acknowledged (:mod:`._masked`); the delta's pack is deleted."""
+    def _mask_result(self, task_id: str, spec: dict, result: dict, delta: dict | None = None) -> dict:
+        """Encode and mask the trained delta (the pack's, or ``delta``: a noised one) into the task's
+        result, one 256 KiB block at a time (the plain vector never goes through memory whole). The
+        result stays in memory until it is acknowledged (:mod:`._masked`); the delta's pack is deleted."""
         session = self.secagg.get(spec["session"])
         session.wait_keys(KEYS_TIMEOUT_S)  # sent once every participant answered the set-up
-        delta = self.blobs.read(task_id)
+        if delta is None:
+            delta = self.blobs.read(task_id)
         enc = Encoding.for_state(delta, set(spec["parameters"]), spec["frac_bits"], spec["clip"])
         encoder = UpdateEncoder(delta, result["samples"], spec["weight_scale"], result["metrics"], enc)
         vector = self.masked.buffer(enc.nbytes)

@@ -15,18 +15,26 @@ import logging
 import os
 import sys
 import time
+import tempfile
 import traceback
+import warnings
 
 import orjson
 import torch
 
+from .._extras import require
+from ..errors import MeshflError
 from ..plans import DEFAULT_TRAINING_ARGS, TorchTrainingPlan, load_plan_class
 from ..store.blobs import read_pack, update_pack
-
-
+from . import _sandbox
 from ._datasets import load_dataset
 
 log = logging.getLogger("meshfl.worker")
+
+
+class DPRefused(MeshflError):
+    code = "dp_incompatible"
+
 _plans: dict[str, type] = {}
 _data: dict[tuple, tuple] = {}
 _models: dict[tuple, torch.nn.Module] = {}
@@ -108,8 +116,9 @@ def _delta_buffer(name: str, like: torch.Tensor) -> torch.Tensor:
     return buf
 
 
-def run_job(job: dict) -> dict:
-    started = time.monotonic()
+def _prepare(job: dict):
+    """What every job starts from: the plan (loaded once per hash), the training arguments, the
+    device, and the node's dataset (loaded once, preprocessed by the plan, split)."""
     key = job["plan_hash"]
     if key not in _plans:
         _plans[key] = load_plan_class(job["plan_source"], job["plan_class"], f"meshfl_plan_{key[:16]}")
@@ -117,7 +126,6 @@ def run_job(job: dict) -> dict:
     args = {**DEFAULT_TRAINING_ARGS, **job["training_args"]}
     device = _device(args, job.get("allow_cuda", True))
     _seed(int(args["seed"]), device)
-
     record = job["dataset"]
     data_key = (key, record["name"], record["path"], record.get("added"))  # preprocess() is the plan's
     if data_key not in _data:
@@ -126,21 +134,32 @@ def run_job(job: dict) -> dict:
         _data[data_key] = plan.preprocess(x, y)
     x, y = _data[data_key]
     train, test = plan.split(x, y, float(args["test_fraction"]), int(args["seed"]))
+    return plan, args, device, train, test
 
+
+def train_job(job: dict) -> dict:
+    """One round of training: the received model in the task's pack, the trained one (or its
+    change, ``delta``) written back over it."""
+    started = time.monotonic()
+    plan, args, device, train, test = _prepare(job)
+    dp = job.get("dp")
     model = _model(plan, job, device)
     pack = read_pack(job["pack"])  # the received model; the result goes back over it
     model.load_state_dict(pack)
-    if hasattr(plan, "train"):
+    if dp and dp["mode"] == "sample":
+        metrics = dp_sgd_train(plan, model, train, args, device, dp, job["mechanism"])
+    elif hasattr(plan, "train"):
         metrics = plan.train(model, train, args, device) or {}
     else:
         metrics = default_train(plan, model, train, args, device)
-    if test[0].shape[0]:
+    if test[0].shape[0] and not dp:  # under DP only the noised model leaves: no data-dependent metric
         model.eval()
         test_on = (test[0].to(device), test[1].to(device) if test[1] is not None else None)
         metrics.update({f"test_{k}": v for k, v in plan.evaluate(model, test_on).items()})
     state = model.state_dict()
     if {k: (v.shape, v.dtype) for k, v in state.items()} != {k: (v.shape, v.dtype) for k, v in pack.items()}:
         raise ValueError("the plan changed the model's tensor names, shapes or dtypes during training")
+    norm = _update_norm(state, pack) if job.get("update_norm") else None
     result = {}
     for name, tensor in state.items():
         tensor = tensor.detach().cpu()
@@ -154,7 +173,80 @@ def run_job(job: dict) -> dict:
         "metrics": {k: float(v) for k, v in metrics.items()},
         "device": device.type,
         "duration": time.monotonic() - started,
+        "update_norm": norm,
     }
+
+
+#: The jobs a worker runs, by ``job["kind"]``: they share loading, the sandbox and the limits.
+JOBS = {"train": train_job}
+
+
+def run_job(job: dict) -> dict:
+    return JOBS[job.get("kind", "train")](job)
+
+
+def dp_sgd_train(plan: TorchTrainingPlan, model, train, args: dict, device: torch.device, dp: dict,
+                 mechanism: list) -> dict:
+    """DP-SGD with Opacus: exactly the node's mechanism ``(sigma, q, steps)`` - Poisson batches of
+    rate ``q``, per-sample gradients clipped to ``dp["clip"]``, noise ``sigma`` times that - so
+    the cost the node debits is the cost of what ran. Plan code runs only in ``training_step``."""
+    if hasattr(plan, "train"):
+        raise DPRefused("a plan that replaces train() cannot run with DP-SGD: the node runs its own "
+                        "loop so that it can vouch for the privacy cost", code="dp_custom_loop")
+    with _sandbox.lifted():  # the worker's own import, not the plan's
+        require("opacus", "dp")
+        from opacus import GradSampleModule
+        from opacus.accountants import RDPAccountant
+        from opacus.data_loader import DPDataLoader
+        from opacus.optimizers import DPOptimizer
+        from opacus.validators import ModuleValidator
+
+    problems = ModuleValidator.validate(model, strict=False)
+    if problems or any(b.is_floating_point() for b in model.buffers()):
+        what = "; ".join(str(p) for p in problems[:3]) or "the model has floating buffers DP does not cover"
+        raise DPRefused(f"this model cannot train with DP-SGD: {what}", code="dp_incompatible")
+    sigma, q, steps = float(mechanism[0]), float(mechanism[1]), int(mechanism[2])
+    x, y = train
+    dataset = torch.utils.data.TensorDataset(*((x,) if y is None else (x, y)))
+    seed = int(args["seed"])
+    loader = DPDataLoader(dataset, sample_rate=q, generator=torch.Generator().manual_seed(seed))
+    noise = torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    wrapped = GradSampleModule(model)
+    optimizer = DPOptimizer(plan.init_optimizer(model, args["lr"]), noise_multiplier=sigma,
+                            max_grad_norm=float(dp["clip"]), expected_batch_size=max(1, round(q * len(dataset))),
+                            generator=noise)
+    accountant = RDPAccountant()  # Opacus' own count of what ran, reported beside the node's
+    optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))
+    wrapped.train()
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus on a first layer
+    done, batches = 0, iter(loader)
+    try:
+        while done < steps:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                continue
+            done += 1
+            if batch[0].shape[0] == 0:
+                continue  # an empty Poisson batch: no step is taken (the cost counted it anyway)
+            optimizer.zero_grad()
+            loss = plan.training_step(wrapped, tuple(t.to(device) for t in batch) if y is not None
+                                      else (batch[0].to(device), None))
+            loss.backward()
+            optimizer.step()
+    finally:
+        wrapped._close()  # the warm worker reuses the model: take Opacus' hooks off it
+    return {"steps": done, "dp_steps_taken": sum(n for _, _, n in accountant.history)}
+
+
+def _update_norm(trained: dict, received: dict) -> float:
+    """L2 norm of trained minus received over the floating tensors (for the operator's review)."""
+    total = 0.0
+    for name, tensor in trained.items():
+        if tensor.is_floating_point():
+            total += float(torch.sub(tensor.detach().cpu(), received[name]).double().square().sum())
+    return total ** 0.5
 
 
 def _safe_message(exc: BaseException, job: dict) -> str:
@@ -164,21 +256,61 @@ def _safe_message(exc: BaseException, job: dict) -> str:
     return text.replace(path, "<dataset>") if path else text
 
 
-def main() -> None:
+def main(settings: dict | None = None, protections: dict | None = None) -> None:
+    """Serve jobs from stdin until it closes. ``settings``: the sandbox's (see ``_sandbox``), with
+    ``protections`` what :func:`~meshfl.node._sandbox.isolate` achieved before torch loaded."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)  # the plan's print() goes to stderr, never into our result channel
     torch.set_num_threads(max(1, int(os.environ.get("MESHFL_WORKER_THREADS", "1"))))
-    out.write(b'{"ready":true}\n')
+    jail = None
+    if settings and settings.get("audit_hook", True):
+        jail = _sandbox.Jail(_sandbox.python_roots(), settings.get("read_paths") or [])
+        _sandbox.install(jail)
+    out.write(orjson.dumps({"ready": True, "protections": protections}) + b"\n")
     for line in sys.stdin.buffer:
         job = orjson.loads(line)
-        try:
-            result = run_job(job)
-        except Exception as exc:
-            log.error("task %s failed:\n%s", job.get("task_id"), traceback.format_exc())
-            result = {"ok": False, "error": {"code": "plan_failed", "message": _safe_message(exc, job)}}
+        result, tainted = _serve(job, jail, settings or {})
         out.write(orjson.dumps(result) + b"\n")
+        if tainted:  # the plan broke a rule: no later task shares this interpreter
+            os._exit(0)
 
 
-if __name__ == "__main__":
-    main()
+def _serve(job: dict, jail, settings: dict) -> tuple[dict, bool]:
+    """Run one job inside the jail; (its result, whether the worker must not be reused)."""
+    scratch = job.get("scratch")
+    if scratch:
+        os.chdir(scratch)
+        os.environ["TMPDIR"] = tempfile.tempdir = scratch
+    if jail is not None:
+        dataset = (job.get("dataset") or {}).get("path")
+        jail.begin(reads=[p for p in (dataset, job.get("pack")) if p],
+                   writes=[p for p in (scratch, job.get("pack")) if p], cpu_seconds=job.get("cpu_seconds"))
+    violation = None
+    try:
+        result = run_job(job)
+    except MeshflError as exc:  # a refusal with its own code (DP, a missing extra, ...)
+        path = (job.get("dataset") or {}).get("path")
+        message = exc.message.replace(path, "<dataset>") if path else exc.message
+        result = {"ok": False, "error": {"code": exc.code, "message": message[:300]}}
+    except Exception as exc:
+        if settings.get("memory_mb") and _out_of_memory(exc):
+            violation = f"the plan went over the memory cap of {settings['memory_mb']} MiB"
+        log.error("task %s failed:\n%s", job.get("task_id"), traceback.format_exc())
+        result = {"ok": False, "error": {"code": "plan_failed", "message": _safe_message(exc, job)}}
+    finally:
+        caught = jail.end() if jail is not None else []
+        if scratch:
+            os.chdir("/")
+    if caught:
+        violation = "; ".join(dict.fromkeys(caught))
+    if violation is None:
+        return result, False
+    log.error("task %s broke the sandbox: %s", job.get("task_id"), violation)
+    return {"ok": False, "error": {"code": "plan_violation", "message": violation[:300]}}, True
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, MemoryError) or "can't allocate memory" in text or "Cannot allocate memory" in text
+

@@ -30,6 +30,7 @@ import torch
 from ..aggregate import Aggregator, FedAvg, make_aggregator
 from ..errors import ConfigError, MeshflError
 from ..plans import DEFAULT_TRAINING_ARGS, TorchTrainingPlan, load_plan_class, plan_source
+from ..privacy import DPSpec
 from ..protocol import chunk_plan
 from ..store import Store, Table
 from ..store._codec import seq_key
@@ -49,6 +50,13 @@ ROUNDS_TABLE = "rounds"  # one history entry per (experiment, round)
 
 class RoundFailed(MeshflError):
     code = "round_failed"
+
+
+class PrivacyBudgetExhausted(RoundFailed):
+    """A round could not go on because nodes' datasets have no privacy budget left for it;
+    ``details["datasets"]`` names them, by node."""
+
+    code = "privacy_budget_exhausted"
 
 
 @dataclass
@@ -93,6 +101,7 @@ class Experiment:
         progress: bool | None = None,
         on_round: Callable[[dict], None] | None = None,
         secagg: bool | dict = False,
+        dp=None,
     ) -> None:
         self.researcher = researcher
         if isinstance(plan, str):
@@ -106,6 +115,7 @@ class Experiment:
         self.training_args = {**DEFAULT_TRAINING_ARGS, **(training_args or {})}
         self.aggregator = aggregator or FedAvg()
         self.secagg = secagg_options(secagg)
+        self.dp = DPSpec.from_wire(dp).to_wire() if dp is not None else None
         if self.secagg and not self.aggregator.streaming:
             raise ConfigError(f"{self.aggregator.name} needs every update; secure aggregation reveals only the sum")
         self.min_nodes, self.round_timeout = int(min_nodes), float(round_timeout)
@@ -147,6 +157,7 @@ class Experiment:
             "nodes": self.node_filter,
             "max_streams": self.max_streams,
             "secagg": self.secagg,
+            "dp": self.dp,
             "round": self.round,
             "attempt": self.attempt,
             **self._saved,
@@ -197,6 +208,7 @@ class Experiment:
             progress=progress,
             on_round=on_round,
             secagg=record.get("secagg") or False,
+            dp=record.get("dp"),
         )
         exp.round, exp.attempt = record["round"], record["attempt"] + 1
         exp.history = cls.saved_history(researcher.home.store, experiment_id)
@@ -331,6 +343,15 @@ class Experiment:
                 self.researcher.send(node, Message("result.ack", {"task_id": tid}))
             reasons = ", ".join(f"{name(n)}: {e.get('code')}" for n, e in failed.items())
             note = " (secure aggregation threshold; nothing was unmasked)" if secure else ""
+            spent = {name(n): e for n, e in failed.items() if e.get("code") == "privacy_budget_exhausted"}
+            if spent:
+                raise PrivacyBudgetExhausted(
+                    f"round {rnd}: the privacy budget is spent on {len(spent)} node(s): "
+                    + "; ".join(f"{n}: {e.get('message')}" for n, e in spent.items())
+                    + f" ({len(contributed)} of {len(selected)} nodes contributed, {needed} needed)",
+                    details={**self._failure_details(failed, dropped),
+                             "datasets": {n: (e.get("details") or {}).get("dataset") for n, e in spent.items()}},
+                )
             raise RoundFailed(
                 f"round {rnd}: {len(contributed)} of {len(selected)} nodes contributed, {needed} needed{note}; "
                 f"failed: [{reasons}]; dropped: {dropped}",
@@ -401,6 +422,8 @@ class Experiment:
         }
         if secagg is not None:
             fields["secagg"] = secagg
+        if self.dp is not None:
+            fields["dp"] = self.dp
         timeout = max(1.0, deadline - time.monotonic())
         for tid, node in tasks.items():
             fut = self.researcher.request(node, Message("train", {**fields, "task_id": tid}, self.global_state), timeout)
@@ -585,6 +608,8 @@ def _info(fields: dict) -> dict:
     }
     if "metric_names" in fields:
         info["metric_names"] = list(fields["metric_names"])
+    if "privacy" in fields:
+        info["privacy"] = fields["privacy"]
     return info
 
 
