@@ -14,8 +14,19 @@ one JSON object:
   nodes_failed_to_rejoin   nodes missing from the final calm round
   audit_chains_verified    every home's hash-chained audit log verifies
 
+With --dp the nodes' datasets have a privacy budget and the experiment trains with client-level
+DP, so every result a node releases is debited in its privacy ledger (the release step: outbox,
+debit and audit record in one commit). The kills then land in releases too, and the tool adds:
+
+  released                 results the nodes' audit chains record as released
+  ledger_entries           debits in the nodes' privacy ledgers
+  unaccounted              released results without their debit, debits without a release, and
+                           results the researcher aggregated that no ledger debited (must be 0)
+  double_debits            results released (or debited) more than once (must be 0)
+
     python tools/chaos.py --nodes 5 --kills 20
     python tools/chaos.py --nodes 5 --kills 20 --kill-researcher
+    python tools/chaos.py --nodes 3 --kills 20 --dp
 """
 
 from __future__ import annotations
@@ -46,10 +57,11 @@ CALM_ROUNDS = 3
 
 
 # ----------------------------------------------------------------------------- researcher child
-def researcher_main(home: str, rounds: int, nodes: int) -> None:
+def researcher_main(home: str, rounds: int, nodes: int, dp: bool) -> None:
     import logging
 
     from chaos_plan import ChaosPlan
+    from meshfl.privacy import ClientDP
     from meshfl.researcher import Experiment, Researcher, RoundFailed
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -59,7 +71,8 @@ def researcher_main(home: str, rounds: int, nodes: int) -> None:
         report = lambda e: print(f"round {e['round']} nodes={len(e['nodes'])}", flush=True)  # noqa: E731
         if record is None:
             exp = Experiment(researcher, ChaosPlan, ["chaos"], rounds, training_args={"steps": 3, "lr": 0.05},
-                             min_nodes=1, round_timeout=8.0, experiment_id=EXPERIMENT, on_round=report, progress=False)
+                             min_nodes=1, round_timeout=8.0, experiment_id=EXPERIMENT, on_round=report, progress=False,
+                             dp=ClientDP(noise_multiplier=5.0, clip=1.0) if dp else None)
         else:
             exp = Experiment.resume(researcher, EXPERIMENT, on_round=report, progress=False)
         while True:
@@ -75,11 +88,12 @@ def researcher_main(home: str, rounds: int, nodes: int) -> None:
 
 
 # ----------------------------------------------------------------------------- setup and checks
-def make_homes(root: Path, n: int) -> tuple[Path, list[Path]]:
+def make_homes(root: Path, n: int, dp: bool) -> tuple[Path, list[Path]]:
     from chaos_plan import ChaosPlan
     from meshfl.node._datasets import DatasetRegistry
     from meshfl.node._plans import PlanRegistry, plan_hash
     from meshfl.plans import plan_source
+    from meshfl.privacy import PolicyTable
 
     listen = f"ipc://{root}/researcher.sock"
     timing = {"heartbeat": 0.3, "dead_after": 2.0}
@@ -101,6 +115,8 @@ def make_homes(root: Path, n: int) -> tuple[Path, list[Path]]:
             plans = PlanRegistry(home.store, home.audit)
             plans.submit(source)
             plans.approve(plan_hash(source))
+            if dp:  # a budget no run of this tool spends: every release is debited, none refused
+                PolicyTable(home.store, home.audit).set("chaos", epsilon=1e6)
         paths.append(path)
     r_home.close()
     return root / "researcher", paths
@@ -112,8 +128,9 @@ def start_node(path: Path) -> subprocess.Popen:
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def start_researcher(home: Path, rounds: int, nodes: int, lines: list[str]) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, __file__, "--researcher-child", str(home), str(rounds), str(nodes)],
+def start_researcher(home: Path, rounds: int, nodes: int, dp: bool, lines: list[str]) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, __file__, "--researcher-child", str(home), str(rounds), str(nodes),
+                             "dp" if dp else "plain"],
                             stdout=subprocess.PIPE, stderr=open(home.parent / "researcher.log", "ab"),
                             text=True, start_new_session=True)
 
@@ -135,6 +152,7 @@ def sigkill(proc: subprocess.Popen) -> None:
 
 
 def inspect_node(path: Path) -> dict:
+    from meshfl.privacy import Ledger
     from meshfl.store import Outbox, TaskQueue
 
     with Home.open(path) as home:
@@ -150,7 +168,10 @@ def inspect_node(path: Path) -> dict:
                 acked = any(r.event == "result.acknowledged" and r.fields.get("task") == task_id for r in records)
                 if not acked and outbox.get(task_id) is None:
                     lost.append(task_id)
-        return {"lost": lost, "audit_ok": home.audit.verify().ok, "accepted": len(accepted)}
+        released = [r.fields["task"] for r in records if r.event == "result.released"]
+        debited = [e["task"] for e in Ledger(home.store).entries()]
+        return {"lost": lost, "audit_ok": home.audit.verify().ok, "accepted": len(accepted),
+                "released": released, "debited": debited}
 
 
 def main() -> None:
@@ -161,11 +182,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=600, help="give up after this many seconds")
     ap.add_argument("--keep", action="store_true", help="keep the homes and logs (printed as 'root')")
-    ap.add_argument("--researcher-child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--dp", action="store_true", help="client-level DP against a budget: check the privacy ledger")
+    ap.add_argument("--researcher-child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.researcher_child:
-        home, rounds, nodes = args.researcher_child
-        researcher_main(home, int(rounds), int(nodes))
+        home, rounds, nodes, mode = args.researcher_child
+        researcher_main(home, int(rounds), int(nodes), mode == "dp")
         return
 
     rng = random.Random(args.seed)
@@ -176,10 +198,10 @@ def main() -> None:
     kills = {"nodes": 0, "researcher": 0}
     deadline = time.monotonic() + args.timeout
     try:
-        r_path, node_paths = make_homes(root, args.nodes)
+        r_path, node_paths = make_homes(root, args.nodes, args.dp)
         nodes = [start_node(p) for p in node_paths]
         rounds = 10_000  # chaos runs until the kill budget is spent, then CALM_ROUNDS more
-        researcher = start_researcher(r_path, rounds, args.nodes, lines)
+        researcher = start_researcher(r_path, rounds, args.nodes, args.dp, lines)
         while not any(line.startswith("round") for line in lines) and time.monotonic() < deadline:
             time.sleep(0.1)
         while kills["nodes"] + kills["researcher"] < args.kills and time.monotonic() < deadline:
@@ -187,7 +209,7 @@ def main() -> None:
             if args.kill_researcher and rng.random() < 0.2:
                 sigkill(researcher)
                 kills["researcher"] += 1
-                researcher = start_researcher(r_path, rounds, args.nodes, lines)
+                researcher = start_researcher(r_path, rounds, args.nodes, args.dp, lines)
                 continue
             i = rng.randrange(len(nodes))
             sigkill(nodes[i])
@@ -236,8 +258,17 @@ def main() -> None:
             "audit_chains_verified": researcher_audit_ok and all(v["audit_ok"] for v in inspected.values()),
             "timed_out": time.monotonic() >= deadline,
         }
+        ok = True
+        if args.dp:
+            released = [t for v in inspected.values() for t in v["released"]]
+            debited = [t for v in inspected.values() for t in v["debited"]]
+            out.update(released=len(released), ledger_entries=len(debited),
+                       unaccounted=len(set(released) ^ set(debited)) + len(set(tasks) - set(debited)),
+                       double_debits=(len(released) - len(set(released))) + (len(debited) - len(set(debited))))
+            ok = out["unaccounted"] == 0 and out["double_debits"] == 0
         print(json.dumps(out, indent=2))
-        ok = out["tasks_lost"] == 0 and double == 0 and not out["nodes_failed_to_rejoin"] and out["audit_chains_verified"]
+        ok = ok and out["tasks_lost"] == 0 and double == 0 and not out["nodes_failed_to_rejoin"] \
+            and out["audit_chains_verified"]
         sys.exit(0 if ok and not out["timed_out"] else 1)
     finally:
         for proc in [*nodes, *([researcher] if researcher else [])]:

@@ -9,6 +9,7 @@ import click
 from ..node._datasets import FORMATS, DatasetRegistry, normalize_tags
 from ..node._plans import STATUSES, PlanRegistry
 from ..node._release import open_release
+from ..node._sandbox import probe
 from ..privacy import KINDS, PolicyTable
 from ..store import Outbox, TaskQueue
 from ._app import UserError, emit_json, home_option, json_option, main, open_home, table, when
@@ -55,7 +56,9 @@ def node_status(home: Path, as_json: bool) -> None:
             "held_for_review": len(Outbox(h.store, "outbox").held()),
             "audit": len(h.audit),
             "policies": _policies(h),
+            "sandbox": probe() if h.config.sandbox else None,
         }
+        settings = h.config.sandbox_settings()
     if as_json:
         emit_json(info)
         return
@@ -69,6 +72,17 @@ def node_status(home: Path, as_json: bool) -> None:
     click.echo("tasks:         " + ", ".join(f"{n} {s}" for s, n in info["tasks"].items()))
     click.echo(f"outbox:        {info['outbox']} unacknowledged, {info['held_for_review']} held for review")
     click.echo(f"audit records: {info['audit']}")
+    box = info["sandbox"]
+    if box is None:
+        click.echo("plan sandbox:  OFF (config.toml: sandbox = false)")
+    else:
+        network = {"namespace": "no network (user + network namespace)",
+                   "namespace (network only)": "no network (network namespace)"}.get(
+            box["network"], "network NOT isolated by the kernel (audit hook only)")
+        memory = f"memory cap {settings['memory_mb']} MiB" if box["memory_cap"] else "NO memory cap"
+        click.echo(f"plan sandbox:  {network}; {memory}; CPU cap {settings['cpu_seconds']:g} s per task;")
+        click.echo("               files, processes and sockets refused by an audit hook (a tripwire);"
+                   " a scratch folder per task")
     for name, rules in info["policies"].items():
         click.echo(f"policy of {name}:")
         for line in rules["lines"]:

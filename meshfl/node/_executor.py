@@ -104,7 +104,11 @@ class Executor:
                 raise TaskFailed(
                     f"the training process died (exit {proc.returncode}): crash or out of memory", code="worker_died"
                 )
-            return orjson.loads(line)
+            result = orjson.loads(line)
+            if (result.get("error") or {}).get("code") == "plan_violation":
+                self._kill(proc)  # it exits by itself too: no later task shares its interpreter
+                self._proc = None
+            return result
 
     def cancel(self) -> None:
         """Kill the running task's worker (a fresh one starts for the next task)."""

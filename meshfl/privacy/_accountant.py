@@ -11,6 +11,7 @@ epsilon it has spent is read off that curve at the budget's delta: the same figu
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 from .._extras import require
@@ -47,6 +48,8 @@ def epsilon(curve: Sequence[float], delta: float) -> float:
     """The epsilon a summed curve amounts to at ``delta`` (0 for an empty curve)."""
     if not curve or not any(curve):
         return 0.0
-    eps, _ = _rdp_module().get_privacy_spent(orders=orders(), rdp=list(curve), delta=float(delta))
+    with warnings.catch_warnings():  # "optimal order is the smallest alpha": a bound, still valid
+        warnings.simplefilter("ignore", UserWarning)
+        eps, _ = _rdp_module().get_privacy_spent(orders=orders(), rdp=list(curve), delta=float(delta))
     eps = float(eps)
     return eps if math.isfinite(eps) else math.inf

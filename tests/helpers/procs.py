@@ -38,11 +38,11 @@ def make_homes(root: Path, n_nodes: int, plan=None) -> tuple[Path, list[Path]]:
     return r_path, node_paths
 
 
-def start_node(path: Path) -> subprocess.Popen:
+def start_node(path: Path, env: dict | None = None) -> subprocess.Popen:
     log = open(path / "node.log", "ab")
     return subprocess.Popen(
         [sys.executable, "-m", "meshfl.cli", "node", "start", "--home", str(path)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})},
     )
 
 
