@@ -142,13 +142,13 @@ def _inspect_npy(path: Path, target: str | None) -> dict:
 def _inspect_npz(path: Path, target: str | None) -> dict:
     with np.load(path, allow_pickle=False) as arrays:
         x_key, y_key = _xy_keys(list(arrays.files), target)
-        return _array_facts(arrays[x_key], None if y_key is None else arrays[y_key])
+        return _array_facts(arrays[x_key], None if y_key is None else arrays[y_key], y_key)
 
 
 def _inspect_torch(path: Path, target: str | None) -> dict:
     data = _torch_load(path)
     x_key, y_key = _xy_keys(list(data), target)
-    return _array_facts(data[x_key], None if y_key is None else data[y_key])
+    return _array_facts(data[x_key], None if y_key is None else data[y_key], y_key)
 
 
 def _inspect_images(path: Path, target: str | None) -> dict:
@@ -175,7 +175,7 @@ _INSPECT = {"csv": _inspect_csv, "npy": _inspect_npy, "npz": _inspect_npz,
             "torch": _inspect_torch, "images": _inspect_images}
 
 
-def _array_facts(x: Any, y: Any) -> dict:
+def _array_facts(x: Any, y: Any, target: str | None = None) -> dict:
     x_shape = list(x.shape)
     if not x_shape:
         raise DatasetError("the features are a scalar, not an array of samples", code="bad_format")
@@ -185,7 +185,20 @@ def _array_facts(x: Any, y: Any) -> dict:
         if not y.shape or y.shape[0] != x_shape[0]:
             raise DatasetError(f"the target has {list(y.shape)} entries for {x_shape[0]} samples",
                                code="bad_format")
-    return {"samples": x_shape[0], "shape": x_shape}
+    facts: dict[str, Any] = {"samples": x_shape[0], "shape": x_shape}
+    if len(x_shape) == 2:  # a table: its columns are named by their index (analytics reads them)
+        columns = [str(i) for i in range(x_shape[1])]
+        dtypes = dict.fromkeys(columns, _kind(x))
+        if y is not None and len(y.shape) == 1:
+            columns.append(target or "y")
+            dtypes[columns[-1]] = _kind(y)
+        facts.update(columns=columns, dtypes=dtypes)
+    return facts
+
+
+def _kind(array: Any) -> str:
+    floating = array.dtype.is_floating_point if isinstance(array, torch.Tensor) else array.dtype.kind == "f"
+    return "float" if floating else "int"
 
 
 def _check_numeric(array: Any, what: str) -> None:
@@ -370,6 +383,59 @@ def _load_images(path: Path, record: dict) -> tuple[torch.Tensor, torch.Tensor |
         raise DatasetError(f"the images of dataset {record['name']} differ in size or channels; "
                            f"resize them to one size", code="bad_format")
     return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
+
+
+def load_table(record: dict):
+    """The dataset as named columns (:class:`meshfl.analytics.Table`), float64 as stored: what
+    analytics and preprocessing read. Tabular formats only; errors as :func:`load_dataset`'s."""
+    from ..analytics import Table
+
+    name, path = record["name"], Path(record["path"])
+    try:
+        if not path.exists():
+            raise FileNotFoundError(path)
+        if record["format"] == "csv":
+            header, columns = _read_csv(path)
+            table = Table(rows=len(columns[0]) if columns else 0)
+            for column, values in zip(header, columns):
+                if _column_dtype(values) == "str":
+                    table.text[column] = np.array(values, dtype=object)
+                else:
+                    table.numeric[column] = np.array([float(v) if v != "" else np.nan for v in values])
+            return table
+        if record["format"] not in ("npy", "npz", "torch"):
+            raise DatasetError(f"dataset {name} ({record['format']}) is not a table: analytics reads csv, npy, "
+                               f"npz and torch datasets", code="non_numeric_column")
+        if record["format"] == "npy":
+            x, y, y_key = np.load(path, allow_pickle=False), None, None
+        elif record["format"] == "npz":
+            with np.load(path, allow_pickle=False) as arrays:
+                x_key, y_key = _xy_keys(list(arrays.files), record.get("target"))
+                x, y = arrays[x_key], (None if y_key is None else arrays[y_key])
+        else:
+            data = _torch_load(path)
+            x_key, y_key = _xy_keys(list(data), record.get("target"))
+            x, y = data[x_key].numpy(), (None if y_key is None else data[y_key].numpy())
+        if x.ndim != 2:
+            raise DatasetError(f"dataset {name} has {x.ndim}-d samples, not rows of columns",
+                               code="non_numeric_column")
+        table = Table(rows=x.shape[0])
+        x = np.asfortranarray(x, dtype=np.float64)  # each column contiguous: statistics walk columns
+        for i in range(x.shape[1]):
+            table.numeric[str(i)] = x[:, i]
+        if y is not None and y.ndim == 1:
+            table.numeric[y_key if record.get("target") else "y"] = np.asarray(y, dtype=np.float64)
+        return table
+    except DatasetError:
+        raise
+    except OSError as exc:
+        log.error("dataset %s: cannot read %s: %s", name, path, exc)
+        raise DatasetError(f"dataset {name} is registered but its data is no longer readable "
+                           f"on this node", code="dataset_missing", details={"dataset": name}) from None
+    except (ValueError, KeyError, RuntimeError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+        log.error("dataset %s: cannot load %s: %s", name, path, exc)
+        raise DatasetError(f"dataset {name} no longer matches its registration on this node "
+                           f"(format {record['format']})", code="bad_format", details={"dataset": name}) from None
 
 
 _LOAD = {"csv": _load_csv, "npy": _load_npy, "npz": _load_npz, "torch": _load_torch,

@@ -38,7 +38,7 @@ from ..store.blobs import BlobStore
 from ..wire import DTYPES, Message
 from .._progress import Progress
 from ._researcher import Researcher
-from ._secure import SecureRound, secagg_options, secure_metrics
+from ._secure import SecureTrainingRound, secagg_options, secure_metrics
 
 log = logging.getLogger("meshfl.researcher")
 
@@ -308,7 +308,7 @@ class Experiment:
         secure = None
         if self.secagg:
             try:
-                secure = SecureRound(self.researcher, f"{self.id}.r{rnd}.a{self.attempt}", nodes, self.global_state,
+                secure = SecureTrainingRound(self.researcher, f"{self.id}.r{rnd}.a{self.attempt}", nodes, self.global_state,
                                      [n for n, _ in self.model.named_parameters()],
                                      max(self._holders[n] for n in nodes), self.secagg)
                 secure.start()
@@ -388,7 +388,7 @@ class Experiment:
     def _failure_details(self, failed: dict, dropped: list) -> dict:
         return {"failed": {self.researcher.node_name(n): e for n, e in failed.items()}, "dropped": dropped}
 
-    def _unmask(self, secure: SecureRound, contributed: dict, failed: dict, acks: dict) -> tuple[dict, int, dict]:
+    def _unmask(self, secure: SecureTrainingRound, contributed: dict, failed: dict, acks: dict) -> tuple[dict, int, dict]:
         """The survivors' sum, unmasked, as the next model: FedAvg of their updates, then the server step."""
         deltas, samples, slots = secure.finish(sorted(contributed), failed, acks)
         mean = {}

@@ -56,18 +56,16 @@ def secagg_options(value: bool | Mapping) -> dict | None:
 
 
 class SecureRound:
-    """One round of secure aggregation among ``nodes`` (peer ids), driven by the experiment."""
+    """One round of secure aggregation among ``nodes`` (peer ids), summing vectors of ``encoding``
+    (anything with ``nbytes`` and ``boundary``: a model update's :class:`~meshfl.secagg.Encoding`,
+    or analytics' statistics), driven by an experiment or an analysis."""
 
-    def __init__(self, researcher, session: str, nodes: list[str], global_state: Mapping[str, torch.Tensor],
-                 parameters: list[str], weight_scale: int, options: dict) -> None:
+    def __init__(self, researcher, session: str, nodes: list[str], encoding, options: dict) -> None:
         self.researcher = researcher
         self.session = session
         self.nodes = sorted(nodes)
-        self.threshold = options["threshold"] or len(self.nodes) // 2 + 1
-        self.parameters = sorted(parameters)
-        self.weight_scale = int(weight_scale)
-        clip = float(options["clip"])
-        self.encoding = Encoding.for_state(global_state, self.parameters, frac_bits_for(len(self.nodes), clip), clip)
+        self.threshold = options.get("threshold") or len(self.nodes) // 2 + 1
+        self.encoding = encoding
         self.prg = DEFAULT_PRG
         self.keys: dict[str, bytes] = {}
         self.public_keys: dict[str, str] = {}  # as the nodes sent them (hex), passed on in secagg.keys
@@ -132,15 +130,9 @@ class SecureRound:
         self.seconds["setup"] = round(time.monotonic() - self._started, 4)
         return self.members
 
-    def train_fields(self) -> dict:
-        """The ``secagg`` field of this round's ``train`` requests (the keys follow separately)."""
-        return {"session": self.session, "parameters": self.parameters, "weight_scale": self.weight_scale,
-                "clip": self.encoding.clip, "frac_bits": self.encoding.frac_bits}
-
-    def finish(self, survivors: list[str], failed: dict,
-               acks: Mapping[str, str]) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
-        """Unmask the sum of the survivors' vectors: (mean delta per tensor, samples, mean metric
-        slots). Each request also acknowledges the node's result (``acks``: survivor -> task id)."""
+    def finish(self, survivors: list[str], failed: dict, acks: Mapping[str, str]) -> np.ndarray:
+        """Unmask the sum of the survivors' vectors (its bytes). Each request also acknowledges
+        the node's result (``acks``: survivor -> task id)."""
         started = time.monotonic()
         survivors = sorted(survivors)
         dropped = [n for n in self.members if n not in survivors]
@@ -164,9 +156,30 @@ class SecureRound:
                reveals, self.threshold, self.prg)
         if dropped:
             log.info("secure round %s: recovered the masks of %d dropped node(s)", self.session, len(dropped))
-        result = decode_sum(self.sum.total, self.encoding, self.weight_scale)
         self.seconds["unmask"] = round(time.monotonic() - started, 4)
-        return result
+        return self.sum.total
+
+
+class SecureTrainingRound(SecureRound):
+    """A secure round of training: the members' sample-weighted model change, in fixed point."""
+
+    def __init__(self, researcher, session: str, nodes: list[str], global_state: Mapping[str, torch.Tensor],
+                 parameters: list[str], weight_scale: int, options: dict) -> None:
+        self.parameters = sorted(parameters)
+        self.weight_scale = int(weight_scale)
+        clip = float(options["clip"])
+        encoding = Encoding.for_state(global_state, self.parameters, frac_bits_for(len(nodes), clip), clip)
+        super().__init__(researcher, session, nodes, encoding, options)
+
+    def train_fields(self) -> dict:
+        """The ``secagg`` field of this round's ``train`` requests (the keys follow separately)."""
+        return {"session": self.session, "parameters": self.parameters, "weight_scale": self.weight_scale,
+                "clip": self.encoding.clip, "frac_bits": self.encoding.frac_bits}
+
+    def finish(self, survivors: list[str], failed: dict,
+               acks: Mapping[str, str]) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
+        """(mean delta per tensor, samples, mean metric slots) of the survivors."""
+        return decode_sum(super().finish(survivors, failed, acks), self.encoding, self.weight_scale)
 
     def _need(self, count: int, what: str, unmasked: bool = True) -> None:
         if count < self.threshold:
