@@ -35,7 +35,8 @@ from ..wire import DTYPE_NAMES, Message
 from ._datasets import DatasetRegistry, public_view
 from ._executor import Executor, TaskFailed
 from ._masked import MaskedResults
-from ._plans import PlanRegistry
+from ._plans import PlanRegistry, review_commands
+from ._presence import NodeLock, links_down, record_link
 
 KEYS_TIMEOUT_S = 60.0  # a secure task waits this long after training for the members' keys
 # (the researcher sends them once every participant answered the set-up, within 30 s)
@@ -88,9 +89,12 @@ class Node:
         self._runner = threading.Thread(target=self._run_tasks, name=f"meshfl-runner-{self.name}", daemon=True)
         self._running_task: dict | None = None
         self._packs: dict[str, dict] = {}  # task id -> mapped result pack, while it is being pulled
+        self._lock: NodeLock | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Node":
+        self._lock = NodeLock(self.home.path)  # refuses a second node on this home
+        links_down(self.home.store)
         for task in self.queue.recover(requeue=False):
             # Its worker trains in place in the task's pack, so a half-trained model may be
             # there: report the task failed rather than run it again from a corrupt start.
@@ -124,6 +128,8 @@ class Node:
         self._packs.clear()
         self.audit.append("node.stopped")
         self.home.close()
+        if self._lock is not None:
+            self._lock.release()
 
     def run(self) -> None:
         """Serve in the foreground until SIGINT or SIGTERM, then stop cleanly."""
@@ -165,7 +171,15 @@ class Node:
 
     def _on_plan_submit(self, msg: Message) -> Message:
         record = self.plans.submit(msg.fields["source"], msg.fields.get("name", ""), requester=msg.sender)
+        if record["status"] == "pending":
+            self._warn_pending(record["hash"], msg.sender)
         return Message("plan.info", {"hash": record["hash"], "status": record["status"]})
+
+    def _warn_pending(self, digest: str, researcher: str) -> None:
+        """Tell the operator, at a level shown without -v, that a plan waits and how to review it."""
+        card = self._card_of(researcher)
+        self.log.warning("training plan %s from %s awaits approval: %s", digest,
+                         card.name if card else researcher, review_commands(digest, self.home.path))
 
     def _on_train(self, msg: Message) -> Message:
         f = msg.fields
@@ -189,7 +203,8 @@ class Node:
         payload.update(researcher=msg.sender, dataset=found[0]["name"], secagg=secagg)
 
         def accept(tx) -> None:  # the approval decision, the task and its audit record: one commit
-            payload["plan_hash"] = self.plans.check(f["plan_source"], dev=self.dev, requester=msg.sender)
+            payload["plan_hash"] = self.plans.check(f["plan_source"], dev=self.dev, name=f["plan_class"],
+                                                    requester=msg.sender)
             self.queue.push(payload, task_id=task_id)
             self.audit.append(
                 "task.accepted", task=task_id, researcher=msg.sender, experiment=f["experiment"],
@@ -201,13 +216,17 @@ class Node:
 
         try:
             self.home.store.atomic(accept)
-        except MeshflError:
+        except MeshflError as exc:
             self.blobs.delete(task_id)
+            refusal = exc
             try:  # outside the rolled-back transaction: record the plan for review, audit the refusal
-                self.plans.check(f["plan_source"], dev=self.dev, requester=msg.sender)
-            finally:
-                self.audit.append("task.refused", task=task_id, researcher=msg.sender, reason="plan_not_approved")
-            raise
+                self.plans.check(f["plan_source"], dev=self.dev, name=f["plan_class"], requester=msg.sender)
+            except MeshflError as again:
+                refusal = again
+            self.audit.append("task.refused", task=task_id, researcher=msg.sender, reason=refusal.code)
+            if refusal.code == "plan_not_approved":
+                self._warn_pending(refusal.details["hash"], msg.sender)
+            raise refusal from None
         self._wake.set()
         return Message("train.accepted", {"task_id": task_id, "state": "pending"})
 
@@ -261,6 +280,7 @@ class Node:
 
     # ------------------------------------------------------------------ results
     def _on_link(self, peer_id: str, up: bool) -> None:
+        record_link(self.home.store, peer_id, up)  # for the console and `node status`: changes only
         if up:
             for item in self.outbox.pending(dest=peer_id):
                 self._send_result(item.dest, item.msg_id, item.envelope["fields"])
