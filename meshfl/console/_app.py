@@ -137,10 +137,10 @@ def serve(home_path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 
         app = create_app(home, token=token, by=by, read_only=read_only)
         sock = _bind(host, port)
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
-        if not _loopback(host):
-            echo(f"warning: the console listens on {host}, reachable from other machines over plain "
-                 f"HTTP: its token and pages travel unencrypted. Prefer the default (127.0.0.1) and "
-                 f"an SSH tunnel (ssh -L {DEFAULT_PORT}:127.0.0.1:{DEFAULT_PORT} ...).")
+        warning = _exposure_warning(host)
+        if warning:
+            log.warning("%s", warning)
+            echo(f"warning: {warning}")
         mode = " (read-only)" if read_only else f", acting as {by}"
         echo(f"meshfl console for {home.config.role} {home.config.name}{mode}: "
              f"http://{shown}:{sock.getsockname()[1]}/?token={token}")
@@ -162,13 +162,17 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def _exposure_warning(host: str) -> str | None:
+    """What to tell an operator who binds the console beyond loopback; None on loopback."""
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        loopback = False
+    if loopback:
+        return None
+    return (f"the console listens on {host}, reachable from other machines over plain HTTP: its "
+            f"token and pages travel unencrypted. Prefer the default (127.0.0.1) and an SSH tunnel "
+            f"(ssh -L {DEFAULT_PORT}:127.0.0.1:{DEFAULT_PORT} ...).")
 
 
 def _login_name() -> str:
