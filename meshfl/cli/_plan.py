@@ -79,8 +79,7 @@ def plan_show(home: Path, hash: str, show_diff: bool, as_json: bool) -> None:
         return
     base = diff.base
     click.echo(f"changes against {base['hash']} ({base['name'] or 'unnamed'}, approved by "
-               f"{base['decided_by']} at {when(base['decided_at'])}): {diff.added} lines added, "
-               f"{diff.removed} removed")
+               f"{base['decided_by']} at {when(base['decided_at'])}): lines +{diff.added} -{diff.removed}")
     for line in diff.lines:
         click.echo(line)
 

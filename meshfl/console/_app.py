@@ -104,7 +104,7 @@ def create_app(home: Home, *, token: str, by: str, read_only: bool = False) -> S
             record = await run_in_threadpool(getattr(plans, action), request.path_params["hash"], by=by)
         except PlanError as exc:
             raise HTTPException(404, exc.message) from None
-        log.warning("console: training plan %s %s by %s", record["hash"], record["status"], by)
+        log.info("console: training plan %s %s by %s", record["hash"], record["status"], by)
         return RedirectResponse(f"/plans/{record['hash']}?done={record['status']}", 303)
 
     async def error(request: Request, exc: HTTPException) -> HTMLResponse:  # after login only

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import shlex
 import time
 from html import escape
 
@@ -65,6 +66,7 @@ def environment() -> jinja2.Environment:
         loader=jinja2.PackageLoader("meshfl.console", "templates"),
         autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
     )
-    env.filters.update(when=when, ago=ago, duration=duration, python=python_html, diff=diff_html)
+    env.filters.update(when=when, ago=ago, duration=duration, python=python_html, diff=diff_html,
+                       shell=shlex.quote)
     env.globals.update(chart=chart, pygments_css=Markup(PYGMENTS_CSS))
     return env
