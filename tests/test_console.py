@@ -3,6 +3,7 @@ mode, every page with real records, and what the node leaves for it to read."""
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -18,7 +19,7 @@ from meshfl.errors import ConfigError, MeshflError
 from meshfl.home import Home
 from meshfl.node._datasets import DatasetRegistry
 from meshfl.node._plans import PlanRegistry
-from meshfl.node._presence import NodeLock, links, running_pid
+from meshfl.node._presence import NodeLock, links, running_node
 from meshfl.researcher import Experiment
 from meshfl.testing import FederatedMesh
 
@@ -189,7 +190,8 @@ def test_researcher_home_shows_experiments_curves_and_reloads_while_one_runs(tmp
 def test_the_running_node_leaves_its_lock_and_links_for_the_console(tmp_path):
     with FederatedMesh(1, root=tmp_path / "mesh") as mesh:
         node = mesh.nodes[0]
-        assert running_pid(node.home.path) > 0
+        running = running_node(node.home.path)
+        assert running["pid"] == os.getpid() and running["dev"] is False
         with pytest.raises(ConfigError) as second:
             NodeLock(node.home.path)
         assert second.value.code == "node_running"
@@ -198,8 +200,21 @@ def test_the_running_node_leaves_its_lock_and_links_for_the_console(tmp_path):
         overview = _views.node_overview(node.home)
         assert [p["online"] for p in overview["peers"] if p["endpoint"]] == [True]
         path = node.home.path
-    assert running_pid(path) is None
+    assert running_node(path) is None
     NodeLock(path).release()  # free again once the node stopped
+
+
+def test_a_node_started_with_dev_shows_plan_approval_off_whatever_its_config_says(home):
+    assert home.config.dev is False
+    lock = NodeLock(home.path, dev=True)  # what `meshfl node start --dev` holds while it runs
+    try:
+        overview = logged_in(home).get("/").text
+        assert "Development mode:" in overview and f"pid {os.getpid()}" in overview
+        approval = _views.node_overview(home)["protections"][0]
+        assert (approval["name"], approval["on"]) == ("Plan approval", False)
+    finally:
+        lock.release()
+    assert _views.node_overview(home)["protections"][0]["on"] is True
 
 
 def test_chart_draws_each_series_and_escapes_names():

@@ -153,6 +153,7 @@ def test_operator_approves_a_changed_plan_in_the_browser_and_the_rounds_then_suc
         log = (n_paths[0] / "node.log").read_text()
         assert f"training plan {digest} from researcher awaits approval" in log
         assert f"meshfl plan show {digest} --diff" in log
+        assert stop(lab_console) == 0 and stop(console) == 0  # SIGTERM: a clean, quiet stop
     finally:
         researcher.close()
         for proc in (lab_console, console, *nodes):

@@ -8,7 +8,7 @@ import click
 
 from ..node._datasets import FORMATS, DatasetRegistry, normalize_tags
 from ..node._plans import STATUSES, PlanRegistry
-from ..node._presence import running_pid
+from ..node._presence import running_node
 from ..store import Outbox, TaskQueue
 from ._app import UserError, emit_json, home_option, json_option, main, open_home, table, when
 
@@ -62,13 +62,17 @@ def node_console(home: Path, host: str, port: int, read_only: bool, by: str | No
 @home_option
 @json_option
 def node_status(home: Path, as_json: bool) -> None:
-    """Summarise the node's home: trust, datasets, plans, tasks. Works while it runs or not."""
+    """Summarise the node's home: trust, datasets, plans, tasks. Works while it runs or not.
+
+    "dev" is config.toml's setting; "running" describes the node process, if one runs (its pid,
+    and its own "dev", which `node start --dev` may have turned on).
+    """
     with open_home(home, role="node") as h:
         plans = PlanRegistry(h.store, h.audit).list()
         tasks = TaskQueue(h.store, "tasks")
         info = {
             "home": str(h.path), "name": h.config.name, "peer_id": h.identity.peer_id,
-            "dev": h.config.dev, "running": running_pid(h.path),
+            "dev": h.config.dev, "running": running_node(h.path),
             "trusted": [{"peer_id": e["peer_id"], "name": e["name"], "endpoint": e["endpoint"]}
                         for e in h.trusted()],
             "datasets": len(DatasetRegistry(h.store).list()),
@@ -81,10 +85,10 @@ def node_status(home: Path, as_json: bool) -> None:
         emit_json(info)
         return
     click.echo(f"node {info['name']} ({info['peer_id']})  home {info['home']}")
-    pid = info["running"]
-    running = "running" + (f" (pid {pid})" if pid and pid > 0 else "")
-    click.echo("node process:  " + ("not running" if pid is None else running))
-    if info["dev"]:
+    running = info["running"]
+    pid = f" (pid {running['pid']})" if running and running.get("pid") else ""
+    click.echo("node process:  " + ("not running" if running is None else f"running{pid}"))
+    if (running or {}).get("dev", info["dev"]):
         click.echo("development mode: training plans run WITHOUT approval")
     click.echo("trusted peers: " + (", ".join(f"{e['name']} ({e['endpoint'] or 'no endpoint'})"
                                               for e in info["trusted"]) or "none"))

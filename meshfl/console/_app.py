@@ -14,7 +14,9 @@ import ipaddress
 import logging
 import os
 import secrets
+import signal
 import socket
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -145,6 +147,11 @@ def serve(home_path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 
         echo(f"meshfl console for {home.config.role} {home.config.name}{mode}: "
              f"http://{shown}:{sock.getsockname()[1]}/?token={token}")
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+        if threading.current_thread() is threading.main_thread():
+            # Uvicorn stops gracefully on SIGINT/SIGTERM, then raises the signal again to the
+            # handlers it found: these, so that the console ends quietly, as `node start` does.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: None)
         server.run(sockets=[sock])
 
 

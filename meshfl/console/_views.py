@@ -14,7 +14,7 @@ import time
 from ..home import Home
 from ..node._datasets import DatasetRegistry
 from ..node._plans import PENDING, PlanRegistry
-from ..node._presence import links, running_pid
+from ..node._presence import links, running_node
 from ..store import Outbox, TaskQueue
 
 RECENT_TASKS = 20
@@ -38,7 +38,8 @@ def names(home: Home) -> dict[str, str]:
 # ---------------------------------------------------------------------- node pages
 def node_overview(home: Home) -> dict:
     cfg = home.config
-    pid = running_pid(home.path)
+    running = running_node(home.path)
+    dev = (running or {}).get("dev", cfg.dev)  # `node start --dev` overrides config.toml
     seen = links(home.store)
     peers = []
     for entry in home.trusted():
@@ -46,7 +47,7 @@ def node_overview(home: Home) -> dict:
         peers.append({
             "name": entry["name"], "peer_id": entry["peer_id"], "endpoint": entry["endpoint"],
             # A link recorded up counts only while the node runs: a killed node cannot say so.
-            "online": bool(pid is not None and link and link["up"]),
+            "online": bool(running is not None and link and link["up"]),
             "since": link["since"] if link else None,
         })
     queue = TaskQueue(home.store, "tasks")
@@ -66,18 +67,17 @@ def node_overview(home: Home) -> dict:
     audit = home.audit.verify()
     return {
         "name": cfg.name, "peer_id": home.identity.peer_id, "card": home.identity.card.to_text(),
-        "home": str(home.path), "pid": pid, "dev": cfg.dev, "peers": peers,
+        "home": str(home.path), "running": running, "dev": dev, "peers": peers,
         "tasks": queue.counts(), "recent": recent, "outbox": len(Outbox(home.store, "outbox")),
-        "protections": _protections(home, len(peers), audit), "audit": audit,
+        "protections": _protections(cfg, dev, len(peers), audit), "audit": audit,
     }
 
 
-def _protections(home: Home, trusted: int, audit) -> list[dict]:
+def _protections(cfg, dev: bool, trusted: int, audit) -> list[dict]:
     """Each protection in force on this node: on (True), off (False) or not available (None)."""
-    cfg = home.config
     return [
-        {"name": "Plan approval", "on": not cfg.dev,
-         "note": "a plan runs only once its exact code is approved here" if not cfg.dev else
+        {"name": "Plan approval", "on": not dev,
+         "note": "a plan runs only once its exact code is approved here" if not dev else
          "DEVELOPMENT MODE: every trusted researcher's plan runs without approval"},
         {"name": "Authenticated, encrypted links", "on": True,
          "note": f"CURVE on every link; only the {trusted} trusted keys get in"},

@@ -93,7 +93,7 @@ class Node:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Node":
-        self._lock = NodeLock(self.home.path)  # refuses a second node on this home
+        self._lock = NodeLock(self.home.path, dev=self.dev)  # refuses a second node on this home
         links_down(self.home.store)
         for task in self.queue.recover(requeue=False):
             # Its worker trains in place in the task's pack, so a half-trained model may be

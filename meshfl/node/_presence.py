@@ -1,6 +1,7 @@
 """What a running node leaves for other processes on its home to see: that it runs, and its links.
 
-A node holds an exclusive ``flock`` on ``home/node.lock`` while it runs (the file holds its pid).
+A node holds an exclusive ``flock`` on ``home/node.lock`` while it runs (the file says its pid,
+whether it runs in development mode - ``node start --dev`` overrides config.toml - and since when).
 The kernel drops the lock when the process ends, SIGKILL included, so the lock, unlike a pid file
 or an audit record, never claims that a dead node runs; and a second node on the same home is
 refused. Each link coming up or going down is one small record in table ``links`` (peer id ->
@@ -15,6 +16,8 @@ import os
 import time
 from pathlib import Path
 
+import orjson
+
 from ..errors import ConfigError
 from ..store import Store
 
@@ -26,7 +29,7 @@ PROBE_GRACE_S = 1.0  # how long a starting node retries a lock held by another p
 class NodeLock:
     """The running node's hold on its home; :meth:`release` (or the process's end) lets go."""
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, *, dev: bool = False):
         self._path = Path(home) / LOCK_FILE
         fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + PROBE_GRACE_S
@@ -37,12 +40,12 @@ class NodeLock:
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     os.close(fd)
-                    pid = running_pid(home)
-                    raise ConfigError(f"a node already runs on {home}" + (f" (pid {pid})" if pid and pid > 0 else ""),
+                    pid = (running_node(home) or {}).get("pid")
+                    raise ConfigError(f"a node already runs on {home}" + (f" (pid {pid})" if pid else ""),
                                       code="node_running") from None
-                time.sleep(0.01)  # a probe (running_pid) holds the lock for microseconds
+                time.sleep(0.01)  # a probe (running_node) holds the lock for microseconds
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        os.write(fd, orjson.dumps({"pid": os.getpid(), "dev": dev, "since": time.time()}))
         self._fd: int | None = fd
 
     def release(self) -> None:
@@ -51,9 +54,10 @@ class NodeLock:
             self._fd = None
 
 
-def running_pid(home: Path) -> int | None:
-    """The pid of the node running on `home` (-1 while it has not written it yet), or None when
-    none runs. Probing takes a shared lock for an instant; a starting node waits that out."""
+def running_node(home: Path) -> dict | None:
+    """``{"pid", "dev", "since"}`` of the node running on `home` (empty while it has not written
+    them yet), or None when none runs. Probing takes a shared lock for an instant; a starting node
+    waits that out."""
     try:
         fd = os.open(Path(home) / LOCK_FILE, os.O_RDONLY)
     except FileNotFoundError:
@@ -62,8 +66,11 @@ def running_pid(home: Path) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:  # held: a node runs
-            text = os.read(fd, 32).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else -1
+            try:
+                info = orjson.loads(os.read(fd, 4096))
+            except orjson.JSONDecodeError:
+                return {}
+            return info if isinstance(info, dict) else {}
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
