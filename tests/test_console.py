@@ -165,7 +165,7 @@ def test_researcher_home_shows_experiments_curves_and_reloads_while_one_runs(tmp
             path = write_blobs_csv(node.home.path / "blobs.csv", n=40, seed=i)
             node.datasets.add("blobs", ["blobs"], "csv", path, target="target")
         mesh.approve(TinyPlan)
-        exp = Experiment(mesh.researcher, TinyPlan, ["blobs"], 3, min_nodes=2, round_timeout=60, progress=False)
+        exp = Experiment(mesh.researcher, TinyPlan, ["blobs"], 2, min_nodes=2, round_timeout=60, progress=False)
         exp.run()
         home = mesh.researcher.home
         c = logged_in(home)
@@ -174,17 +174,17 @@ def test_researcher_home_shows_experiments_curves_and_reloads_while_one_runs(tmp
         page = c.get(f"/experiments/{exp.id}").text
         assert page.count('<svg xmlns="http://www.w3.org/2000/svg" class="chart"') >= 2  # one per metric
         assert page.count("<polyline") >= 6 and "node0" in page and "node1" in page
-        assert page.count('<span class="badge b-ok">ok</span>') == 6  # 3 rounds x 2 nodes
+        assert page.count('<span class="badge b-ok">ok</span>') == 4  # 2 rounds x 2 nodes
         assert c.get("/datasets").status_code == 404  # a node's page
-        # An experiment still going (its record says 3 of 5): the pages reload themselves.
+        # An experiment still going (its record says 2 of 5): the pages reload themselves.
         record = home.store.table("experiments").get(exp.id)
         home.store.table("experiments").put(exp.id, {**record, "rounds": 5})
         assert 'http-equiv="refresh"' in c.get(f"/experiments/{exp.id}").text
         # One whose last run failed says so, with the error, and does not reload.
-        home.audit.append("experiment.failed", experiment=exp.id, round=4, error="round_failed",
-                          message="round 4: 0 of 2 nodes contributed")
+        home.audit.append("experiment.failed", experiment=exp.id, round=3, error="round_failed",
+                          message="round 3: 0 of 2 nodes contributed")
         failed = c.get(f"/experiments/{exp.id}").text
-        assert "round 4: 0 of 2 nodes contributed" in failed and 'http-equiv="refresh"' not in failed
+        assert "round 3: 0 of 2 nodes contributed" in failed and 'http-equiv="refresh"' not in failed
 
 
 def test_the_running_node_leaves_its_lock_and_links_for_the_console(tmp_path):

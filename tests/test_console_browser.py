@@ -107,7 +107,8 @@ def test_operator_approves_a_changed_plan_in_the_browser_and_the_rounds_then_suc
         assert "Plan approved by dr. console" in page.inner_text(".flash")
         _shot(page, "plan-approved")
         # The other site's operator uses the CLI: the same code path, while its node runs.
-        cli = [sys.executable, "-m", "meshfl.cli", "plan", "approve", digest, "--home", str(n_paths[1]), "--by", "dr. cli"]
+        cli = [sys.executable, "-m", "meshfl.cli", "plan", "approve", digest, "--home", str(n_paths[1]),
+               "--by", "dr. cli"]
         assert subprocess.run(cli, capture_output=True, timeout=60).returncode == 0
 
         # The running nodes take the decisions at once: the same plan now trains.

@@ -585,7 +585,7 @@ def _failures(failed: dict[str, dict], name: Callable[[str], str]) -> str:
     groups: dict[tuple, list[str]] = {}
     for node, error in failed.items():
         groups.setdefault((error.get("code"), error.get("message")), []).append(name(node))
-    return "; ".join(f"{', '.join(nodes)}: [{code}] {message}" for (code, message), nodes in groups.items())
+    return "; ".join(f"{', '.join(sorted(nodes))}: [{code}] {message}" for (code, message), nodes in groups.items())
 
 
 def _info(fields: dict) -> dict:
