@@ -119,6 +119,9 @@ def test_unapproved_plan_is_refused_with_its_hash_then_runs_after_approval(mesh,
     assert all(node.plans.get(h)["name"] == "AddOnePlan" for node in mesh.nodes)  # named by its class
     records = [r for r in mesh.nodes[0].audit.records() if r.event == "task.refused"]
     assert records[-1].fields["reason"] == "plan_not_approved"
+    stopped = mesh.researcher.home.audit.head()  # the researcher's audit: this run failed, and why
+    assert stopped.event == "experiment.failed" and stopped.fields["experiment"] == exp.id
+    assert stopped.fields["round"] == 1 and h in stopped.fields["message"]
     assert all(node.plans.status(h) == "pending" for node in mesh.nodes)  # waiting for the operator
     for node in mesh.nodes:  # what `meshfl plan approve <hash>` does on each node
         node.plans.approve(h)
