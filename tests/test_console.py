@@ -74,6 +74,8 @@ def test_every_request_needs_the_token_or_a_session(home):
     # The right token: a session cookie, and a redirect that drops the token from the address.
     login = c.get(f"/audit?event=plan.&token={TOKEN}", follow_redirects=False)
     assert login.status_code == 303 and login.headers["location"] == "/audit?event=plan."
+    sneaky = c.get(f"http://testserver//elsewhere.example/x?token={TOKEN}", follow_redirects=False)
+    assert sneaky.headers["location"] == "/elsewhere.example/x"  # a path here, never another host
     cookie = login.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=strict" in cookie
     page = c.get("/plans")

@@ -94,9 +94,10 @@ class GuardMiddleware:
             session = self.guard.login(token)
             if session is None:
                 response = forbidden("That token is not this console's")
-            else:  # a relative redirect: no Host header decides where it goes
+            else:  # a redirect to a path of this console ("//host" would leave it): no Host header decides
                 url = request.url.remove_query_params("token")
-                response = RedirectResponse(url.path + (f"?{url.query}" if url.query else ""), 303)
+                path = "/" + url.path.lstrip("/")
+                response = RedirectResponse(path + (f"?{url.query}" if url.query else ""), 303)
                 response.set_cookie(self.guard.cookie, session, httponly=True, samesite="strict", path="/")
         elif self.guard.csrf(session) is None:
             response = forbidden("This request carries no token and no live session")
