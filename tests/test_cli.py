@@ -156,9 +156,40 @@ def test_plans(node):
     assert result.exit_code == 1 and "8 or more" in result.stderr
 
 
+def test_plan_diff_against_the_approved_plan_it_replaces(node):
+    changed = PLAN.replace("pass", "x = 1")
+    with Home.open(node) as home:
+        plans = PlanRegistry(home.store, home.audit)
+        old = plans.submit(PLAN, name="p")["hash"]
+        plans.approve(old, by="ann")
+        new = plans.submit(changed, name="p")["hash"]
+    [listed] = run_json("plan", "list", "--home", node, "--status", "pending")
+    assert listed["changes"] == f"+1 -1 against {old[:8]}"
+    assert "CHANGES" in run("plan", "list", "--home", node).output
+    shown = run("plan", "show", "--home", node, new[:8], "--diff").output
+    assert f"changes against {old} (p, approved by ann" in shown
+    assert shown.endswith("-    pass\n+    x = 1\n") and "class Plan:" in shown  # context lines
+    data = run_json("plan", "show", "--home", node, new[:8], "--diff")
+    assert data["diff"]["base"]["hash"] == old and data["diff"]["added"] == 1 and data["source"] == changed
+    first = run("plan", "show", "--home", node, old[:8], "--diff").output
+    assert "no approved plan with the same name or class" in first and first.endswith(PLAN)
+
+
+def test_console_that_cannot_listen_is_a_one_line_error(node):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = run("node", "console", "--home", node, "--port", port, ok=False)
+    assert result.exit_code == 1 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
 def test_node_status(node):
     info = run_json("node", "status", "--home", node)
     assert info["name"] == "site-a" and info["dev"] is False and info["datasets"] == 0
+    assert info["running"] is None  # no node process holds the home
     assert info["tasks"]["pending"] == 0 and info["outbox"] == 0 and info["audit"] >= 1
     assert set(info["plans"]) == {"pending", "approved", "rejected"}
     assert "site-a" in run("node", "status", "--home", node).output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import orjson
 import pytest
 import torch
@@ -95,15 +97,31 @@ def test_search_reply_never_reveals_a_path(mesh):
     assert mesh.researcher.search(["no-such-tag"]) == {n: [] for n in found}
 
 
-def test_unapproved_plan_is_refused_with_its_hash_then_runs_after_approval(mesh):
+def test_unapproved_plan_is_refused_with_its_hash_then_runs_after_approval(mesh, caplog):
     source = plan_source(AddOnePlan).replace("p.add_(1.0)", "p.add_(3.0)")
     h = plan_hash(source)
     exp = _experiment(mesh, source, plan_class="AddOnePlan")
-    with pytest.raises(RoundFailed) as info:
+    with caplog.at_level(logging.WARNING, logger="meshfl.node"), pytest.raises(RoundFailed) as info:
         exp.run()
     failed = info.value.details["failed"]
     assert {e["code"] for e in failed.values()} == {"plan_not_approved"}
     assert all(h in e["message"] and "meshfl plan approve" in e["message"] for e in failed.values())
+    # The researcher's error itself says what the operators must do (each distinct error once).
+    message = str(info.value)
+    assert f"node0, node1: [plan_not_approved] training plan {h}" in message
+    assert f"`meshfl plan show {h} --diff`" in message and f"`meshfl plan approve {h}`" in message
+    # Each node warns its operator (shown without -v), naming its home in the commands.
+    waiting = [r.getMessage() for r in caplog.records if "awaits approval" in r.getMessage()]
+    assert len(waiting) == 2
+    for node in mesh.nodes:
+        assert any(f"[{node.name}] training plan {h} from researcher awaits approval" in w
+                   and f"meshfl plan show {h} --diff --home {node.home.path}" in w for w in waiting)
+    assert all(node.plans.get(h)["name"] == "AddOnePlan" for node in mesh.nodes)  # named by its class
+    records = [r for r in mesh.nodes[0].audit.records() if r.event == "task.refused"]
+    assert records[-1].fields["reason"] == "plan_not_approved"
+    stopped = mesh.researcher.home.audit.head()  # the researcher's audit: this run failed, and why
+    assert stopped.event == "experiment.failed" and stopped.fields["experiment"] == exp.id
+    assert stopped.fields["round"] == 1 and h in stopped.fields["message"]
     assert all(node.plans.status(h) == "pending" for node in mesh.nodes)  # waiting for the operator
     for node in mesh.nodes:  # what `meshfl plan approve <hash>` does on each node
         node.plans.approve(h)
@@ -111,6 +129,18 @@ def test_unapproved_plan_is_refused_with_its_hash_then_runs_after_approval(mesh)
     before = {k: v.clone() for k, v in exp.global_state.items()}
     exp.run()
     assert all(torch.allclose(exp.global_state[k], before[k] + 3.0) for k in before)
+
+
+def test_a_node_that_refuses_a_plan_is_named_in_the_round_history_with_the_commands(mesh):
+    source = plan_source(AddOnePlan).replace("p.add_(1.0)", "p.add_(5.0)")
+    h = plan_hash(source)
+    mesh.nodes[0].plans.submit(source)
+    mesh.nodes[0].plans.approve(h)  # node1's operator has not approved it yet
+    history = _experiment(mesh, source, plan_class="AddOnePlan", min_nodes=1).run()
+    assert list(history[0]["nodes"]) == ["node0"]
+    refusal = history[0]["failed"]["node1"]
+    assert refusal["code"] == "plan_not_approved" and refusal["details"]["hash"] == h
+    assert f"meshfl plan show {h} --diff" in refusal["message"] and f"meshfl plan approve {h}" in refusal["message"]
 
 
 def test_changed_plan_source_needs_a_new_approval(mesh):

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshfl.errors import PlanError
-from meshfl.node._plans import PlanRegistry, canonical_source, plan_hash
+from meshfl.node._plans import PlanRegistry, canonical_source, plan_classes, plan_hash
 from meshfl.store import AuditLog, Store
 
 PLAN = "class Plan:\n    def step(self, x):\n        return x * 2\n"
@@ -120,3 +120,37 @@ def test_remove_and_unknown(plans, store):
     with pytest.raises(PlanError):
         plans.submit(b"bytes are not source")
     assert "plan.removed" in events(store)
+
+
+def test_diff_against_the_last_approved_plan_with_the_same_name_or_class(plans):
+    first = plans.submit(PLAN, name="doubler")["hash"]
+    plans.approve(first, by="ann")
+    assert plans.diff(first).base is None  # nothing approved before it
+    second_source = PLAN.replace("x * 2", "x * 2 + 0")
+    second = plans.submit(second_source, name="doubler")["hash"]
+    plans.approve(second, by="bob")
+    changed_source = second_source.replace("return x * 2 + 0", "y = x\n        return y * 2")
+    changed = plans.submit(changed_source, name="doubler")["hash"]
+    diff = plans.diff(changed[:10])
+    assert diff.base["hash"] == second and "source" not in diff.base  # the latest approval wins
+    assert (diff.added, diff.removed) == (2, 1)
+    assert diff.lines[0] == f"--- approved {second[:16]}" and diff.lines[1] == f"+++ pending {changed[:16]}"
+    assert "-        return x * 2 + 0" in diff.lines and "+        y = x" in diff.lines
+    assert diff.summary() == f"+2 -1 against {second[:8]}"
+    assert diff.to_dict()["lines"] == diff.lines
+    # No name: the class the source defines finds its predecessor; a rejected plan is no base.
+    unnamed = plans.submit(PLAN.replace("2", "3"))["hash"]
+    assert plans.diff(unnamed).base["hash"] == second
+    plans.reject(second)
+    assert plans.diff(unnamed).base["hash"] == first
+    other = plans.submit("class Other:\n    pass\n", name="other")["hash"]
+    assert plans.diff(other).base is None and plans.diff(other).summary().startswith("new")
+    assert plan_classes("import x\nclass A(B):\n    class Inner:\n        pass\nclass C:\n    pass\n") == {"A", "C"}
+
+
+def test_an_unapproved_plan_names_the_review_commands(plans):
+    with pytest.raises(PlanError) as err:
+        plans.check(PLAN, dev=False)
+    digest = plan_hash(PLAN)
+    assert f"`meshfl plan show {digest} --diff`" in err.value.message
+    assert f"`meshfl plan approve {digest}`" in err.value.message and "--home" not in err.value.message

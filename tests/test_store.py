@@ -309,6 +309,20 @@ def test_queue_transitions(store):
     assert task.created <= task.updated and queue.get("nope") is None
 
 
+def test_queue_counts_and_recent_tasks(store):
+    queue = TaskQueue(store)
+    assert queue.recent(5) == [] and queue.counts() == dict.fromkeys(
+        ("pending", "running", "done", "failed", "cancelled"), 0)
+    ids = [queue.push({"n": n}) for n in range(5)]
+    queue.claim()
+    queue.done(ids[0])
+    queue.claim()
+    queue.cancel(ids[4])
+    assert queue.counts() == {"pending": 2, "running": 1, "done": 1, "failed": 0, "cancelled": 1}
+    assert [t.id for t in queue.recent(3)] == [ids[4], ids[3], ids[2]]  # newest first
+    assert [t.id for t in queue.recent(10)] == ids[::-1]
+
+
 def test_queue_recover_requeues_at_the_front(store):
     queue = TaskQueue(store)
     ids = [queue.push({"n": n}) for n in range(4)]

@@ -8,14 +8,12 @@ import click
 
 from ..node._datasets import FORMATS, DatasetRegistry, normalize_tags
 from ..node._plans import STATUSES, PlanRegistry
+from ..node._presence import running_node
 from ..node._release import open_release
 from ..node._sandbox import probe
 from ..privacy import KINDS, PolicyTable
 from ..store import Outbox, TaskQueue
 from ._app import UserError, emit_json, home_option, json_option, main, open_home, table, when
-
-TASK_STATES = ("pending", "running", "done", "failed", "cancelled")
-
 
 @main.group()
 def node() -> None:
@@ -36,22 +34,53 @@ def node_start(home: Path, dev: bool) -> None:
     Node(home, dev=True if dev else None).run()  # None: the home's config.toml decides
 
 
+@node.command("console")
+@home_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback exposes the console (plain HTTP) "
+                   "to the network: prefer an SSH tunnel.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8470, show_default=True,
+              help="Port to listen on (0: any free port).")
+@click.option("--read-only", is_flag=True, help="Show everything, change nothing (no buttons; every "
+                                                "action is refused).")
+@click.option("--by", metavar="NAME",
+              help="Who acts through this console, for the audit log (default: your login name).")
+def node_console(home: Path, host: str, port: int, read_only: bool, by: str | None) -> None:
+    """Serve the operator's web console for this home until Ctrl-C.
+
+    It prints a URL with a secret token: open it in a browser on this machine. A node's home shows
+    its overview, datasets, plans (approve or reject them, with their diff) and audit log; a
+    researcher's home its experiments. Runs beside `meshfl node start` on the same home. Needs
+    `pip install meshfl[console]`.
+    """
+    with open_home(home):
+        pass  # a clear error for a missing home before the web stack loads
+    from ..console import serve  # the console extra; a coded error names it when missing
+
+    serve(home, host=host, port=port, read_only=read_only, by=by,
+          echo=lambda line: click.echo(line, err=line.startswith("warning:")))
+
+
 @node.command("status")
 @home_option
 @json_option
 def node_status(home: Path, as_json: bool) -> None:
-    """Summarise the node's home: trust, datasets, plans, tasks. Works while it runs or not."""
+    """Summarise the node's home: trust, datasets, plans, tasks. Works while it runs or not.
+
+    "dev" is config.toml's setting; "running" describes the node process, if one runs (its pid,
+    and its own "dev", which `node start --dev` may have turned on).
+    """
     with open_home(home, role="node") as h:
         plans = PlanRegistry(h.store, h.audit).list()
         tasks = TaskQueue(h.store, "tasks")
         info = {
             "home": str(h.path), "name": h.config.name, "peer_id": h.identity.peer_id,
-            "dev": h.config.dev,
+            "dev": h.config.dev, "running": running_node(h.path),
             "trusted": [{"peer_id": e["peer_id"], "name": e["name"], "endpoint": e["endpoint"]}
                         for e in h.trusted()],
             "datasets": len(DatasetRegistry(h.store).list()),
             "plans": {s: sum(p["status"] == s for p in plans) for s in STATUSES},
-            "tasks": {s: tasks.count(s) for s in TASK_STATES},
+            "tasks": tasks.counts(),
             "outbox": len(Outbox(h.store, "outbox")),
             "held_for_review": len(Outbox(h.store, "outbox").held()),
             "audit": len(h.audit),
@@ -63,7 +92,10 @@ def node_status(home: Path, as_json: bool) -> None:
         emit_json(info)
         return
     click.echo(f"node {info['name']} ({info['peer_id']})  home {info['home']}")
-    if info["dev"]:
+    running = info["running"]
+    pid = f" (pid {running['pid']})" if running and running.get("pid") else ""
+    click.echo("node process:  " + ("not running" if running is None else f"running{pid}"))
+    if (running or {}).get("dev", info["dev"]):
         click.echo("development mode: training plans run WITHOUT approval")
     click.echo("trusted peers: " + (", ".join(f"{e['name']} ({e['endpoint'] or 'no endpoint'})"
                                               for e in info["trusted"]) or "none"))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..node._plans import STATUSES, PlanRegistry
+from ..node._plans import PENDING, STATUSES, PlanRegistry
 from ._app import UserError, emit_json, home_option, json_option, main, open_home, table, when
 
 HASH_HELP = "The plan's hash, or its first 8 or more characters."
@@ -25,31 +25,43 @@ def plan() -> None:
 @click.option("--status", type=click.Choice(STATUSES), help="Only plans with this status.")
 @json_option
 def plan_list(home: Path, status: str | None, as_json: bool) -> None:
-    """List training plans, oldest first (the source is left out; see `plan show`)."""
+    """List training plans, oldest first (the source is left out; see `plan show`).
+
+    For each pending plan, CHANGES says how many lines it adds and removes against the approved
+    plan it replaces (`plan show HASH --diff` shows them), or that it is new.
+    """
     with open_home(home, role="node") as h:
-        records = PlanRegistry(h.store, h.audit).list(status)
-    summaries = [{k: v for k, v in r.items() if k != "source"} for r in records]
+        registry = PlanRegistry(h.store, h.audit)
+        records = registry.list(status)
+        changes = {r["hash"]: registry.diff(r["hash"]).summary() for r in records
+                   if r["status"] == PENDING}
+    summaries = [{**{k: v for k, v in r.items() if k != "source"}, "changes": changes.get(r["hash"])}
+                 for r in records]
     if as_json:
         emit_json(summaries)
     elif not records:
         click.echo("no training plans" + (f" with status {status}" if status else ""))
     else:
         table([[r["hash"][:16], r["status"], r["name"] or "-", r["requester"] or "-",
-                when(r["submitted"])] for r in records],
-              ["HASH", "STATUS", "NAME", "REQUESTER", "SUBMITTED"])
+                when(r["submitted"]), r["changes"]] for r in summaries],
+              ["HASH", "STATUS", "NAME", "REQUESTER", "SUBMITTED", "CHANGES"])
 
 
 @plan.command("show")
 @home_option
 @click.argument("hash", metavar="HASH")
+@click.option("--diff", "show_diff", is_flag=True,
+              help="Show what changed against the last approved plan with the same name or "
+                   "class (a unified diff) instead of the whole source.")
 @json_option
-def plan_show(home: Path, hash: str, as_json: bool) -> None:
+def plan_show(home: Path, hash: str, show_diff: bool, as_json: bool) -> None:
     """Show a plan's details, then its full source code to review."""
     with open_home(home, role="node") as h:
         registry = PlanRegistry(h.store, h.audit)
         record = registry.get(registry.resolve(hash))
+        diff = registry.diff(record["hash"]) if show_diff else None
     if as_json:
-        emit_json(record)
+        emit_json({**record, "diff": diff.to_dict()} if diff else record)
         return
     click.echo(f"hash:      {record['hash']}")
     click.echo(f"name:      {record['name'] or '-'}")
@@ -60,7 +72,16 @@ def plan_show(home: Path, hash: str, as_json: bool) -> None:
         click.echo(f"decided:   {record['status']} by {record['decided_by']} "
                    f"at {when(record['decided_at'])}")
     click.echo("-" * 72)
-    click.echo(record["source"], nl=False)
+    if diff is None or diff.base is None:
+        if diff is not None:
+            click.echo("no approved plan with the same name or class: the whole source follows")
+        click.echo(record["source"], nl=False)
+        return
+    base = diff.base
+    click.echo(f"changes against {base['hash']} ({base['name'] or 'unnamed'}, approved by "
+               f"{base['decided_by']} at {when(base['decided_at'])}): lines +{diff.added} -{diff.removed}")
+    for line in diff.lines:
+        click.echo(line)
 
 
 def _decide(action: str):

@@ -39,7 +39,8 @@ from ..wire import DTYPE_NAMES, Message
 from ._datasets import DatasetRegistry, public_view
 from ._executor import Executor, TaskFailed
 from ._masked import MaskedResults
-from ._plans import APPROVED, PlanError, PlanRegistry, plan_hash
+from ._plans import APPROVED, PlanError, PlanRegistry, plan_hash, review_commands
+from ._presence import NodeLock, links_down, record_link
 from ._release import Release
 
 KEYS_TIMEOUT_S = 60.0  # a secure task waits this long after training for the members' keys
@@ -47,7 +48,6 @@ KEYS_TIMEOUT_S = 60.0  # a secure task waits this long after training for the me
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9._-]{1,120}$")
 RELEASE_CHECK_S = 5.0  # how often the outbox is checked for releases nobody announced
-PID_FILE = "node.pid"  # written by Node.run(): `meshfl result release` nudges the node through it
 
 
 def _integer(value) -> bool:
@@ -102,9 +102,12 @@ class Node:
         self._trusted_names: dict[str, str] = {}
         self._running_task: dict | None = None
         self._packs: dict[str, dict] = {}  # task id -> mapped result pack, while it is being pulled
+        self._lock: NodeLock | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Node":
+        self._lock = NodeLock(self.home.path, dev=self.dev)  # refuses a second node on this home
+        links_down(self.home.store)
         for task in self.queue.recover(requeue=False):
             # Its worker trains in place in the task's pack, so a half-trained model may be
             # there: report the task failed rather than run it again from a corrupt start.
@@ -146,6 +149,8 @@ class Node:
         self._packs.clear()
         self.audit.append("node.stopped")
         self.home.close()
+        if self._lock is not None:
+            self._lock.release()
 
     def run(self) -> None:
         """Serve in the foreground until SIGINT or SIGTERM, then stop cleanly."""
@@ -153,14 +158,12 @@ class Node:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: done.set())
         signal.signal(signal.SIGUSR1, lambda *_: self.notify_released())  # `meshfl result release`
-        pid_file = self.home.path / PID_FILE
-        pid_file.write_text(str(os.getpid()))
         self.start()
+        self._lock.note(nudge=True)  # this process takes SIGUSR1 (one that did not would die of it)
         try:
             done.wait()
         finally:
             self.stop()
-            pid_file.unlink(missing_ok=True)
 
     def __enter__(self) -> "Node":
         return self.start()
@@ -196,7 +199,15 @@ class Node:
 
     def _on_plan_submit(self, msg: Message) -> Message:
         record = self.plans.submit(msg.fields["source"], msg.fields.get("name", ""), requester=msg.sender)
+        if record["status"] == "pending":
+            self._warn_pending(record["hash"], msg.sender)
         return Message("plan.info", {"hash": record["hash"], "status": record["status"]})
+
+    def _warn_pending(self, digest: str, researcher: str) -> None:
+        """Tell the operator, at a level shown without -v, that a plan waits and how to review it."""
+        card = self._card_of(researcher)
+        self.log.warning("training plan %s from %s awaits approval: %s", digest,
+                         card.name if card else researcher, review_commands(digest, self.home.path))
 
     def _on_train(self, msg: Message) -> Message:
         f = msg.fields
@@ -214,7 +225,7 @@ class Node:
         if not found:
             raise MeshflError(f"no dataset on {self.name} matches tags {f['dataset_tags']}", code="no_dataset")
         request = Request("training", msg.sender, found[0], researcher_name=self._trusted_names.get(msg.sender, ""),
-                          plan_source=f["plan_source"], secagg=session is not None,
+                          plan_source=f["plan_source"], plan_name=f["plan_class"], secagg=session is not None,
                           summed_over=session.threshold if session is not None else 1, dp=dp,
                           training_args=f["training_args"])
         self.blobs.write(task_id, msg.tensors)  # before the task exists: never a task without its model
@@ -245,13 +256,17 @@ class Node:
         except MeshflError as exc:
             self.blobs.delete(task_id)
             self.blobs.delete(f"{task_id}.base")
-            try:  # outside the rolled-back transaction: record the plan for review, audit the refusal
-                if isinstance(exc, PlanError):
-                    self.plans.check(f["plan_source"], dev=self.dev, requester=msg.sender)
-            finally:
-                self.audit.append("task.refused", task=task_id, researcher=msg.sender, reason=exc.code,
-                                  dataset=exc.details.get("dataset"))
-            raise
+            refusal = exc
+            if isinstance(exc, PlanError):  # outside the rolled-back transaction: record the plan for review
+                try:
+                    self.plans.check(f["plan_source"], dev=self.dev, name=f["plan_class"], requester=msg.sender)
+                except MeshflError as again:
+                    refusal = again
+            self.audit.append("task.refused", task=task_id, researcher=msg.sender, reason=refusal.code,
+                              dataset=refusal.details.get("dataset"))
+            if refusal.code == "plan_not_approved":
+                self._warn_pending(refusal.details["hash"], msg.sender)
+            raise refusal from None
         self._wake.set()
         return Message("train.accepted", {"task_id": task_id, "state": "pending"})
 
@@ -274,7 +289,8 @@ class Node:
         accepted is checked again without a new audit record, unless it is refused now."""
         if request.task_id is not None and (self.dev or self.plans.status(plan_hash(request.plan_source)) == APPROVED):
             return plan_hash(request.plan_source)
-        return self.plans.check(request.plan_source, dev=self.dev, requester=request.researcher)
+        return self.plans.check(request.plan_source, dev=self.dev, name=request.plan_name,
+                                requester=request.researcher)
 
     def _on_result_pull(self, msg: Message) -> None:
         task_id, first, count = msg.fields["task_id"], msg.fields["first"], msg.fields["count"]
@@ -327,6 +343,7 @@ class Node:
 
     # ------------------------------------------------------------------ results
     def _on_link(self, peer_id: str, up: bool) -> None:
+        record_link(self.home.store, peer_id, up)  # for the console and `node status`: changes only
         if up:
             for item in self.outbox.pending(dest=peer_id):
                 self._send_result(item.dest, item.msg_id, item.envelope["fields"])
@@ -470,7 +487,8 @@ class Node:
         p = task.payload
         self.gate.check(Request("training", p["researcher"], dataset,
                                 researcher_name=self._trusted_names.get(p["researcher"], ""),
-                                plan_source=p["plan_source"], secagg=bool(p.get("secagg")),
+                                plan_source=p["plan_source"], plan_name=p["plan_class"],
+                                secagg=bool(p.get("secagg")),
                                 summed_over=self._summed_over(p),
                                 dp=DPSpec.from_wire(p["dp"]) if p.get("dp") else None,
                                 training_args=p["training_args"], task_id=task.id))
@@ -490,8 +508,8 @@ class Node:
         self._released.set()
 
     def _send_released(self) -> None:
-        """Send results the operator released (``meshfl result release``, which nudges this node
-        with SIGUSR1 when it can, the console, :meth:`Release.decide`). The outbox is looked at
+        """Send results the operator released (``meshfl result release``, which nudges a node run
+        by :meth:`run` with SIGUSR1, the console, :meth:`Release.decide`). The outbox is looked at
         every few seconds too, so a release nobody announced still goes out."""
         while not self._stopping.is_set():
             self._released.wait(RELEASE_CHECK_S)

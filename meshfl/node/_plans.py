@@ -8,11 +8,13 @@ appended to the audit chain.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 import re
 import shlex
 import time
+from dataclasses import dataclass
 
 from ..errors import PlanError
 from ..store import AuditLog, Store
@@ -25,6 +27,7 @@ STATUSES = (PENDING, APPROVED, REJECTED)
 MIN_PREFIX = 8
 MAX_SOURCE_BYTES = 1 << 20
 _HEX = re.compile(r"[0-9a-f]+")
+_TOP_CLASS = re.compile(r"^class\s+([A-Za-z_]\w*)", re.MULTILINE)
 
 
 def canonical_source(source: str) -> str:
@@ -38,6 +41,38 @@ def canonical_source(source: str) -> str:
 
 def plan_hash(source: str) -> str:
     return hashlib.sha256(canonical_source(source).encode("utf-8")).hexdigest()
+
+
+def plan_classes(source: str) -> set[str]:
+    """The names of the classes a plan's source defines at top level (read, never run)."""
+    return set(_TOP_CLASS.findall(source))
+
+
+def review_commands(digest: str, home: str | None = None) -> str:
+    """The operator's commands to review and approve plan `digest`, for messages and logs."""
+    at = f" --home {shlex.quote(str(home))}" if home else ""
+    return (f"`meshfl plan show {digest} --diff{at}` shows what changed, "
+            f"`meshfl plan approve {digest}{at}` approves it")
+
+
+@dataclass(frozen=True)
+class PlanDiff:
+    """What a plan changes against the last approved plan with the same name or class."""
+
+    hash: str
+    base: dict | None  # that approved plan's record without its source; None: there is none
+    lines: list[str]  # a unified diff, base -> plan (empty without a base)
+    added: int
+    removed: int
+
+    def summary(self) -> str:
+        if self.base is None:
+            return "new: no approved plan with this name or class"
+        return f"+{self.added} -{self.removed} against {self.base['hash'][:MIN_PREFIX]}"
+
+    def to_dict(self) -> dict:
+        return {"hash": self.hash, "base": self.base, "lines": self.lines, "added": self.added,
+                "removed": self.removed, "summary": self.summary()}
 
 
 class PlanRegistry:
@@ -102,6 +137,29 @@ class PlanRegistry:
     def reject(self, hash: str, by: str = "operator") -> dict:
         return self._decide(hash, REJECTED, by)
 
+    def diff(self, hash: str) -> PlanDiff:
+        """The plan `hash` (or prefix) against the approved plan it most likely replaces: the one
+        approved last with the same name, or else defining a class of the same name."""
+        record = self._table.get(self.resolve(hash))
+        base = self._base(record, self.list(APPROVED))
+        if base is None:
+            return PlanDiff(record["hash"], None, [], 0, 0)
+        lines = list(difflib.unified_diff(
+            base["source"].splitlines(), record["source"].splitlines(),
+            f"approved {base['hash'][:16]}", f"{record['status']} {record['hash'][:16]}", lineterm=""))
+        added = sum(1 for line in lines[2:] if line.startswith("+"))
+        removed = sum(1 for line in lines[2:] if line.startswith("-"))
+        summary = {k: v for k, v in base.items() if k != "source"}
+        return PlanDiff(record["hash"], summary, lines, added, removed)
+
+    @staticmethod
+    def _base(record: dict, approved: list[dict]) -> dict | None:
+        others = [r for r in approved if r["hash"] != record["hash"]]
+        named = [r for r in others if record["name"] and r["name"] == record["name"]]
+        classes = plan_classes(record["source"])
+        candidates = named or [r for r in others if classes & plan_classes(r["source"])]
+        return max(candidates, key=lambda r: r["decided_at"] or 0, default=None)
+
     def remove(self, hash: str) -> bool:
         """Forget a plan (it will need approval again); False when nothing matches."""
         record = self.get(hash)
@@ -144,11 +202,9 @@ class PlanRegistry:
         if status == REJECTED:
             raise PlanError(f"training plan {digest} was rejected on this node",
                             code="plan_rejected", details={"hash": digest})
-        home = f" --home {shlex.quote(str(home_hint))}" if home_hint else ""
         raise PlanError(
-            f"training plan {digest} is not approved on this node; its operator can review it "
-            f"with `meshfl plan show {digest}{home}` and approve it with "
-            f"`meshfl plan approve {digest}{home}`",
+            f"training plan {digest} is not approved on this node; for its operator: "
+            f"{review_commands(digest, home_hint)}",
             code="plan_not_approved", details={"hash": digest},
         )
 

@@ -141,22 +141,17 @@ def open_release(home) -> Release:
 
 
 def nudge_node(home_path) -> bool:
-    """Tell a node running on ``home_path`` that results were released (SIGUSR1); False when no
-    node runs there (it sends them when it starts). The pid file is believed only if that process
-    maps this home's store: a stale file must never signal a stranger."""
-    from pathlib import Path
+    """Tell the node running on ``home_path`` that results were released (SIGUSR1); False when
+    none runs there, or one that does not take the signal (a node inside another program): it
+    finds them in the outbox within seconds, or when it starts."""
+    from ._presence import running_node
 
-    store = str((Path(home_path) / "store" / "data.mdb").resolve())
-    try:
-        pid = int((Path(home_path) / "node.pid").read_text().strip())
-        maps = Path(f"/proc/{pid}/maps").read_text()
-    except (OSError, ValueError):
-        return False
-    if pid == os.getpid() or store not in maps:
+    info = running_node(home_path) or {}
+    if not info.get("nudge") or info.get("pid") == os.getpid():
         return False
     try:
-        os.kill(pid, signal.SIGUSR1)
-    except OSError:
+        os.kill(int(info["pid"]), signal.SIGUSR1)
+    except (OSError, ValueError, KeyError):
         return False
     return True
 

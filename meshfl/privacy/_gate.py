@@ -41,6 +41,7 @@ class Request:
     dataset: dict  # the dataset's registry record
     researcher_name: str = ""
     plan_source: str | None = None
+    plan_name: str = ""  # the plan's class: a pending plan is recorded under it
     secagg: bool = False
     #: The fewest nodes whose results are summed before the researcher sees them: the secure
     #: round's threshold, or 1 without secure aggregation.

@@ -257,6 +257,10 @@ class Experiment:
                 if self.on_round is not None:
                     self.on_round(entry)
                 bar.update(1, note)
+        except MeshflError as exc:  # audited, so a reader of this home can tell failed from running
+            self._audit.append("experiment.failed", experiment=self.id, round=self.round + 1, error=exc.code,
+                               message=exc.message[:2000])
+            raise
         finally:
             bar.close()
         self._audit.append("experiment.finished", experiment=self.id, rounds=self.round)
@@ -341,7 +345,6 @@ class Experiment:
         if len(contributed) < needed:
             for node, tid in deferred.items():  # nothing will be unmasked: acknowledge them now
                 self.researcher.send(node, Message("result.ack", {"task_id": tid}))
-            reasons = ", ".join(f"{name(n)}: {e.get('code')}" for n, e in failed.items())
             note = " (secure aggregation threshold; nothing was unmasked)" if secure else ""
             spent = {name(n): e for n, e in failed.items() if e.get("code") == "privacy_budget_exhausted"}
             if spent:
@@ -354,7 +357,7 @@ class Experiment:
                 )
             raise RoundFailed(
                 f"round {rnd}: {len(contributed)} of {len(selected)} nodes contributed, {needed} needed{note}; "
-                f"failed: [{reasons}]; dropped: {dropped}",
+                f"failed: [{_failures(failed, name)}]; dropped: {dropped}",
                 details=self._failure_details(failed, dropped),
             )
         updates = sink.count  # one per contributing node, or something was added twice
@@ -596,6 +599,16 @@ def _one_torch_thread():
 
 def _round_key(experiment_id: str, rnd: int) -> str:
     return f"{experiment_id}/{seq_key(rnd)}"
+
+
+def _failures(failed: dict[str, dict], name: Callable[[str], str]) -> str:
+    """Each distinct error once, with the nodes that gave it: "a, b: [code] message; c: ...". The
+    message is what tells a user what to do (a refused plan's names its hash and the operator's
+    commands), so it is kept whole."""
+    groups: dict[tuple, list[str]] = {}
+    for node, error in failed.items():
+        groups.setdefault((error.get("code"), error.get("message")), []).append(name(node))
+    return "; ".join(f"{', '.join(sorted(nodes))}: [{code}] {message}" for (code, message), nodes in groups.items())
 
 
 def _info(fields: dict) -> dict:

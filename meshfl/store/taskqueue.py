@@ -135,6 +135,30 @@ class TaskQueue:
         tasks = self._store.read(self._all)
         return tasks if state is None else [task for task in tasks if task.state == state]
 
+    def recent(self, limit: int) -> list[Task]:
+        """The `limit` newest tasks, newest first (reads only those)."""
+
+        def recent(tx: Tx) -> list[Task]:
+            last = tx.last(self._order)
+            if last is None:
+                return []
+            start = seq_key(max(0, int(last[0]) - limit + 1))
+            ids = [task_id for _, task_id in tx.items(self._order, start=start)]
+            return [self._load(tx, task_id) for task_id in reversed(ids)]
+
+        return self._store.read(recent)
+
+    def counts(self) -> dict[str, int]:
+        """How many tasks are in each state, from one snapshot."""
+
+        def counts(tx: Tx) -> dict[str, int]:
+            out = dict.fromkeys((PENDING, RUNNING, DONE, FAILED, CANCELLED), 0)
+            for _, record in tx.items(self._tasks):
+                out[record["state"]] += 1
+            return out
+
+        return self._store.read(counts)
+
     def count(self, state: str | None = None) -> int:
         if state is None:
             return self._store.read(lambda tx: tx.count(self._tasks))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import queue
+import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from meshfl.home import Home
@@ -44,6 +47,33 @@ def start_node(path: Path, env: dict | None = None) -> subprocess.Popen:
         [sys.executable, "-m", "meshfl.cli", "node", "start", "--home", str(path)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})},
     )
+
+
+def start_console(path: Path, *args: str, timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    """`meshfl node console` on any free loopback port; returns it and the URL it printed."""
+    log = open(path / "console.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshfl.cli", "node", "console", "--home", str(path), "--port", "0", *args],
+        stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True,
+    )
+    lines: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read() -> None:
+        for text in proc.stdout:
+            lines.put(text)
+        lines.put(None)  # it exited
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        line = lines.get(timeout=timeout)
+    except queue.Empty:
+        line = None
+    if line is None:
+        kill(proc)
+        raise AssertionError(f"the console printed no URL: {(path / 'console.log').read_text()[-2000:]}")
+    found = re.search(r"(http://127\.0\.0\.1:\d+/)\?token=(\S+)", line)
+    assert found, line
+    return proc, found.group(0)
 
 
 def kill(proc: subprocess.Popen) -> None:
