@@ -50,6 +50,8 @@ class Config:
     plan_memory_mb: int = 0
     plan_cpu_seconds: float = 0.0
     sandbox_read_paths: tuple = ()
+    analytics: bool = True
+    analytics_max_bins: int = 10000
     heartbeat: float = 1.0
     dead_after: float = 10.0
 
@@ -70,7 +72,7 @@ class Config:
             raise ConfigError("name must be a non-empty string", code="bad_config")
         if self.listen is not None:
             _check_endpoint(self.listen)
-        for field in ("dev", "allow_cuda", "force_secure_aggregation", "sandbox"):
+        for field in ("dev", "allow_cuda", "force_secure_aggregation", "sandbox", "analytics"):
             if not isinstance(getattr(self, field), bool):
                 raise ConfigError(f"{field} must be true or false", code="bad_config")
         if not _is_int(self.minimum_samples) or self.minimum_samples < 0:
@@ -78,6 +80,8 @@ class Config:
         if not _is_int(self.plan_memory_mb) or self.plan_memory_mb < 0:
             raise ConfigError("plan_memory_mb must be an integer >= 0 (0: half this machine's memory)",
                               code="bad_config")
+        if not _is_int(self.analytics_max_bins) or self.analytics_max_bins < 1:
+            raise ConfigError("analytics_max_bins must be an integer >= 1", code="bad_config")
         if not _is_number(self.plan_cpu_seconds) or self.plan_cpu_seconds < 0:
             raise ConfigError("plan_cpu_seconds must be a number >= 0 (0: task_timeout)", code="bad_config")
         paths = self.sandbox_read_paths
@@ -162,6 +166,10 @@ plan_memory_mb = {plan_memory_mb}
 plan_cpu_seconds = {plan_cpu_seconds}
 # Folders plans may also read (absolute paths), e.g. ["/srv/models"] for pretrained weights.
 sandbox_read_paths = {sandbox_read_paths}
+# Answer federated analytics and preprocessing statistics (datasets' policies can refuse them too).
+analytics = {analytics}
+# The most histogram bins one analytics query may ask for.
+analytics_max_bins = {analytics_max_bins}
 
 # --- links (both roles) ---
 # Seconds between liveness messages to connected peers.

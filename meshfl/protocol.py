@@ -80,6 +80,18 @@ declare("secagg.unmask", required={"session": "str", "survivors": "list", "dropp
         optional={"ack": "str"})  # the task id of the node's result it acknowledges
 declare("secagg.shares", required={"session": "str", "b": "dict", "s": "dict"})
 
+# Federated analytics (meshfl/analytics): a query's sufficient statistics, one durable task per node.
+declare("analytics", required={"task_id": "str", "analysis": "str", "purpose": "str", "dataset_tags": "list",
+                               "query": "dict"}, optional={"secagg": "dict"})
+declare("analytics.accepted", required={"task_id": "str", "state": "str"})
+declare(
+    "analytics.done",
+    required={"task_id": "str", "analysis": "str", "ok": "bool"},
+    optional={"error": "dict", "rows": "int", "levels": "list", "exact_extremes": "bool", "suppressed": "int",
+              "duration": "float", "inline": "bool"},
+    tensors=True,
+)
+
 #: Results up to this size travel inside ``train.done``; larger ones are pulled in chunks.
 INLINE_RESULT_BYTES = 4 << 20
 #: Size of one pulled chunk (one frame: libzmq moves 1 MB frames fastest here).

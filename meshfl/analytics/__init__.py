@@ -8,8 +8,9 @@
 """
 
 from ._combine import Answer, ColumnStats, Histogram, Quantile
-from ._local import Table
-from ._query import AnalyticsError, Op
+from ._limbs import encode
+from ._local import Table, coarsen_extremes, compute, keep_levels, suppress
+from ._query import AnalyticsError, Op, check_columns, columns_of, nbytes, parse, summary
 
 _LAZY = {"Analytics": "._client", "AnalysisFailed": "._client", "Summary": "._client"}
 
@@ -23,4 +24,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["AnalysisFailed", "Analytics", "AnalyticsError", "Answer", "ColumnStats", "Histogram", "Op",
-           "Quantile", "Summary", "Table"]
+           "Quantile", "Summary", "Table", "check_columns", "coarsen_extremes", "columns_of", "compute", "encode",
+           "keep_levels", "nbytes", "parse", "summary", "suppress"]

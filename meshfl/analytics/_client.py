@@ -154,33 +154,43 @@ class Analytics:
         op = Op("histogram", tuple(columns), edges=edges)
         return _combine.histograms(op, self.run([op]).block(0))
 
-    def quantiles(self, columns: list, q=(0.25, 0.5, 0.75), *, bins: int = 1000, passes: int = 2,
-                  minimum: int = 1) -> dict[str, list[Quantile]]:
-        """Quantiles by federated counting: a range pass, a histogram of ``bins`` bins, then
-        ``passes - 1`` histograms zoomed into the bins that hold each quantile. Each result says
-        the interval numpy's (linear) quantile of all the records lies in; its width shrinks by
-        ``bins`` per pass. ``minimum``: the nodes' smallest cell, if known, to bound suppressed bins."""
+    def quantiles(self, columns: list, q=(0.25, 0.5, 0.75), *, bins: int = 1000,
+                  passes: int = 3) -> dict[str, list[Quantile]]:
+        """Quantiles by federated counting: a range pass, then ``passes`` histograms, each zoomed
+        into the interval the last one left for each quantile. Each result is the interval numpy's
+        (linear-interpolation) quantile of all the records lies in, and its middle. A pass uses up
+        to ``bins`` bins per quantile, but no more than keeps about twice the nodes' smallest
+        released cell in each (finer bins would be suppressed and teach nothing), so the interval
+        narrows until it holds a few cells' worth of records: what the nodes' rules allow."""
         columns = self._columns(columns)
         q = [float(v) for v in q]
         first = self.run([Op("range", tuple(columns)), Op("moments", tuple(columns))])
         ranges = _combine.extremes(Op("range", tuple(columns)), first, 0)
         n = {c: s.count for c, s in _combine.moments(Op("moments", tuple(columns)), first.block(1)).items()}
-        windows = {c: [(ranges[c][0], ranges[c][1])] * len(q) for c in columns}
+        minimum = self.min_cell()
+        windows = {c: [(ranges[c][0], ranges[c][1], n[c])] * len(q) for c in columns}
         for _ in range(max(1, passes)):
-            names, edges = [], []
-            for c in columns:
-                for lo, hi in windows[c]:
-                    names.append(c)
-                    edges.append(_edges_between(lo, hi, bins, c))
-            op = Op("histogram", tuple(f"{c}" for c in names), edges=tuple(edges))
+            names = [c for c in columns for _ in q]
+            edges = [_edges_between(lo, hi, max(2, min(bins, held // (2 * minimum))), c)
+                     for c in columns for lo, hi, held in windows[c]]
             answer = self.run([_histogram_op(names, edges)])
-            found = _combine.histograms(op, answer.block(0)) if len(set(names)) == len(names) else None
-            hists = _split_histograms(names, edges, answer.block(0)) if found is None else [found[c] for c in names]
+            hists = _split_histograms(names, edges, answer.block(0))
             k = 0
             for c in columns:
-                windows[c] = [_combine.locate(hists[k + i], n[c], qi, minimum) for i, qi in enumerate(q)]
+                found = []
+                for i, qi in enumerate(q):
+                    lo, hi = _combine.locate(hists[k + i], n[c], qi, minimum)
+                    old_lo, old_hi, _ = windows[c][i]
+                    lo, hi = max(lo, old_lo), min(hi, old_hi)  # every value lies in the range
+                    found.append((lo, hi, _combine.held(hists[k + i], lo, hi, minimum)))
+                windows[c] = found
                 k += len(q)
-        return {c: [Quantile(qi, (lo + hi) / 2, lo, hi) for qi, (lo, hi) in zip(q, windows[c])] for c in columns}
+        return {c: [Quantile(qi, (lo + hi) / 2, lo, hi) for qi, (lo, hi, _) in zip(q, windows[c])] for c in columns}
+
+    def min_cell(self) -> int:
+        """The largest of the selected nodes' smallest released cell (their policies say it)."""
+        self._select()
+        return max([int((r.get("policy") or {}).get("min_cell") or 1) for r in self.datasets.values()] or [1])
 
     def covariance(self, columns: list | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(covariance, correlation) of the columns over rows with no missing value."""

@@ -152,6 +152,15 @@ def locate(hist: Histogram, n: int, q: float, minimum: int) -> tuple[float, floa
     return edges[first], edges[last + 1]
 
 
+def held(hist: Histogram, lo: float, hi: float, minimum: int) -> int:
+    """How many values may lie in [lo, hi] (bins that meet it, suppressed ones at their most)."""
+    total = 0
+    for a, b, count, flags in zip(hist.edges, hist.edges[1:], hist.counts, hist.suppressed):
+        if b >= lo and a <= hi:
+            total += count + flags * max(minimum - 1, 0)
+    return total
+
+
 def covariance(op: Op, block: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     """(complete rows, means, covariance matrix (ddof = 1)) of a cross op; NaN if suppressed."""
     d = len(op.columns)

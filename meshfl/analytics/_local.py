@@ -42,7 +42,7 @@ class Table:
 
 def compute(ops: list[Op], table: Table, secure: bool) -> tuple[np.ndarray, list]:
     """The query's answer vector (float64, :func:`~._query.layout`) and, per op, the extra answer
-    of ``levels`` ops (``{level: count}``; None for the others)."""
+    of ``levels`` ops (``[[level, count], ...]``; None for the others)."""
     spans = layout(ops, secure)
     out = np.zeros(spans[-1][0] + spans[-1][1] if spans else 0)
     extras: list = []
@@ -147,11 +147,11 @@ def _counts(op: Op, table: Table, out: np.ndarray, secure: bool) -> None:
     out[-2] = int(np.count_nonzero(present & ~matched))
 
 
-def _levels(op: Op, table: Table, out: np.ndarray, secure: bool) -> dict:
+def _levels(op: Op, table: Table, out: np.ndarray, secure: bool) -> list:
     values = table.values(op.columns[0])
     values = values[~np.isnan(values)] if values.dtype.kind == "f" else values[values != ""]
     found, counts = np.unique(values, return_counts=True)
-    return {_level(v): int(c) for v, c in zip(found.tolist(), counts.tolist())}
+    return [[_level(v), int(c)] for v, c in zip(found.tolist(), counts.tolist())]
 
 
 def _equal(values: np.ndarray, level) -> np.ndarray:
@@ -236,7 +236,8 @@ def coarsen_extremes(ops: list[Op], vector: np.ndarray) -> None:
             block[-2:] = (edges[seen[0]], edges[seen[-1] + 1]) if seen.size else (math.nan, math.nan)
 
 
-def keep_levels(found: dict, minimum: int) -> tuple[list, int]:
-    """The levels seen on at least ``minimum`` records (sorted), and how many others there were."""
-    kept = [level for level, count in found.items() if count >= max(1, minimum)]
+def keep_levels(found: list, minimum: int) -> tuple[list, int]:
+    """The levels ``[[level, count], ...]`` seen on at least ``minimum`` records (sorted), and how
+    many others there were."""
+    kept = [level for level, count in found if count >= max(1, minimum)]
     return sorted(kept, key=lambda v: (isinstance(v, str), v)), len(found) - len(kept)

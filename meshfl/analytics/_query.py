@@ -205,6 +205,13 @@ def layout(ops: list[Op], secure: bool) -> list[tuple[int, int]]:
     return out
 
 
+def nbytes(ops: list[Op], secure: bool) -> int:
+    """Bytes of the answer on the wire: float64 values, or their fixed-point words when masked."""
+    from ._limbs import LIMBS
+
+    return 8 * (LIMBS if secure else 1) * sum(op_size(op, secure) for op in ops)
+
+
 def columns_of(ops: list[Op]) -> list[str]:
     """Every column the query reads (for the audit record and the checks)."""
     seen: dict[str, None] = {}
@@ -225,3 +232,26 @@ def summary(ops: list[Op]) -> list[str]:
             what += f"; {sum(len(e) - 1 for e in op.edges)} bins"
         out.append(what + ")")
     return out
+
+
+def check_columns(ops: list[Op], record: dict) -> None:
+    """Refuse, before anything runs, a query naming a column the dataset lacks, or reading a text
+    column as numbers (``record``: the dataset's registry record)."""
+    columns = record.get("columns")
+    dtypes = record.get("dtypes") or {}
+    if columns is None and record.get("format") in ("npy", "npz", "torch") and len(record.get("shape") or []) == 2:
+        columns = [str(i) for i in range(record["shape"][1])]
+        dtypes = dict.fromkeys(columns, "float")
+    if not columns:
+        raise AnalyticsError(f"dataset {record['name']} ({record.get('format')}) is not a table of columns",
+                             code="non_numeric_column")
+    for op in ops:
+        text_ok = op.op in ("counts", "levels")
+        for name in op.columns + ((op.by,) if op.by else ()):
+            if name not in columns:
+                raise AnalyticsError(f"dataset {record['name']} has no column {name!r} (it has: "
+                                     f"{', '.join(columns[:20])}{' ...' if len(columns) > 20 else ''})",
+                                     code="unknown_column", details={"column": name})
+            if dtypes.get(name) == "str" and not text_ok and name != op.by:
+                raise AnalyticsError(f"column {name!r} of dataset {record['name']} holds text: {op.op} needs numbers",
+                                     code="non_numeric_column", details={"column": name})

@@ -25,11 +25,14 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from .. import __version__
+import numpy as np
+import torch
+
+from .. import __version__, analytics
 from ..errors import MeshflError
 from ..home import Home
 from ..overlay import Overlay, OverlayRejected, bundle, unbundle
-from ..privacy import DPSpec, Gate, Ledger, PolicyTable, Request, clip_and_noise, public_policy
+from ..privacy import DPSpec, Ledger, Request, clip_and_noise, public_policy
 from ..protocol import CHUNK_BYTES, INLINE_RESULT_BYTES, chunk_plan
 from ..secagg import Encoding, NodeSession, NodeSessions, SecAggError, UpdateEncoder, frac_bits_for
 from ..store import Outbox, TaskQueue
@@ -41,7 +44,7 @@ from ._executor import Executor, TaskFailed
 from ._masked import MaskedResults
 from ._plans import APPROVED, PlanError, PlanRegistry, plan_hash, review_commands
 from ._presence import NodeLock, links_down, record_link
-from ._release import Release
+from ._release import Release, home_gate
 
 KEYS_TIMEOUT_S = 60.0  # a secure task waits this long after training for the members' keys
 # (the researcher sends them once every participant answered the set-up, within 30 s)
@@ -82,8 +85,7 @@ class Node:
         self.queue = TaskQueue(store, "tasks")
         self.outbox = Outbox(store, "outbox")
         self.ledger = Ledger(store)
-        self.gate = Gate(PolicyTable(store, self.audit), self.ledger, check_plan=self._check_plan,
-                         force_secure_aggregation=cfg.force_secure_aggregation)
+        self.gate = home_gate(self.home, self.ledger, self._check_plan)
         self.release = Release(store, self.outbox, self.queue, self.ledger, self.audit, self.gate)
         self.blobs = BlobStore(self.home.path / "blobs")
         self.executor = Executor(name=self.name, sandbox=cfg.sandbox_settings())
@@ -114,9 +116,10 @@ class Node:
             if self.outbox.get(task.id) is not None:
                 continue  # the crash came after its result was committed: that result stands
             self.log.warning("task %s was interrupted by a restart: reporting it failed", task.id)
-            fields = {"task_id": task.id, "experiment": task.payload["experiment"],
-                      "round": task.payload["round"], "ok": False, "error": task.error}
-            self._atomically(lambda: self.outbox.put(task.id, task.payload["researcher"], {"fields": fields}),
+            mtype, fields = _result_head(task)
+            fields.update(ok=False, error=task.error)
+            self._atomically(lambda: self.outbox.put(task.id, task.payload["researcher"],
+                                                     {"type": mtype, "fields": fields}),
                              lambda: self.ledger.unreserve(task.id),
                              lambda: self.audit.append("task.interrupted", task=task.id))
             self.blobs.delete(task.id)
@@ -187,7 +190,8 @@ class Node:
         meet (``policy``) and what is left of its privacy budget (``privacy``, if it has one)."""
         tags = [str(t) for t in msg.fields.get("tags") or []]
         name = self._trusted_names.get(msg.sender, "")
-        found = [dict(r, policy=public_policy(self.gate.policy(r["name"])), privacy=self.gate.budget(r["name"]))
+        found = [dict(r, policy=public_policy(self.gate.policy(r["name"]), self.home.config.minimum_samples),
+                      privacy=self.gate.budget(r["name"]))
                  for r in self.datasets.search(tags, self.home.config.minimum_samples)
                  if self.gate.may_use(msg.sender, name, r["name"])]
         self.audit.append("datasets.searched", researcher=msg.sender, tags=tags, found=len(found))
@@ -292,6 +296,60 @@ class Node:
         return self.plans.check(request.plan_source, dev=self.dev, name=request.plan_name,
                                 requester=request.researcher)
 
+    def _on_analytics(self, msg: Message) -> Message:
+        """A federated statistics query: checked, gated and queued like a training task (no plan
+        code runs for it: meshfl's own statistics, in the worker)."""
+        f = msg.fields
+        task_id = f["task_id"]
+        if not _TASK_ID.match(task_id):
+            raise MeshflError("task ids are 1-120 characters of A-Z a-z 0-9 . _ -", code="bad_field")
+        existing = self.queue.get(task_id)
+        if existing is not None:
+            if self.outbox.get(task_id) is not None:
+                self._deliver(task_id)
+            return Message("analytics.accepted", {"task_id": task_id, "state": existing.state})
+        if f["purpose"] not in ("analytics", "preprocessing"):
+            raise MeshflError("purpose is analytics or preprocessing", code="bad_field")
+        ops = analytics.parse(f["query"], self.home.config.analytics_max_bins)
+        session = None
+        if f.get("secagg") is not None:
+            session = self.secagg.get(str((f["secagg"] or {}).get("session")), msg.sender)
+        secure = session is not None
+        if analytics.nbytes(ops, secure) > INLINE_RESULT_BYTES:
+            raise analytics.AnalyticsError("the answer to this query would exceed 4 MiB: ask for fewer bins or "
+                                           "columns per query", code="too_many_bins")
+        if secure and any(op.op == "levels" for op in ops):
+            raise analytics.AnalyticsError("levels reveal a node's own values: plain mode only")
+        found = self.datasets.search([str(t) for t in f["dataset_tags"]], self.home.config.minimum_samples)
+        if not found:
+            raise MeshflError(f"no dataset on {self.name} matches tags {f['dataset_tags']}", code="no_dataset")
+        request = Request(f["purpose"], msg.sender, found[0], researcher_name=self._trusted_names.get(msg.sender, ""),
+                          secagg=secure, summed_over=session.threshold if secure else 1)
+        columns = analytics.columns_of(ops)
+        payload = {"kind": "analytics", "analysis": f["analysis"], "purpose": f["purpose"], "query": f["query"],
+                   "researcher": msg.sender, "secagg": {"session": session.session} if secure else None,
+                   "audit": {"query": analytics.summary(ops), "columns": columns}}
+
+        def accept(tx) -> None:
+            dataset, _ = self._admit(request, found)
+            analytics.check_columns(ops, self.datasets.get(dataset))
+            payload["dataset"] = dataset
+            self.queue.push(payload, task_id=task_id)
+            self.audit.append("task.accepted", task=task_id, researcher=msg.sender, kind=f["purpose"],
+                              analysis=f["analysis"], dataset=dataset, **payload["audit"], secagg=secure)
+            if secure:
+                self.audit.append("secagg.setup", session=session.session, researcher=msg.sender, task=task_id,
+                                  participants=len(session.participants), threshold=session.threshold)
+
+        try:
+            self.home.store.atomic(accept)
+        except MeshflError as exc:
+            self.audit.append("task.refused", task=task_id, researcher=msg.sender, reason=exc.code,
+                              dataset=exc.details.get("dataset"), kind=f["purpose"])
+            raise
+        self._wake.set()
+        return Message("analytics.accepted", {"task_id": task_id, "state": "pending"})
+
     def _on_result_pull(self, msg: Message) -> None:
         task_id, first, count = msg.fields["task_id"], msg.fields["first"], msg.fields["count"]
         item = self.outbox.get(task_id)
@@ -346,17 +404,18 @@ class Node:
         record_link(self.home.store, peer_id, up)  # for the console and `node status`: changes only
         if up:
             for item in self.outbox.pending(dest=peer_id):
-                self._send_result(item.dest, item.msg_id, item.envelope["fields"])
+                self._send_result(item.dest, item.msg_id, item.envelope["fields"], mtype=_type(item.envelope))
 
     def _deliver(self, task_id: str) -> None:
         """Send (or re-send) a result kept in the outbox."""
         item = self.outbox.get(task_id)
         if item is not None and not item.held:
-            self._send_result(item.dest, task_id, item.envelope["fields"])
+            self._send_result(item.dest, task_id, item.envelope["fields"], mtype=_type(item.envelope))
 
-    def _send_result(self, dest: str, task_id: str, fields: dict, tensors: dict | None = None) -> None:
-        """``train.done``: the result inline if small (``tensors``, else :meth:`_result`),
-        otherwise announced for pulling. A result that is gone - a masked vector after a restart
+    def _send_result(self, dest: str, task_id: str, fields: dict, tensors: dict | None = None,
+                     mtype: str = "train.done") -> None:
+        """``train.done`` (or ``mtype``): the result inline if small (``tensors``, else
+        :meth:`_result`), otherwise announced for pulling. A result that is gone - a masked vector after a restart
         (it lives in memory), a pack after an OS crash (packs are not fsynced) - is reported lost,
         never dropped silently."""
         if fields.get("ok") and tensors is None:
@@ -365,7 +424,7 @@ class Node:
             except MeshflError:
                 fields = {**fields, "ok": False, "inline": False,
                           "error": {"code": "result_lost", "message": "the result was lost when this node restarted"}}
-        self.peer.send(dest, Message("train.done", fields, tensors if fields.get("inline") else {}))
+        self.peer.send(dest, Message(mtype, fields, tensors if fields.get("inline") else {}))
 
     def _result(self, task_id: str) -> dict:
         """A finished task's tensors: its masked vector (secure rounds) or its pack."""
@@ -384,7 +443,10 @@ class Node:
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
-            self._run_one(task)
+            if task.payload.get("kind") == "analytics":
+                self._run_analytics(task)
+            else:
+                self._run_one(task)
 
     def _run_one(self, task) -> None:
         p = task.payload
@@ -456,6 +518,73 @@ class Node:
         elif held:
             return
         self._send_result(p["researcher"], task.id, fields, tensors if fields["ok"] else None)
+
+    def _run_analytics(self, task) -> None:
+        """Answer a statistics query: the worker computes it over the dataset, this process
+        applies the dataset's rules (small cells suppressed, extremes coarsened, levels of too few
+        records left out), masks it under secure aggregation, and it leaves through the release step."""
+        p = task.payload
+        mtype, fields = _result_head(task)
+        secure = p.get("secagg")
+        self._running_task = {"experiment": p["analysis"], "researcher": p["researcher"], "cancelled": False,
+                              "session": (secure or {}).get("session")}
+        tensors = None
+        try:
+            record = self.datasets.get(p["dataset"])
+            self.gate.check(Request(p["purpose"], p["researcher"], record, task_id=task.id, secagg=bool(secure),
+                                    researcher_name=self._trusted_names.get(p["researcher"], ""),
+                                    summed_over=self._summed_over(p)))
+            ops = analytics.parse(p["query"], self.home.config.analytics_max_bins)
+            job = {"kind": "stats", "task_id": task.id, "query": p["query"], "dataset": record, "secure": bool(secure),
+                   "scratch": self._scratch(task.id), "cpu_seconds": self.home.config.plan_cpu_seconds or None}
+            result = self.executor.run(job, self.home.config.task_timeout)
+            if not result.get("ok"):
+                raise MeshflError(result["error"]["message"], code=result["error"]["code"])
+            policy = self.gate.policy(p["dataset"])
+            minimum = policy.min_cell or self.home.config.minimum_samples
+            values = np.asarray([np.nan if v is None else v for v in result["values"]], dtype=np.float64)
+            suppressed = analytics.suppress(ops, values, bool(secure), minimum)
+            if not secure and not policy.exact_extremes:
+                analytics.coarsen_extremes(ops, values)
+            levels = []
+            for found in result["extras"]:
+                if found is not None:
+                    kept, dropped = analytics.keep_levels(found, minimum)
+                    levels.append([kept, dropped])
+            tensors = self._stats_result(task.id, secure, values)
+            fields.update(ok=True, rows=result["rows"], suppressed=suppressed, duration=result["duration"],
+                          exact_extremes=bool(policy.exact_extremes) and not secure, inline=True)
+            if levels:
+                fields["levels"] = levels
+        except MeshflError as exc:
+            fields.update(ok=False, error=exc.to_wire())
+            self.log.warning("analytics task %s failed: %s", task.id, exc.message)
+        finally:
+            self._running_task = None
+            shutil.rmtree(self.home.path / "scratch" / task.id, ignore_errors=True)
+        held, fields = self.release.finish(task, fields, {"type": mtype},
+                                           {"suppressed": fields.get("suppressed"), "rows": fields.get("rows")})
+        if not fields["ok"]:
+            self._discard_result(task.id)
+        elif held:
+            return
+        self._send_result(p["researcher"], task.id, fields, tensors if fields["ok"] else None, mtype=mtype)
+
+    def _stats_result(self, task_id: str, secure: dict | None, values: np.ndarray) -> dict:
+        """The answer's tensors: the values (kept in the task's pack until acknowledged), or under
+        secure aggregation their masked fixed-point words (kept in memory, as a masked update)."""
+        if not secure:
+            tensors = {"values": torch.from_numpy(values)}
+            self.blobs.write(task_id, tensors)
+            return tensors
+        session = self.secagg.get(secure["session"])
+        session.wait_keys(KEYS_TIMEOUT_S)
+        words = analytics.encode(values).view(np.uint8)
+        vector = self.masked.buffer(words.size)
+        session.mask(vector, lambda block, offset: block.__setitem__(slice(None), words[offset:offset + block.size]),
+                     0)
+        self.masked.keep(task_id, vector)
+        return self.masked.tensors(task_id)
 
     def _scratch(self, task_id: str) -> str:
         """A fresh folder the task's plan may write in (removed after the task)."""
@@ -640,3 +769,15 @@ class Node:
     def _atomically(self, *steps) -> None:
         """Run store operations in one LMDB transaction (they join it): one disk flush, all or none."""
         self.home.store.atomic(lambda tx: [step() for step in steps])
+
+
+def _result_head(task) -> tuple[str, dict]:
+    """The message type of a task's result and the fields that name it."""
+    p = task.payload
+    if p.get("kind") == "analytics":
+        return "analytics.done", {"task_id": task.id, "analysis": p["analysis"]}
+    return "train.done", {"task_id": task.id, "experiment": p["experiment"], "round": p["round"]}
+
+
+def _type(envelope: dict) -> str:
+    return envelope.get("type", "train.done")

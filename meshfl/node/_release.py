@@ -27,7 +27,8 @@ log = logging.getLogger("meshfl.node")
 
 DENIED = {"code": "result_denied", "message": "the node's operator withheld this result"}
 #: What a held result's review record keeps of its task.
-REVIEWED = ("experiment", "round", "researcher", "dataset", "plan_hash", "privacy", "secagg")
+REVIEWED = ("kind", "experiment", "round", "analysis", "researcher", "dataset", "plan_hash", "privacy", "secagg",
+            "audit")
 
 
 class Release:
@@ -88,8 +89,7 @@ class Release:
             if release:
                 self._release(task_id, payload, envelope, by)
             else:
-                envelope = {"fields": {**{k: envelope["fields"][k] for k in ("task_id", "experiment", "round")},
-                                       "ok": False, "error": DENIED}}
+                envelope = {**envelope, "fields": {**_head(envelope["fields"]), "ok": False, "error": DENIED}}
                 self.ledger.unreserve(task_id)
                 self.audit.append("result.denied", task=task_id, dataset=payload["dataset"],
                                   researcher=payload["researcher"], by=by)
@@ -109,7 +109,7 @@ class Release:
             committed = self.ledger.committed(payload["dataset"], policy.delta, exclude=task_id, extra=privacy["mechanism"])
             if policy.epsilon is not None and committed > policy.epsilon:
                 self.ledger.unreserve(task_id)
-                envelope["fields"] = {**{k: fields[k] for k in ("task_id", "experiment", "round")}, "ok": False,
+                envelope["fields"] = {**_head(fields), "ok": False,
                                       "error": {"code": "privacy_budget_exhausted",
                                                 "message": f"dataset {payload['dataset']}'s privacy budget no longer "
                                                            f"covers this result; it was withheld",
@@ -124,19 +124,31 @@ class Release:
             fields["privacy"] = {"dataset": payload["dataset"], "epsilon": epsilon, "delta": policy.delta,
                                  "epsilon_spent": entry["epsilon_total"], "epsilon_left": left}
         self.audit.append("result.released", task=task_id, dataset=payload["dataset"],
-                          researcher=payload["researcher"], epsilon=epsilon, by=by)
+                          researcher=payload["researcher"], epsilon=epsilon, by=by,
+                          **{k: fields[k] for k in ("suppressed",) if k in fields}, **payload.get("audit", {}))
+
+
+def _head(fields: dict) -> dict:
+    """The fields that name a result (its task, and its experiment and round, or its analysis)."""
+    return {k: fields[k] for k in ("task_id", "experiment", "round", "analysis") if k in fields}
+
+
+def home_gate(home, ledger: Ledger, check_plan) -> Gate:
+    """A home's gate: its policies, with its config.toml's node-wide settings applied."""
+    from ..privacy import PolicyTable
+
+    return Gate(PolicyTable(home.store, home.audit), ledger, check_plan=check_plan,
+                force_secure_aggregation=home.config.force_secure_aggregation,
+                kinds_off=() if home.config.analytics else ("analytics", "preprocessing"))
 
 
 def open_release(home) -> Release:
     """The release step over a home's store, for the operator's commands (the node need not run)."""
-    from ..privacy import PolicyTable
     from ._plans import PlanRegistry
 
     plans = PlanRegistry(home.store, home.audit)
     ledger = Ledger(home.store)
-    gate = Gate(PolicyTable(home.store, home.audit), ledger,
-                check_plan=lambda request: plans.check(request.plan_source, dev=home.config.dev),
-                force_secure_aggregation=home.config.force_secure_aggregation)
+    gate = home_gate(home, ledger, lambda request: plans.check(request.plan_source, dev=home.config.dev))
     return Release(home.store, Outbox(home.store, "outbox"), TaskQueue(home.store, "tasks"), ledger, home.audit, gate)
 
 

@@ -27,7 +27,7 @@ from ..errors import MeshflError
 from ..plans import DEFAULT_TRAINING_ARGS, TorchTrainingPlan, load_plan_class
 from ..store.blobs import read_pack, update_pack
 from . import _sandbox
-from ._datasets import load_dataset
+from ._datasets import load_dataset, load_table
 
 log = logging.getLogger("meshfl.worker")
 
@@ -177,8 +177,25 @@ def train_job(job: dict) -> dict:
     }
 
 
+def stats_job(job: dict) -> dict:
+    """A statistics query (meshfl/analytics) over the dataset, read as float64 columns. No plan
+    code runs; the answer is small (kilobytes) and goes back in the result line."""
+    started = time.monotonic()
+    from ..analytics import compute, parse
+
+    record = job["dataset"]
+    key = ("table", record["name"], record["path"], record.get("added"))
+    if key not in _data:
+        _data.clear()  # one dataset in memory at a time, tables and tensors alike
+        _data[key] = load_table(record)
+    table = _data[key]
+    values, extras = compute(parse(job["query"], max_bins=1 << 30), table, bool(job.get("secure")))
+    return {"ok": True, "values": values, "extras": extras, "rows": table.rows,
+            "duration": time.monotonic() - started}
+
+
 #: The jobs a worker runs, by ``job["kind"]``: they share loading, the sandbox and the limits.
-JOBS = {"train": train_job}
+JOBS = {"train": train_job, "stats": stats_job}
 
 
 def run_job(job: dict) -> dict:
@@ -271,7 +288,7 @@ def main(settings: dict | None = None, protections: dict | None = None) -> None:
     for line in sys.stdin.buffer:
         job = orjson.loads(line)
         result, tainted = _serve(job, jail, settings or {})
-        out.write(orjson.dumps(result) + b"\n")
+        out.write(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
         if tainted:  # the plan broke a rule: no later task shares this interpreter
             os._exit(0)
 

@@ -61,10 +61,11 @@ class Grant:
 
 class Gate:
     def __init__(self, policies: PolicyTable, ledger: Ledger, *, check_plan: Callable[[Request], str],
-                 force_secure_aggregation: bool = False) -> None:
+                 force_secure_aggregation: bool = False, kinds_off: tuple[str, ...] = ()) -> None:
         self.policies, self.ledger = policies, ledger
         self._check_plan = check_plan
         self._force_secagg = force_secure_aggregation
+        self._kinds_off = tuple(kinds_off)  # kinds the node serves for no dataset (config.toml)
 
     def policy(self, dataset: str) -> Policy:
         """The policy in force for ``dataset``: its own, tightened by the node-wide settings."""
@@ -84,6 +85,9 @@ class Gate:
         if not self.may_use(request.researcher, request.researcher_name, name):
             raise refuse(f"researcher {request.researcher_name or request.researcher} may not use dataset {name}",
                          "policy_denied", rule="researchers")
+        if request.kind in self._kinds_off:
+            raise refuse(f"this node serves no {request.kind} requests (its operator switched them off)",
+                         "policy_denied", rule="node")
         if request.kind not in policy.kinds:
             raise refuse(f"dataset {name} does not serve {request.kind} requests (it serves "
                          f"{', '.join(policy.kinds)})", "policy_denied", rule="kinds")
@@ -128,11 +132,13 @@ class Gate:
                 "left": max(0.0, policy.epsilon - committed)}
 
 
-def public_policy(policy: Policy) -> dict[str, Any]:
-    """The rules a researcher must meet to use a dataset (not who else may use it)."""
+def public_policy(policy: Policy, minimum_samples: int) -> dict[str, Any]:
+    """The rules a researcher must meet to use a dataset (not who else may use it); ``min_cell``
+    is the smallest analytics cell released (the node's ``minimum_samples`` unless set)."""
     return {"kinds": list(policy.kinds), "min_participants": policy.min_participants,
             "require_secagg": policy.require_secagg, "require_dp": policy.needs_dp,
-            "min_noise": policy.min_noise, "review": policy.review}
+            "min_noise": policy.min_noise, "review": policy.review,
+            "min_cell": policy.min_cell or minimum_samples, "exact_extremes": policy.exact_extremes}
 
 
 def _refuser(dataset: str):

@@ -19,7 +19,7 @@ from ..store import AuditLog, Store
 
 TABLE = "policies"
 #: The request kinds a node serves; a policy allows a subset of them.
-KINDS = ("training",)
+KINDS = ("training", "analytics", "preprocessing")
 
 
 class PolicyError(MeshflError):
@@ -50,6 +50,11 @@ class Policy:
     delta: float = 1e-5
     #: Results wait for the operator's review (``meshfl result release``) before they leave.
     review: bool = False
+    #: Analytics: a released cell (a bin, a level's count, a group) counted from fewer records is
+    #: suppressed; None: the node's minimum_samples.
+    min_cell: int | None = None
+    #: Analytics: plain answers carry exact minima and maxima (else rounded outward to a coarse grid).
+    exact_extremes: bool = False
 
     def __post_init__(self) -> None:
         if self.researchers is not None:
@@ -65,7 +70,10 @@ class Policy:
         if isinstance(self.min_participants, bool) or not isinstance(self.min_participants, int) \
                 or self.min_participants < 1:
             raise PolicyError("min_participants is an integer >= 1")
-        for name in ("require_secagg", "require_dp", "review"):
+        if self.min_cell is not None and (isinstance(self.min_cell, bool) or not isinstance(self.min_cell, int)
+                                          or self.min_cell < 1):
+            raise PolicyError("min_cell is an integer >= 1, or None for the node's minimum_samples")
+        for name in ("require_secagg", "require_dp", "review", "exact_extremes"):
             if not isinstance(getattr(self, name), bool):
                 raise PolicyError(f"{name} is true or false")
         if not _real(self.min_noise) or self.min_noise < 0:
@@ -124,6 +132,8 @@ class Policy:
             f"diff. privacy:    {dp}",
             f"privacy budget:   {budget}",
             f"results:          {'released after review' if self.review else 'released at once'}",
+            f"analytics cells:  suppressed below {self.min_cell or 'minimum_samples'} records; "
+            f"extremes {'exact' if self.exact_extremes else 'coarse'}",
         ]
 
 

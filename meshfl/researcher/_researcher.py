@@ -2,8 +2,8 @@
 
 Requests are matched to replies by id with timeouts (the Peer does that). The researcher also
 relays node-to-node overlay messages (sealed: it sees ciphertext only). Messages that belong
-to a running experiment — ``train.done`` and ``result.chunk`` — are routed by task id to that
-experiment's inbox; a result for a task nobody waits for (a round that already ended, or one from
+to a running experiment or analysis — ``train.done``, ``result.chunk``, ``analytics.done`` — are
+routed by task id to its inbox; a result for a task nobody waits for (a round that already ended, or one from
 before a crash) is acknowledged and dropped, so nodes do not keep it forever.
 """
 
@@ -121,12 +121,12 @@ class Researcher:
                     self._routes[tid] = inbox
 
     def _handle(self, msg: Message) -> Message | None:
-        if msg.type in ("train.done", "result.chunk"):
+        if msg.type in ("train.done", "result.chunk", "analytics.done"):
             with self._routes_lock:
                 inbox = self._routes.get(msg.fields["task_id"])
             if inbox is not None:
                 inbox.put(msg)
-            elif msg.type == "train.done":
+            elif msg.type != "result.chunk":
                 log.info("[%s] result %s is for no running round: acknowledged, dropped", self.name, msg.fields["task_id"])
                 self.send(msg.sender, Message("result.ack", {"task_id": msg.fields["task_id"]}))
             return None

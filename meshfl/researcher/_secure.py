@@ -159,6 +159,14 @@ class SecureRound:
         self.seconds["unmask"] = round(time.monotonic() - started, 4)
         return self.sum.total
 
+    def _need(self, count: int, what: str, unmasked: bool = True) -> None:
+        if count < self.threshold:
+            note = "" if unmasked else "; nothing was unmasked"
+            raise SecAggError(
+                f"secure aggregation needs {self.threshold} nodes, only {count} {what}{note}",
+                code="secagg_not_enough",
+            )
+
 
 class SecureTrainingRound(SecureRound):
     """A secure round of training: the members' sample-weighted model change, in fixed point."""
@@ -181,13 +189,6 @@ class SecureTrainingRound(SecureRound):
         """(mean delta per tensor, samples, mean metric slots) of the survivors."""
         return decode_sum(super().finish(survivors, failed, acks), self.encoding, self.weight_scale)
 
-    def _need(self, count: int, what: str, unmasked: bool = True) -> None:
-        if count < self.threshold:
-            note = "" if unmasked else "; nothing was unmasked"
-            raise SecAggError(
-                f"secure aggregation needs {self.threshold} nodes, only {count} {what}{note}",
-                code="secagg_not_enough",
-            )
 
 
 def _enough(reveals: list[dict], survivors: list[str], dropped: list[str], threshold: int) -> bool:
