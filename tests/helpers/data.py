@@ -1,5 +1,8 @@
 """Small generated datasets for the integration tests."""
 
+import struct
+import zlib
+
 import numpy as np
 
 
@@ -10,4 +13,16 @@ def write_blobs_csv(path, n=60, features=4, seed=0):
     x = rng.normal(size=(n, features)) + (y[:, None] * 2.0)
     header = ",".join([f"x{i}" for i in range(features)] + ["target"])
     np.savetxt(path, np.column_stack([x, y]), delimiter=",", header=header, comments="", fmt="%.6g")
+    return path
+
+
+def write_png(path, width=3, height=2, gray=128):
+    """A valid grayscale PNG made without Pillow (the image tests run with and without it)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + bytes([gray]) * width for _ in range(height))  # filter 0 per row
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
     return path
