@@ -33,6 +33,9 @@ _LAZY = {
     "FedYogi": "meshfl.aggregate",
     "TrimmedMean": "meshfl.aggregate",
     "Median": "meshfl.aggregate",
+    "Krum": "meshfl.aggregate",
+    "MultiKrum": "meshfl.aggregate",
+    "Scaffold": "meshfl.aggregate",
 }
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ._demo_plan import BreastCancerPlan
-from .errors import MeshflError
+from .errors import MeshflError, MissingDependency
 
 EPOCHS_PER_ROUND = 2
 TRAINING_ARGS = {"epochs": EPOCHS_PER_ROUND, "batch_size": 32, "lr": 1e-2, "test_fraction": 0.2}
@@ -29,7 +29,7 @@ def load_data(seed: int = 0):
     try:
         from sklearn.datasets import load_breast_cancer
     except ImportError:
-        raise MeshflError("the demo needs scikit-learn: pip install 'meshfl[examples]'", code="missing_extra") from None
+        raise MissingDependency("the demo needs scikit-learn, which", "examples") from None
     x, y = load_breast_cancer(return_X_y=True)
     rng = np.random.default_rng(seed)
     test = np.zeros(len(y), dtype=bool)

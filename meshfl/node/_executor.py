@@ -26,6 +26,11 @@ class TaskFailed(MeshflError):
     code = "task_failed"
 
 
+# The worker ignores SIGINT (Ctrl-C reaches the whole process group; the node stops the worker):
+# ignored before its imports start, so a Ctrl-C during start-up prints no traceback either.
+_WORKER = "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); from meshfl.node._worker import main; main()"
+
+
 class Executor:
     def __init__(self, *, name: str = "node", env: dict | None = None) -> None:
         self.name = name
@@ -35,7 +40,7 @@ class Executor:
 
     def _spawn(self) -> subprocess.Popen:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "meshfl.node._worker"],
+            [sys.executable, "-c", _WORKER],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=self._env,

@@ -36,6 +36,7 @@ from ._datasets import DatasetRegistry, public_view
 from ._executor import Executor, TaskFailed
 from ._masked import MaskedResults
 from ._plans import PlanRegistry
+from ._state import ExperimentState
 
 KEYS_TIMEOUT_S = 60.0  # a secure task waits this long after training for the members' keys
 # (the researcher sends them once every participant answered the set-up, within 30 s)
@@ -75,6 +76,7 @@ class Node:
         self.queue = TaskQueue(store, "tasks")
         self.outbox = Outbox(store, "outbox")
         self.blobs = BlobStore(self.home.path / "blobs")
+        self.state = ExperimentState(store, self.blobs, self.audit, self.log)  # SCAFFOLD's c_i, local layers
         self.executor = Executor(name=self.name)
         options = {"heartbeat": cfg.heartbeat, "dead_after": cfg.dead_after, **(peer_options or {})}
         self.peer = Peer(
@@ -101,6 +103,7 @@ class Node:
                       "round": task.payload["round"], "ok": False, "error": task.error}
             self.outbox.put(task.id, task.payload["researcher"], {"fields": fields})
             self.blobs.delete(task.id)
+            self.state.delete([ExperimentState.output(task.id)])
             self.audit.append("task.interrupted", task=task.id)
         if self.dev:
             self.log.warning("development mode: training plans run WITHOUT operator approval")
@@ -321,12 +324,13 @@ class Node:
                 "pack": str(self.blobs.path(task.id)),
                 "allow_cuda": self.home.config.allow_cuda,
                 "delta": bool(p.get("secagg")),
+                **self.state.job_fields(task.id, p["researcher"], p["experiment"], p["round"]),
             }
             limit = self.home.config.task_timeout  # the operator's limit: a researcher may only lower it
             timeout = min(limit, float(p["training_args"].get("timeout") or limit))
             result = self.executor.run(job, timeout)
             if result.get("ok") and p.get("secagg"):
-                result = self._mask_result(task.id, p["secagg"], result)
+                result = {**self._mask_result(task.id, p["secagg"], result), "state": result.get("state")}
         except MeshflError as exc:
             result = {"ok": False, "error": exc.to_wire()}
         finally:
@@ -359,11 +363,19 @@ class Node:
             if fields["ok"]
             else (lambda: self.queue.fail(task.id, fields["error"]))
         )
-        self._atomically(  # the result, the task's end and its audit record: one commit
+        obsolete = [ExperimentState.output(task.id)]  # the state it wrote, unless it stands
+
+        def keep_state() -> None:
+            if fields["ok"] and result.get("state"):
+                obsolete[:] = self.state.commit(task.id, p["researcher"], p["experiment"], p["round"])
+
+        self._atomically(  # the result, the task's end, its audit record and its state: one commit
             lambda: self.outbox.put(task.id, p["researcher"], envelope),
             finish,
             lambda: self.audit.append("task.finished", task=task.id, ok=fields["ok"], error=fields.get("error", {}).get("code")),
+            keep_state,
         )
+        self.state.delete(obsolete)
         if not fields["ok"]:
             self._discard_result(task.id)
         self._send_result(p["researcher"], task.id, fields, tensors)

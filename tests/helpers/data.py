@@ -26,3 +26,21 @@ def write_png(path, width=3, height=2, gray=128):
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows))
                      + chunk(b"IEND", b""))
     return path
+
+
+def class_centres(classes=3, features=4, seed=99):
+    return np.random.default_rng(seed).normal(size=(classes, features)) * 2.0
+
+
+def write_one_class_csv(path, label, n=60, classes=3, features=4, seed=0):
+    """Strongly non-IID: a node that holds only class ``label`` (Gaussian around its centre)."""
+    x, y = one_class_samples(label, n, classes, features, seed)
+    header = ",".join([f"x{i}" for i in range(features)] + ["target"])
+    np.savetxt(path, np.column_stack([x, y]), delimiter=",", header=header, comments="", fmt="%.6g")
+    return path
+
+
+def one_class_samples(label, n, classes=3, features=4, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, features)) + class_centres(classes, features)[label]
+    return x, np.full(n, label)
