@@ -192,10 +192,11 @@ class Experiment:
     @classmethod
     def resume(
         cls, researcher: Researcher, experiment_id: str, *, evaluate=None, progress: bool | None = None, on_round=None,
-        tensorboard: str | os.PathLike | None = None,
+        tensorboard: str | os.PathLike | None = None, rounds: int | None = None,
     ) -> "Experiment":
-        """Rebuild an experiment from its last checkpoint; :meth:`run` then finishes it (the
-        callbacks and the TensorBoard folder are not stored: give them again)."""
+        """Rebuild an experiment from its last checkpoint; :meth:`run` then finishes it, or runs up
+        to ``rounds`` in all (to train longer). The callbacks and the TensorBoard folder are not
+        stored: give them again."""
         record = researcher.home.store.table(EXPERIMENTS_TABLE).get(experiment_id)
         if record is None:
             raise MeshflError(f"no experiment {experiment_id!r} in {researcher.home.path}", code="unknown_experiment")
@@ -203,7 +204,7 @@ class Experiment:
             researcher,
             record["plan_source"],
             record["tags"],
-            record["rounds"],
+            rounds or record["rounds"],
             record["model_args"],
             record["training_args"],
             make_aggregator(record["aggregator"]),

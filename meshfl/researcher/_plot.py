@@ -22,13 +22,20 @@ FONT = 8.0  # points, the end labels
 _NAN = float("nan")
 
 
-def plot_history(history: list[dict], path: Path, *, metrics: Iterable[str] | None = None,
-                 baselines: Mapping[str, Mapping[str, float]] | None = None, title: str = "") -> Path:
+def require_matplotlib() -> None:
+    """Raise :class:`MissingDependency` (``pip install meshfl[plot]``) where matplotlib is missing."""
     try:
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
+        import matplotlib  # noqa: F401
     except ImportError:
         raise MissingDependency("matplotlib", "plot") from None
+
+
+def plot_history(history: list[dict], path: Path, *, metrics: Iterable[str] | None = None,
+                 baselines: Mapping[str, Mapping[str, float]] | None = None, title: str = "") -> Path:
+    require_matplotlib()
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     entries = sorted((e for e in history if isinstance(e, dict) and "round" in e), key=lambda e: e["round"])
     if not entries:
         raise MeshflError("nothing to plot: the history has no rounds yet", code="empty_history")
@@ -119,10 +126,7 @@ def _metric(ax, name: str, data: dict, rounds: list[int], colors: dict, baseline
         if name in values:
             ax.hlines(float(values[name]), rounds[0], rounds[-1], color="#555555", linestyle="--", linewidth=1.0)
             ends.append((rounds[-1], float(values[name]), label, "#555555", False))
-    if many:
-        ax.text(0.02, 0.98, f"{len(data['nodes'])} nodes (grey)", transform=ax.transAxes, va="top", fontsize=FONT,
-                color="#777777")
-    ax.set_title(name, fontsize=10)
+    ax.set_title(f"{name}  ({len(data['nodes'])} nodes in grey)" if many else name, fontsize=10)
     return ends
 
 
@@ -161,15 +165,17 @@ def _label_ends(ax, ends: list[tuple], rounds: list[int]) -> None:
     gap = FONT * 1.25 / max(height_pt, 1.0)
     order = sorted(range(len(ends)), key=lambda i: frac[i])
     placed = {}
-    previous = -math.inf
+    previous = gap / 2 - gap  # the lowest label stays inside the panel too
     for i in order:  # push up what would overlap the label below ...
         placed[i] = max(frac[i], previous + gap)
         previous = placed[i]
-    top = 1.0
+    top = 1.0 - gap / 2
     for i in reversed(order):  # ... then down what left the panel at the top
         placed[i] = min(placed[i], top)
         top = placed[i] - gap
     for i, (x, y, text, color, bold) in enumerate(ends):
-        ax.annotate(text, (x, y), xytext=(5, (placed[i] - frac[i]) * height_pt), textcoords="offset points",
-                    va="center", ha="left", fontsize=FONT, color=color, fontweight="bold" if bold else "normal",
-                    annotation_clip=False)
+        shift = (placed[i] - frac[i]) * height_pt
+        leader = {"arrowstyle": "-", "color": color, "linewidth": 0.6, "alpha": 0.7, "shrinkA": 0, "shrinkB": 2}
+        ax.annotate(text, (x, y), xytext=(7, shift), textcoords="offset points", va="center", ha="left",
+                    fontsize=FONT, color=color, fontweight="bold" if bold else "normal", annotation_clip=False,
+                    arrowprops=leader if abs(shift) > FONT else None)  # moved far: a thin line back to its end
