@@ -58,6 +58,7 @@ declare(
         "inline": "bool",
         "duration": "float",
         "metric_names": "list",
+        "device": "str",  # where it trained: "cpu" or "cuda"
     },
     tensors=True,
 )

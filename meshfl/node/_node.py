@@ -330,7 +330,8 @@ class Node:
             timeout = min(limit, float(p["training_args"].get("timeout") or limit))
             result = self.executor.run(job, timeout)
             if result.get("ok") and p.get("secagg"):
-                result = {**self._mask_result(task.id, p["secagg"], result), "state": result.get("state")}
+                kept = {k: result.get(k) for k in ("state", "device")}
+                result = {**self._mask_result(task.id, p["secagg"], result), **kept}
         except MeshflError as exc:
             result = {"ok": False, "error": exc.to_wire()}
         finally:
@@ -341,9 +342,10 @@ class Node:
         fields["ok"] = bool(result.get("ok"))
         envelope: dict = {}
         if fields["ok"] and p.get("secagg"):  # sample count and metrics ride inside the masked vector
-            fields.update(metric_names=result["metric_names"], duration=result["duration"])
+            fields.update(metric_names=result["metric_names"], duration=result["duration"], device=result["device"])
         elif fields["ok"]:
-            fields.update(samples=result["samples"], metrics=result["metrics"], duration=result["duration"])
+            fields.update(samples=result["samples"], metrics=result["metrics"], duration=result["duration"],
+                          device=result["device"])
         tensors = None
         if fields["ok"]:
             tensors = self._result(task.id)

@@ -630,6 +630,7 @@ def _info(fields: dict) -> dict:
         "samples": int(fields["samples"]) if "samples" in fields else None,
         "metrics": fields.get("metrics", {}),
         "duration": fields.get("duration"),
+        "device": fields.get("device"),
     }
     if "metric_names" in fields:
         info["metric_names"] = list(fields["metric_names"])
