@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.data import one_class_samples, write_blobs_csv, write_one_class_csv
+from helpers.data import one_class_samples, register_blobs, write_blobs_csv, write_one_class_csv
 from helpers.plans import PersonalPlan, SgdPlan, TinyPlan
 from meshfl.aggregate import FedAvg, Krum, Median, MultiKrum, Scaffold, TrimmedMean
 from meshfl.errors import ConfigError
@@ -141,10 +141,7 @@ ATTACKS = {  # what a Byzantine node sends instead of its trained model
 def byzantine():
     """Five nodes on the same task; node4 runs modified code that tampers with what it sends."""
     with FederatedMesh(5) as m:
-        for i, node in enumerate(m.nodes):
-            path = write_blobs_csv(node.home.path / "blobs.csv", n=40, seed=i)
-            node.datasets.add("blobs", ["blobs"], "csv", path, target="target")
-        m.approve(TinyPlan)
+        register_blobs(m, plan=TinyPlan)
         honest_result = m.nodes[4]._result
         m.attack = None
         m.nodes[4]._result = lambda task_id: {k: m.attack(v) if v.is_floating_point() else v
@@ -204,11 +201,7 @@ def test_secure_aggregation_refuses_aggregators_that_need_each_update(byzantine)
 @pytest.fixture(scope="module")
 def personal():
     with FederatedMesh(2) as m:
-        for i, node in enumerate(m.nodes):
-            path = write_blobs_csv(node.home.path / "blobs.csv", n=40, seed=i)
-            node.datasets.add("blobs", ["blobs"], "csv", path, target="target")
-        m.approve(PersonalPlan)
-        yield m
+        yield register_blobs(m, plan=PersonalPlan)
 
 
 def _spy(mesh) -> tuple[set, set]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.data import write_blobs_csv
+from helpers.data import register_blobs, write_blobs_csv
 from helpers.plans import SgdPlan, TinyPlan
 from meshfl.node import _worker
 from meshfl.node._datasets import DatasetRegistry
@@ -53,10 +53,7 @@ def test_the_worker_moves_model_and_data_to_the_device_once_and_returns_cpu_tens
 @needs_cuda
 def test_a_mesh_trains_on_cuda_and_matches_the_cpu_run():
     with FederatedMesh(2) as mesh:
-        for i, node in enumerate(mesh.nodes):
-            path = write_blobs_csv(node.home.path / "blobs.csv", n=60, seed=i)
-            node.datasets.add("blobs", ["blobs"], "csv", path, target="target")
-        mesh.approve(TinyPlan)
+        register_blobs(mesh, n=60, plan=TinyPlan)
         models = {}
         for device in ("cpu", "auto"):
             torch.manual_seed(0)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers.data import write_blobs_csv
+from helpers.data import register_blobs
 from helpers.plans import TinyPlan
 from meshfl.cli import main
 from meshfl.errors import MeshflError
@@ -96,11 +96,7 @@ def test_missing_plot_extra_is_a_coded_error_naming_the_install(tmp_path):
 @pytest.fixture(scope="module")
 def mesh():
     with FederatedMesh(2) as m:
-        for i, node in enumerate(m.nodes):
-            path = write_blobs_csv(node.home.path / "blobs.csv", n=40, seed=i)
-            node.datasets.add("blobs", ["blobs"], "csv", path, target="target")
-        m.approve(TinyPlan)
-        yield m
+        yield register_blobs(m, plan=TinyPlan)
 
 
 def cli(*args):

@@ -172,17 +172,23 @@ def test_dead_link_is_noticed_and_redialed(tmp_path):
         hub.close()
 
 
+def _raw_socket_of(sender: Peer, hub: Peer) -> zmq.Socket:
+    """Close ``sender`` and dial ``hub`` with a raw DEALER holding its trusted keys instead."""
+    sender.close(linger=0)
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.linger = 0
+    raw.setsockopt(zmq.RCVTIMEO, 10_000)
+    raw.curve_secretkey, raw.curve_publickey = sender.identity.link_secret_z85, sender.identity.link_public_z85
+    raw.curve_serverkey = hub.identity.link_public_z85
+    raw.routing_id = sender.peer_id.encode()
+    raw.connect(hub.endpoint)
+    return raw
+
+
 def test_malformed_frames_get_error_codes_and_the_peer_keeps_running():
     with PeerMesh(3, handler=echo_handler) as mesh:
         hub, node, sender = mesh.peers
-        sender.close(linger=0)  # a raw socket speaks with its trusted keys instead
-        raw = zmq.Context.instance().socket(zmq.DEALER)
-        raw.linger = 0
-        raw.setsockopt(zmq.RCVTIMEO, 5000)
-        raw.curve_secretkey, raw.curve_publickey = sender.identity.link_secret_z85, sender.identity.link_public_z85
-        raw.curve_serverkey = hub.identity.link_public_z85
-        raw.routing_id = sender.peer_id.encode()
-        raw.connect(hub.endpoint)
+        raw = _raw_socket_of(sender, hub)
         cases = {
             "bad_envelope": [b"\xff garbage"],
             "unknown_type": encode(Message("no.such.type", sender=sender.peer_id)),
@@ -211,14 +217,7 @@ def test_a_peer_flooding_junk_cannot_flood_the_log(caplog):
     with caplog.at_level(logging.WARNING, logger="meshfl.transport"):
         with PeerMesh(2, handler=echo_handler) as mesh:
             hub, sender = mesh.peers
-            sender.close(linger=0)  # a raw socket speaks with its trusted keys instead
-            raw = zmq.Context.instance().socket(zmq.DEALER)
-            raw.linger = 0
-            raw.setsockopt(zmq.RCVTIMEO, 10_000)
-            raw.curve_secretkey, raw.curve_publickey = sender.identity.link_secret_z85, sender.identity.link_public_z85
-            raw.curve_serverkey = hub.identity.link_public_z85
-            raw.routing_id = sender.peer_id.encode()
-            raw.connect(hub.endpoint)
+            raw = _raw_socket_of(sender, hub)
             errors = 0
             for i in range(20_000):
                 raw.send_multipart([b"\xff junk %d" % i])

@@ -44,3 +44,14 @@ def one_class_samples(label, n, classes=3, features=4, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, features)) + class_centres(classes, features)[label]
     return x, np.full(n, label)
+
+
+def register_blobs(mesh, n=40, plan=None):
+    """Give each node of a FederatedMesh a blobs dataset (tag ``blobs``, seeded by its index) and
+    approve ``plan`` on them all."""
+    for i, node in enumerate(mesh.nodes):
+        path = write_blobs_csv(node.home.path / "blobs.csv", n=n, seed=i)
+        node.datasets.add("blobs", ["blobs"], "csv", path, target="target")
+    if plan is not None:
+        mesh.approve(plan)
+    return mesh
