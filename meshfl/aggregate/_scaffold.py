@@ -21,7 +21,8 @@ hook (a plan's own ``train`` loop gets it too), counts its optimizer steps ``K_i
 steps of size ``lr`` (the plan's ``init_optimizer`` should return ``torch.optim.SGD``).
 
 Secure aggregation works unchanged: the slots are sums like the model's tensors, so the masked
-mean of the slots is exactly ``c + mean(delta_c_i)``. ``c`` is carried in :meth:`state_dict` as
+mean of the slots is ``c + mean(delta_c_i)`` (the experiment masks them in the wide 64-bit ring,
+not clipped like parameter changes). ``c`` is carried in :meth:`state_dict` as
 ``c/<name>``, so a checkpointed experiment resumes bit for bit.
 """
 

@@ -70,8 +70,14 @@ def _names(names) -> str:
     return ",".join(names)
 
 
+def _scores(metrics: dict) -> dict[str, float]:
+    from ..researcher._history import COUNTS
+
+    return {k: v for k, v in metrics.items() if isinstance(v, float) and k not in COUNTS}
+
+
 def _metrics_line(metrics: dict) -> str:
-    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)) or "-"
+    return " ".join(f"{k}={v:.4f}" for k, v in _scores(metrics).items()) or "-"
 
 
 @experiment.command("list")
@@ -127,7 +133,7 @@ def experiment_show(home: Path, name: str, as_json: bool) -> None:
     click.echo(f"  created:     {when(info['created'])}, updated {when(info['updated'])}")
     if history:
         click.echo("")
-        metrics = list(dict.fromkeys(k for e in history for k, v in e.get("global", {}).items() if isinstance(v, float)))
+        metrics = list(dict.fromkeys(k for e in history for k in _scores(e.get("global", {}))))
         table([[e["round"], _names(e.get("nodes", {})),
                 ",".join(f"{n}:{err.get('code')}" for n, err in sorted(e.get("failed", {}).items())) or "-",
                 _names(e.get("dropped", [])), e.get("samples"), f"{e.get('seconds', 0):.2f}",

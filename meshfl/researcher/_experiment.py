@@ -10,12 +10,12 @@ round ends when every node answered or ``round_timeout`` passed; it counts if at
 
 After each round the global model, the aggregator's state and the history are checkpointed in
 the researcher's home (pack files + LMDB), so :meth:`Experiment.resume` continues after a crash.
+Each round's history entry is its own LMDB record (table ``rounds``), written once, so what a
+checkpoint writes does not grow with the rounds.
 
 A round sends the model but for the plan's ``local_layers`` (personalised layers: each node keeps
 its own), plus what the aggregator sends beside it (SCAFFOLD's control variate); updates bring
 the same names back.
-Each round's history entry is its own LMDB record (table ``rounds``), written once, so what a
-checkpoint writes does not grow with the rounds.
 """
 
 from __future__ import annotations
@@ -324,11 +324,10 @@ class Experiment:
         secure = None
         sent = self._begin_aggregation()  # the model's shared tensors and the aggregator's own
         if self.secagg:
-            try:  # the aggregator's tensors (SCAFFOLD's c) are masked with the parameters, in 32 bits
-                trainable = set(self._parameters())
-                parameters = [n for n in sent if n in trainable or n not in self.global_state]
+            try:  # the aggregator's tensors (SCAFFOLD's c) are no parameters: the wide 64-bit ring,
+                # as their changes are not bounded by a parameter's clip
                 secure = SecureRound(self.researcher, f"{self.id}.r{rnd}.a{self.attempt}", nodes, sent,
-                                     parameters, max(self._holders[n] for n in nodes), self.secagg)
+                                     self._parameters(), max(self._holders[n] for n in nodes), self.secagg)
                 secure.start()
             except MeshflError as exc:
                 raise RoundFailed(f"round {rnd}: {exc.message}", details=self._failure_details(failed, [])) from None

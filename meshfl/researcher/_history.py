@@ -13,6 +13,10 @@ from typing import Iterable, Mapping
 from ..errors import MissingDependency
 
 
+#: Metrics that count rather than score (optimizer steps): left out of plots and summaries by default.
+COUNTS = frozenset({"steps"})
+
+
 class History(list):
     """The rounds of an experiment, oldest first: a plain list of the round dicts (see the
     researcher guide), plus :meth:`plot`. ``experiment`` is the experiment's id (the plot's title)."""
@@ -26,7 +30,7 @@ class History(list):
         """Draw the global and per-node metrics over the rounds into one image file (PNG, SVG or
         PDF, by ``path``'s suffix): one small panel per metric, each line labelled at its end.
 
-        ``metrics``: which to draw (default: every metric but ``steps``). ``baselines``: reference
+        ``metrics``: which to draw (default: every metric but counts such as ``steps``). ``baselines``: reference
         values drawn as dashed lines, e.g. ``{"centralized": {"accuracy": 0.96}}``. Returns the path.
         """
         from ._plot import plot_history

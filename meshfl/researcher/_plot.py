@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from ..errors import MeshflError, MissingDependency
-from ._history import global_metrics, node_metrics
+from ._history import COUNTS, global_metrics, node_metrics
 
 MAX_LABELLED = 12  # nodes whose lines get a colour and a label of their own
 FONT = 8.0  # points, the end labels
@@ -41,7 +41,7 @@ def plot_history(history: list[dict], path: Path, *, metrics: Iterable[str] | No
         raise MeshflError("nothing to plot: the history has no rounds yet", code="empty_history")
     rounds = [int(e["round"]) for e in entries]
     series = _series(entries)
-    names = [m for m in series if m != "steps"] if metrics is None else list(metrics)
+    names = [m for m in series if m not in COUNTS] if metrics is None else list(metrics)
     unknown = [m for m in names if m not in series]
     if unknown or not names:
         raise MeshflError(f"no metric {unknown[0] if unknown else ''!r} in this history; it has: "
