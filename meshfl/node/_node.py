@@ -365,7 +365,7 @@ class Node:
             if fields["ok"]
             else (lambda: self.queue.fail(task.id, fields["error"]))
         )
-        obsolete = [ExperimentState.output(task.id)]  # the state it wrote, unless it stands
+        obsolete = [] if fields["ok"] else [ExperimentState.output(task.id)]  # what a failed task wrote
 
         def keep_state() -> None:
             if fields["ok"] and result.get("state"):
