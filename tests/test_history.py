@@ -168,5 +168,5 @@ def test_resume_of_a_finished_experiment_asks_for_more_rounds(tmp_path):
 def test_demo_writes_its_curves_next_to_its_table(tmp_path):
     from meshfl.demo import run_demo
 
-    result = run_demo(nodes=2, rounds=2, json_output=True, plot=tmp_path / "demo.png")
+    result = run_demo(nodes=1, rounds=2, json_output=True, plot=tmp_path / "demo.png")
     assert result["plot"] == str(tmp_path / "demo.png") and _png_size(tmp_path / "demo.png")[0] > 1000
