@@ -2,7 +2,7 @@
 (:meth:`History.plot`, matplotlib) and TensorBoard event files (:class:`TensorBoardLog`).
 
 Both need the ``[plot]`` extra (``pip install meshfl[plot]``); without it they raise
-:class:`~meshfl.errors.MissingDependency`. Nothing here is imported by the round loop unless used.
+:class:`~meshfl.errors.MissingDependency`. matplotlib and tensorboard are imported only when used.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ class History(list):
         """Draw the global and per-node metrics over the rounds into one image file (PNG, SVG or
         PDF, by ``path``'s suffix): one small panel per metric, each line labelled at its end.
 
-        ``metrics``: which to draw (default: every metric but counts such as ``steps``). ``baselines``: reference
-        values drawn as dashed lines, e.g. ``{"centralized": {"accuracy": 0.96}}``. Returns the path.
+        ``metrics``: which to draw (default: every metric but counts such as ``steps``).
+        ``baselines``: reference values drawn as dashed lines, e.g.
+        ``{"centralized": {"accuracy": 0.96}}``. Returns the path.
         """
         from ._plot import plot_history
 
