@@ -36,6 +36,9 @@ _LAZY = {
     "FedYogi": "meshfl.aggregate",
     "TrimmedMean": "meshfl.aggregate",
     "Median": "meshfl.aggregate",
+    "Krum": "meshfl.aggregate",
+    "MultiKrum": "meshfl.aggregate",
+    "Scaffold": "meshfl.aggregate",
 }
 
 

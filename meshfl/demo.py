@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ._demo_plan import BreastCancerPlan
-from .errors import MeshflError
+from .errors import MeshflError, MissingDependency
 
 EPOCHS_PER_ROUND = 2
 TRAINING_ARGS = {"epochs": EPOCHS_PER_ROUND, "batch_size": 32, "lr": 1e-2, "test_fraction": 0.2}
@@ -29,7 +29,7 @@ def load_data(seed: int = 0):
     try:
         from sklearn.datasets import load_breast_cancer
     except ImportError:
-        raise MeshflError("the demo needs scikit-learn: pip install 'meshfl[examples]'", code="missing_extra") from None
+        raise MissingDependency("the demo needs scikit-learn, which", "examples") from None
     x, y = load_breast_cancer(return_X_y=True)
     rng = np.random.default_rng(seed)
     test = np.zeros(len(y), dtype=bool)
@@ -79,12 +79,18 @@ def train_centrally(x, y, epochs: int, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def run_demo(nodes: int = 3, rounds: int = 10, secagg: bool = False, json_output: bool = False, seed: int = 0) -> dict:
+def run_demo(nodes: int = 3, rounds: int = 10, secagg: bool = False, json_output: bool = False, seed: int = 0,
+             plot: str | Path | None = None) -> dict:
+    """Run the demo; with ``plot``, also draw its curves there (next to the centralized baseline)."""
     from .researcher import Experiment
     from .testing import FederatedMesh
 
     if nodes < 1 or rounds < 1:
         raise MeshflError("--nodes and --rounds must be at least 1", code="bad_argument")
+    if plot is not None:
+        from .researcher._plot import require_matplotlib
+
+        require_matplotlib()  # before the training, not after it
     x_train, y_train, x_test, y_test = load_data(seed)
     names = [f"hospital-{chr(ord('a') + i)}" for i in range(nodes)] if nodes <= 26 else None
     say = (lambda *a: None) if json_output else (lambda *a: print(*a, flush=True))
@@ -125,6 +131,11 @@ def run_demo(nodes: int = 3, rounds: int = 10, secagg: bool = False, json_output
         "held_out_patients": int(len(y_test)),
     }
     say(f"federated accuracy {result['final_accuracy']:.4f}  |  centralized {result['centralized_accuracy']:.4f}")
+    if plot is not None:
+        history.plot(plot, baselines={"centralized": central},
+                     title=f"meshfl demo: {nodes} hospitals, FedAvg{' + secure aggregation' if secagg else ''}")
+        result["plot"] = str(plot)
+        say(f"curves written to {plot}")
     return result
 
 

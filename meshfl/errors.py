@@ -115,3 +115,12 @@ class PlanError(MeshflError):
     """
 
     code = "plan"
+
+
+class MissingDependency(MeshflError):
+    """An optional extra that a feature needs is not installed; the message names the pip command."""
+
+    code = "missing_dependency"
+
+    def __init__(self, what: str, extra: str):
+        super().__init__(f"{what} is not installed: pip install meshfl[{extra}]", details={"extra": extra})

@@ -59,6 +59,7 @@ declare(
         "duration": "float",
         "metric_names": "list",
         "privacy": "dict",  # a DP task's cost, debited from its dataset's budget when it was released
+        "device": "str",  # where it trained: "cpu" or "cuda"
     },
     tensors=True,
 )

@@ -22,7 +22,10 @@ from meshfl.aggregate import (
     FedOpt,
     FedProx,
     FedYogi,
+    Krum,
     Median,
+    MultiKrum,
+    Scaffold,
     TrimmedMean,
     make_aggregator,
 )
@@ -60,10 +63,17 @@ def naive_mean(updates, weights):
 
 
 def run(agg: Aggregator, glob, updates, weights, nodes=None):
+    """One round; each update also carries the round's own tensors back (SCAFFOLD's), unchanged."""
     agg.begin(glob)
+    extra = agg.round_tensors()
     for i, (u, w) in enumerate(zip(updates, weights)):
-        agg.add(u, w, nodes[i] if nodes else f"n{i}")
+        agg.add({**u, **extra} if extra and not isinstance(u, TensorMap) else u, w, nodes[i] if nodes else f"n{i}")
     return agg.finish()
+
+
+def _sized(name: str) -> Aggregator:
+    """``name``'s aggregator, set to tolerate no Byzantine update (Krum then works from 3 updates)."""
+    return make_aggregator({"name": name, "f": 0} if name in ("krum", "multi_krum") else name)
 
 
 def assert_close(result, reference, glob):
@@ -237,7 +247,8 @@ def test_defaults_and_training_args():
     assert FedAvgM().config() == {"name": "fedavgm", "server_lr": 1.0, "momentum": 0.9}
     assert FedProx().training_args() == {"fedprox_mu": 0.01}
     assert FedProx(mu=0.5).training_args() == {"fedprox_mu": 0.5}
-    assert all(make_aggregator(n).training_args() == {} for n in AGGREGATORS if n != "fedprox")
+    assert Scaffold().training_args() == {"scaffold": True}
+    assert all(make_aggregator(n).training_args() == {} for n in AGGREGATORS if n not in ("fedprox", "scaffold"))
 
 
 # ----------------------------------------------------------------------------- checkpoint / config
@@ -245,7 +256,7 @@ def test_defaults_and_training_args():
 
 @pytest.mark.parametrize("name", sorted(AGGREGATORS))
 def test_state_dict_round_trip_gives_identical_next_rounds(name):
-    a = make_aggregator(name)
+    a = _sized(name)
     glob = make_state(0, dtypes=[torch.float32, torch.bfloat16])
     for r in range(2):
         glob = run(a, glob, [make_state(10 * r + i, dtypes=[torch.float32, torch.bfloat16]) for i in range(3)], [1, 2, 3])
@@ -254,6 +265,7 @@ def test_state_dict_round_trip_gives_identical_next_rounds(name):
     assert state["meta"]["rounds"] == 2
     b = make_aggregator(json.loads(json.dumps(a.config())))
     b.load_state_dict(state)
+    assert b.round_tensors.__func__ is a.round_tensors.__func__
     assert b.rounds == 2
     for r in range(2, 4):
         ups = [make_state(10 * r + i, dtypes=[torch.float32, torch.bfloat16]) for i in range(3)]
@@ -262,7 +274,7 @@ def test_state_dict_round_trip_gives_identical_next_rounds(name):
             assert torch.equal(out_a[k], out_b[k]), (name, k)
         glob = out_a
     if isinstance(a, FedOpt) and not type(a) is FedOpt:
-        assert state["tensors"]  # moments are carried
+        assert state["tensors"]  # moments (SCAFFOLD: its control variate) are carried
 
 
 def test_load_state_dict_refuses_foreign_state():
@@ -280,6 +292,7 @@ def test_load_state_dict_refuses_foreign_state():
     FedAvg(), FedProx(mu=0.3), FedOpt(server_lr=0.5), FedAvgM(server_lr=0.9, momentum=0.5),
     FedAdagrad(server_lr=0.2, beta1=0.1, tau=1e-4), FedAdam(server_lr=0.2, beta1=0.8, beta2=0.9, tau=1e-5),
     FedYogi(server_lr=0.3, beta1=0.7, beta2=0.95, tau=1e-2), TrimmedMean(trim=0.25), Median(),
+    Scaffold(server_lr=0.5), Krum(f=2), MultiKrum(f=1, m=3), MultiKrum(),
 ])
 def test_make_aggregator_rebuilds_from_config(agg):
     config = json.loads(json.dumps(agg.config()))
@@ -290,7 +303,9 @@ def test_make_aggregator_rebuilds_from_config(agg):
 def test_make_aggregator_rejects_bad_configs():
     for bad in ({"name": "nope"}, {}, {"name": "fedadam", "lr": 1}, {"name": "fedadam", "beta1": 1.0},
                 {"name": "trimmed_mean", "trim": 0.5}, {"name": "fedprox", "mu": -1}, {"name": "fedopt", "server_lr": 0},
-                {"name": "fedyogi", "tau": float("nan")}, {"name": "fedavgm", "momentum": True}, 42):
+                {"name": "fedyogi", "tau": float("nan")}, {"name": "fedavgm", "momentum": True}, 42,
+                {"name": "krum", "f": -1}, {"name": "krum", "f": 1.5}, {"name": "multi_krum", "m": 0},
+                {"name": "krum", "m": 2}):
         with pytest.raises(ConfigError):
             make_aggregator(bad)
 
@@ -338,9 +353,10 @@ def _code(fn):
 def test_bad_updates_are_rejected_and_leave_the_round_intact(name):
     glob = {"a.weight": torch.zeros(2, 3), "b.bias": torch.zeros(3), "n": torch.tensor(0)}
     good = {"a.weight": torch.ones(2, 3), "b.bias": torch.ones(3), "n": torch.tensor(7)}
-    agg = make_aggregator(name)
+    agg = _sized(name)
     assert _code(lambda: agg.add(good, 1)).code == "bad_state"  # no round begun
     agg.begin(glob)
+    good = {**good, **agg.round_tensors()}
     assert _code(agg.finish).code == "no_updates"
     bad_updates = {
         "a.weight": {"b.bias": torch.ones(3), "n": torch.tensor(1)},  # missing
@@ -360,6 +376,10 @@ def test_bad_updates_are_rejected_and_leave_the_round_intact(name):
     agg.add(good, 2, "ok")
     assert _code(lambda: agg.add(good, 2, "ok")).code == "bad_update"  # same node twice
     assert agg.count == 1 and agg.total_weight == 2.0 and agg.nodes == {"ok"}
+    if isinstance(agg, Krum):  # one update: no neighbour to score it by
+        assert _code(agg.finish).code == "too_few_updates"
+        agg.add(good, 2, "ok2")
+        agg.add(good, 2, "ok3")
     out = agg.finish()
     if isinstance(agg, FedOpt) and agg.name != "fedopt":
         return
@@ -382,3 +402,83 @@ def test_server_optimizers_average_buffers_instead_of_stepping_them():
             glob = agg.finish()
         assert torch.allclose(glob["running_var"], torch.full((2,), 0.01)), type(agg).__name__
         assert torch.allclose(glob["running_mean"], torch.full((2,), 6.5)), type(agg).__name__
+
+
+# ----------------------------------------------------------------------------- Krum
+
+
+def test_krum_and_multi_krum_ignore_byzantine_updates_whatever_their_order():
+    gen = torch.Generator().manual_seed(3)
+    glob = {"w": torch.zeros(40), "b": torch.zeros(3), "n": torch.tensor(0)}
+    honest = [{"w": torch.ones(40) + 0.05 * torch.randn(40, generator=gen), "b": torch.ones(3) * (1 + 0.01 * i),
+               "n": torch.tensor(i)} for i in range(5)]
+    flipped = {"w": -10 * torch.ones(40), "b": -10 * torch.ones(3), "n": torch.tensor(99)}  # sign-flipped, scaled
+    scaled = {"w": 50 * torch.ones(40), "b": 50 * torch.ones(3), "n": torch.tensor(98)}
+    ups = honest + [flipped, scaled]
+    names = [f"h{i}" for i in range(5)] + ["evil-a", "evil-b"]
+    assert run(FedAvg(), glob, ups, [1] * 7, names)["w"].mean() > 5  # the mean is wrecked
+
+    krum = Krum(f=2)
+    out = run(krum, glob, ups, [1] * 7, names)
+    chosen = krum.summary()["selected"]
+    assert len(chosen) == 1 and chosen[0].startswith("h")
+    assert torch.equal(out["w"], honest[int(chosen[0][1:])]["w"])  # one of the updates, exactly
+    multi = MultiKrum(f=2)  # keeps K - f = 5: exactly the honest ones
+    out = run(multi, glob, ups, [1] * 7, names)
+    assert multi.summary() == {"selected": [f"h{i}" for i in range(5)]}
+    assert torch.allclose(out["w"], torch.stack([u["w"] for u in honest]).mean(0))
+    assert out["n"].item() in range(5)
+    order = [6, 2, 0, 5, 4, 1, 3]
+    again = run(MultiKrum(f=2), glob, [ups[i] for i in order], [1] * 7, [names[i] for i in order])
+    assert torch.equal(again["w"], out["w"])  # summed in node-name order, whatever the arrival order
+    assert run(MultiKrum(f=2, m=2), glob, ups, [1] * 7, names)["b"].max() < 1.1
+
+
+def test_krum_needs_2f_plus_3_updates():
+    glob = {"w": torch.zeros(2)}
+    krum = Krum(f=1)
+    krum.begin(glob)
+    for i in range(4):
+        krum.add({"w": torch.full((2,), float(i))}, 1, f"n{i}")
+    err = _code(krum.finish)
+    assert err.code == "too_few_updates" and "at least 5" in err.message
+    points = [{"w": torch.full((2,), v)} for v in (0.0, 1.5, 2.0, 2.5, 4.0)]
+    assert run(Krum(f=1), glob, points, [1] * 5)["w"].tolist() == [2.0, 2.0]  # 2 nearest: 0.5 away in all
+    evenly = [{"w": torch.full((2,), float(i))} for i in range(5)]  # 1, 2 and 3 score alike: n1 wins the tie
+    assert run(Krum(f=1), glob, evenly, [1] * 5, [f"n{i}" for i in (4, 3, 2, 1, 0)])["w"].tolist() == [3.0, 3.0]
+
+
+# ----------------------------------------------------------------------------- SCAFFOLD
+
+
+def test_scaffold_carries_control_variates_as_the_paper_does():
+    """x <- mean(y_i); c <- c + |S|/N * mean(slot_i - c), with sample weights, checked by hand."""
+    glob = {"w": torch.tensor([1.0, 2.0], dtype=torch.float64), "bn.mean": torch.zeros(2, dtype=torch.float64)}
+    agg = Scaffold()
+    agg.begin(glob, ["w"], population=4)
+    sent = agg.round_tensors()
+    assert list(sent) == ["scaffold.c/w"] and sent["scaffold.c/w"].tolist() == [0.0, 0.0]  # no c for buffers
+    ups = [{"w": torch.tensor([0.0, 2.0], dtype=torch.float64), "bn.mean": torch.ones(2, dtype=torch.float64),
+            "scaffold.c/w": torch.tensor([1.0, 0.0], dtype=torch.float64)},
+           {"w": torch.tensor([3.0, 5.0], dtype=torch.float64), "bn.mean": torch.ones(2, dtype=torch.float64),
+            "scaffold.c/w": torch.tensor([-3.0, 3.0], dtype=torch.float64)}]
+    agg.add(ups[0], 1, "a")
+    agg.add(ups[1], 3, "b")
+    out = agg.finish()
+    assert list(out) == ["w", "bn.mean"]  # the control variate never enters the model
+    assert out["w"].tolist() == [2.25, 4.25] and out["bn.mean"].tolist() == [1.0, 1.0]
+    c = (1 * torch.tensor([1.0, 0.0]) + 3 * torch.tensor([-3.0, 3.0])) / 4 * (2 / 4)  # 2 of 4 nodes took part
+    agg.begin(out, ["w"], population=4)
+    assert torch.allclose(agg.round_tensors()["scaffold.c/w"], c.double())
+    # A secure-aggregation mean stands for all its survivors: count=2 scales c the same way.
+    same = Scaffold()
+    same.begin(glob, ["w"], population=4)
+    mean = {k: (ups[0][k] + 3 * ups[1][k]) / 4 for k in ups[0]}
+    same.add(mean, 4, "secure-sum", count=2)
+    assert torch.allclose(same.finish()["w"], out["w"])
+    same.begin(out, ["w"], population=4)
+    assert torch.allclose(same.round_tensors()["scaffold.c/w"], c.double())
+    # Updates must bring the slots back; model names may not collide with them.
+    agg.begin(out, ["w"])
+    assert _code(lambda: agg.add({"w": out["w"], "bn.mean": out["bn.mean"]}, 1, "a")).details["tensor"] == "scaffold.c/w"
+    assert _code(lambda: Scaffold().begin({"scaffold.c/w": torch.zeros(1)})).code == "bad_state"

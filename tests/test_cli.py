@@ -241,7 +241,8 @@ def test_node_start_and_demo_are_wired(node, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "meshfl.demo", types.SimpleNamespace(run_demo=run_demo))
     out = run_json("demo", "--nodes", "2", "--rounds", "1", "--secagg")
-    assert out == {"called_with": {"nodes": 2, "rounds": 1, "secagg": True, "json_output": True}}
+    assert out == {"called_with": {"nodes": 2, "rounds": 1, "secagg": True, "json_output": True, "plot": None}}
+    assert run_json("demo", "--plot", "c.png")["called_with"]["plot"] == "c.png"
 
 
 def test_real_entry_point(tmp_path):
@@ -251,8 +252,8 @@ def test_real_entry_point(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     peer_id = orjson.loads(done.stdout)["peer_id"]
-    done = subprocess.run(cmd + ["peer", "id", "--json"], env=env, capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "meshfl", "peer", "id", "--json"], env=env, capture_output=True,
+                          text=True, timeout=60)  # python -m meshfl is the same command
     assert done.returncode == 0 and orjson.loads(done.stdout)["peer_id"] == peer_id
     done = subprocess.run(cmd + ["plan", "approve", "deadbeef"], env=env, capture_output=True,
                           text=True, timeout=60)

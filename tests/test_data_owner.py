@@ -71,8 +71,9 @@ def test_search_shows_the_rules_to_meet_and_the_budget_left(mesh, policy):
     policy(require_secagg=True, epsilon=3.0, delta=1e-6, review=True)
     found = mesh.researcher.search(["blobs"])
     for (record,) in found.values():
-        assert record["policy"] == {"kinds": ["training"], "min_participants": 1, "require_secagg": True,
-                                    "require_dp": True, "min_noise": 0.0, "review": True}
+        assert record["policy"] == {"kinds": ["training", "analytics", "preprocessing"], "min_participants": 1,
+                                    "require_secagg": True, "require_dp": True, "min_noise": 0.0, "review": True,
+                                    "min_cell": 10, "exact_extremes": False}
         assert record["privacy"] == {"epsilon": 3.0, "delta": 1e-6, "spent": 0.0, "left": 3.0}
         assert "path" not in record
 
@@ -230,3 +231,12 @@ def test_the_cli_sets_and_shows_policies_and_node_status_names_the_protections(m
     assert _meshfl("dataset", "policy", "nope", "--home", home).returncode == 1
     audit = [r for r in mesh.nodes[1].audit.records() if r.event.startswith("policy.")]
     assert audit[-2].fields["by"] == "dr. jones" and audit[-1].event == "policy.reset"
+
+
+def test_dp_refuses_an_aggregator_that_sends_tensors_of_its_own(mesh):
+    from meshfl.aggregate import Scaffold
+    from meshfl.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        _experiment(mesh, dp=ClientDP(1.0), aggregator=Scaffold())
+    assert caught.value.code == "dp_incompatible"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.data import write_png
 from meshfl.errors import DatasetError
 from meshfl.node._datasets import DatasetRegistry, load_dataset, public_view
 from meshfl.store import AuditLog, Store
@@ -166,7 +167,7 @@ def test_image_folder(registry, tmp_path):
     for cls in ("cat", "dog"):
         (tmp_path / "img" / cls).mkdir(parents=True)
         for i in range(3):
-            (tmp_path / "img" / cls / f"{i}.png").write_bytes(b"")
+            write_png(tmp_path / "img" / cls / f"{i}.png", gray=60 if cls == "cat" else 200)
     (tmp_path / "img" / "notes.txt").write_text("ignored")
     record = registry.add("pets", ["img"], "images", tmp_path / "img")
     assert record["samples"] == 6 and record["classes"] == ["cat", "dog"]
@@ -176,3 +177,8 @@ def test_image_folder(registry, tmp_path):
         with pytest.raises(DatasetError, match="Pillow") as err:
             load_dataset(record)
         assert err.value.code == "bad_format"
+    else:  # with Pillow: the shape is known at registration and the pixels load scaled to [0, 1]
+        assert record["shape"] == [6, 1, 2, 3]
+        x, y = load_dataset(record)
+        assert x.shape == (6, 1, 2, 3) and y.tolist() == [0, 0, 0, 1, 1, 1]
+        assert torch.allclose(x[0], torch.full((1, 2, 3), 60 / 255)) and torch.allclose(x[5], torch.full((1, 2, 3), 200 / 255))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -136,3 +138,42 @@ def test_a_task_running_when_the_node_dies_is_reported_failed_after_restart(tmp_
     finally:
         researcher.close()
         kill(node)
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "training"])
+def test_ctrl_c_stops_a_node_without_a_traceback(tmp_path, busy):
+    """Ctrl-C in a terminal signals the whole foreground process group: the node and its training
+    worker. The node shuts down cleanly and stops the worker; the worker prints nothing."""
+    r_path, (n_path,) = make_homes(tmp_path, 1, plan=HangingPlan)
+    log = tmp_path / "terminal.log"
+    with open(log, "wb") as out:  # its own process group, as a shell runs a foreground job
+        node = subprocess.Popen([sys.executable, "-m", "meshfl", "-v", "node", "start", "--home", str(n_path)],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    researcher = Researcher(r_path).start() if busy else None
+    try:
+        deadline = time.monotonic() + 60
+        while "training worker started" not in log.read_text() and time.monotonic() < deadline:
+            threading.Event().wait(0.05)
+        worker = int(log.read_text().split("training worker started (pid ", 1)[1].split(")")[0])
+        if busy:  # the worker is inside the plan's code when the signal comes
+            (node_id,) = researcher.wait_for_nodes(1, timeout=60)
+            researcher.peer.call(node_id, _train(HangingPlan, "exp-c.r1.a0.n"), timeout=30)
+            with Home.open(n_path) as home:
+                from meshfl.store import TaskQueue
+
+                tasks = TaskQueue(home.store, "tasks")
+                while tasks.get("exp-c.r1.a0.n").state != "running" and time.monotonic() < deadline:
+                    threading.Event().wait(0.05)
+        os.killpg(node.pid, signal.SIGINT)
+        assert node.wait(timeout=60) == 0
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{worker}") and \
+                open(f"/proc/{worker}/stat").read().split()[2] != "Z":
+            threading.Event().wait(0.05)
+        assert not os.path.exists(f"/proc/{worker}") or open(f"/proc/{worker}/stat").read().split()[2] == "Z"
+    finally:
+        if researcher is not None:
+            researcher.close()
+        kill(node)
+    text = log.read_text()
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    assert "up;" in text  # it did start, and said so

@@ -172,17 +172,23 @@ def test_dead_link_is_noticed_and_redialed(tmp_path):
         hub.close()
 
 
+def _raw_socket_of(sender: Peer, hub: Peer) -> zmq.Socket:
+    """Close ``sender`` and dial ``hub`` with a raw DEALER holding its trusted keys instead."""
+    sender.close(linger=0)
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.linger = 0
+    raw.setsockopt(zmq.RCVTIMEO, 10_000)
+    raw.curve_secretkey, raw.curve_publickey = sender.identity.link_secret_z85, sender.identity.link_public_z85
+    raw.curve_serverkey = hub.identity.link_public_z85
+    raw.routing_id = sender.peer_id.encode()
+    raw.connect(hub.endpoint)
+    return raw
+
+
 def test_malformed_frames_get_error_codes_and_the_peer_keeps_running():
     with PeerMesh(3, handler=echo_handler) as mesh:
         hub, node, sender = mesh.peers
-        sender.close(linger=0)  # a raw socket speaks with its trusted keys instead
-        raw = zmq.Context.instance().socket(zmq.DEALER)
-        raw.linger = 0
-        raw.setsockopt(zmq.RCVTIMEO, 5000)
-        raw.curve_secretkey, raw.curve_publickey = sender.identity.link_secret_z85, sender.identity.link_public_z85
-        raw.curve_serverkey = hub.identity.link_public_z85
-        raw.routing_id = sender.peer_id.encode()
-        raw.connect(hub.endpoint)
+        raw = _raw_socket_of(sender, hub)
         cases = {
             "bad_envelope": [b"\xff garbage"],
             "unknown_type": encode(Message("no.such.type", sender=sender.peer_id)),
@@ -203,6 +209,63 @@ def test_malformed_frames_get_error_codes_and_the_peer_keeps_running():
             node.call(hub.peer_id, Message("t.boom"), timeout=5)
         assert info.value.code == "internal" and "secret detail" not in str(info.value)
         assert node.call(hub.peer_id, Message("t.echo", {"n": 1}), timeout=5).fields == {"n": 1}
+
+
+def test_a_peer_flooding_junk_cannot_flood_the_log(caplog):
+    """20 000 malformed frames from a trusted peer: each still gets its error reply, but the log
+    takes the first few warnings and then one count, not a line per frame."""
+    with caplog.at_level(logging.WARNING, logger="meshfl.transport"):
+        with PeerMesh(2, handler=echo_handler) as mesh:
+            hub, sender = mesh.peers
+            raw = _raw_socket_of(sender, hub)
+            errors = 0
+            for i in range(20_000):
+                raw.send_multipart([b"\xff junk %d" % i])
+                while raw.poll(0):  # drain the error replies as they come
+                    errors += raw.recv_multipart()[0].find(b'"bad_envelope"') >= 0
+            raw.send_multipart(encode(Message("t.echo", {"n": 7}, sender=sender.peer_id)))
+            while True:  # replies come in order: the echo comes after every junk frame was handled
+                reply = raw.recv_multipart()
+                if b'"t.echo"' in reply[0]:
+                    break
+                errors += reply[0].find(b'"bad_envelope"') >= 0
+            raw.close()
+            assert errors > 10_000  # it kept answering (some replies are dropped at the socket's high-water mark)
+    lines = [r.getMessage() for r in caplog.records if "bad message" in r.getMessage()]
+    assert 2 <= len(lines) <= 7, lines  # 5 as they came, one count at close (or at the minute)
+    assert "more bad messages from peer1 are counted" in lines[4]
+    counted = sum(int(line.split()[1]) for line in lines if "not logged one by one" in line)
+    assert counted + 5 == 20_000
+
+
+def test_rate_limited_warnings_write_a_count_per_period():
+    from meshfl.transport._ratelimit import RateLimitedLog
+
+    lines, now = [], [0.0]
+
+    class Log:
+        def warning(self, msg, *args):
+            lines.append(msg % args)
+
+    noisy = RateLimitedLog(Log(), burst=3, period=60.0, clock=lambda: now[0])
+    for t in range(200):  # one bad message a second for 200 s, from one peer
+        now[0] = float(t)
+        noisy.warning("a", "bad messages from a", "bad message %d", t)
+        noisy.flush()  # as the heartbeat does
+        if t == 100:
+            noisy.warning("b", "bad messages from b", "bad message from b")  # another key has its own budget
+    assert lines[:3] == ["bad message 0", "bad message 1",
+                         "bad message 2 (more bad messages from a are counted, one line per 60 s)"]
+    counts = [line for line in lines if "not logged" in line]
+    assert counts == ["57 more bad messages from a in the last 60 s, not logged one by one",
+                      "60 more bad messages from a in the last 60 s, not logged one by one",
+                      "60 more bad messages from a in the last 60 s, not logged one by one"]
+    assert lines.count("bad message from b") == 1 and len(lines) == 3 + 3 + 1
+    now[0] = 400.0
+    noisy.flush()  # a's period ended with 20 more counted; then it has been quiet ...
+    noisy.flush()
+    noisy.warning("a", "bad messages from a", "bad message again")  # ... so it starts afresh
+    assert lines[-2:] == ["20 more bad messages from a in the last 60 s, not logged one by one", "bad message again"]
 
 
 def test_curve_over_inproc_is_refused_and_insecure_inproc_mesh_works():

@@ -3,7 +3,9 @@
 The round loop drives any of them the same way - ``begin(global)``, ``add(update, weight, node)``
 per reply as it streams in, ``finish()`` - and checkpoints them with ``state_dict()``. Streaming ones
 (FedAvg, FedProx, the FedOpt family) hold about one model of memory whatever the number of nodes;
-robust ones (TrimmedMean, Median) keep every update (``streaming`` is False).
+robust ones (TrimmedMean, Median, Krum, MultiKrum) keep every update (``streaming`` is False) and
+so cannot run under secure aggregation. SCAFFOLD sends its control variate with the model
+(``round_tensors``) and takes it back in every update.
 
 ``make_aggregator(agg.config())`` rebuilds an aggregator from its experiment record.
 """
@@ -15,10 +17,12 @@ from typing import Any, Mapping
 from ..errors import ConfigError
 from ._base import Aggregator, FedAvg, FedProx
 from ._fedopt import FedAdagrad, FedAdam, FedAvgM, FedOpt, FedYogi
-from ._robust import Median, TrimmedMean
+from ._robust import Krum, Median, MultiKrum, TrimmedMean
+from ._scaffold import Scaffold
 
 AGGREGATORS: dict[str, type[Aggregator]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, FedOpt, FedAvgM, FedAdagrad, FedAdam, FedYogi, TrimmedMean, Median)
+    cls.name: cls for cls in (FedAvg, FedProx, FedOpt, FedAvgM, FedAdagrad, FedAdam, FedYogi, Scaffold,
+                              TrimmedMean, Median, Krum, MultiKrum)
 }
 
 
@@ -52,7 +56,10 @@ __all__ = [
     "FedOpt",
     "FedProx",
     "FedYogi",
+    "Krum",
     "Median",
+    "MultiKrum",
+    "Scaffold",
     "TrimmedMean",
     "make_aggregator",
 ]

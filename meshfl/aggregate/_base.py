@@ -80,19 +80,24 @@ class Aggregator(ABC):
         self._rounds = 0
         self._global: dict[str, torch.Tensor] | None = None
         self._parameters: frozenset[str] | None = None
+        self._population: int | None = None
         self._reset_round()
 
     # ------------------------------------------------------------------ contract
 
-    def begin(self, global_state: Mapping[str, torch.Tensor], parameters: Collection[str] | None = None) -> None:
+    def begin(self, global_state: Mapping[str, torch.Tensor], parameters: Collection[str] | None = None,
+              *, population: int | None = None) -> None:
         """Start a round on ``global_state``; any unfinished round is discarded.
 
         A reference to the global model is kept (not a copy): it must not change before
         :meth:`finish`. Accumulators are allocated lazily, on the first :meth:`add`.
         ``parameters`` names the trainable tensors: a server optimizer steps only those and
         averages the rest (BatchNorm's running statistics are not gradients); None means all.
+        ``population``: how many nodes could have taken part (SCAFFOLD scales its control
+        update by the share that did); None means every one that could did.
         """
         self._parameters = None if parameters is None else frozenset(parameters)
+        self._population = population
         glob: dict[str, torch.Tensor] = {}
         for name in global_state:
             tensor = global_state[name]
@@ -104,11 +109,13 @@ class Aggregator(ABC):
         self._reset_round()
         self._global = glob
 
-    def add(self, update: Mapping[str, torch.Tensor], weight: float, node: str = "") -> None:
+    def add(self, update: Mapping[str, torch.Tensor], weight: float, node: str = "", *, count: int = 1) -> None:
         """Fold in one node's trained model state, weighted by ``weight`` (its sample count).
 
         The update is checked whole before anything is accumulated, so a rejected update
         (:class:`MeshflError` code ``bad_update``, naming the tensor) leaves the round untouched.
+        It carries the tensors of :meth:`round_tensors` too. ``count``: how many nodes' updates it
+        stands for (a secure-aggregation mean stands for every survivor's).
         """
         glob = self._require_round()
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
@@ -122,7 +129,7 @@ class Aggregator(ABC):
                 self._accumulate(name, parts, weight, first=self._count == 0)
             if others:
                 self._take_nonfloat(others, weight, node)
-        self._count += 1
+        self._count += count
         self._total_weight += weight
         if node:
             self._nodes.add(node)
@@ -152,6 +159,15 @@ class Aggregator(ABC):
 
     def training_args(self) -> dict:
         """Extra arguments the nodes' training step needs (e.g. FedProx's ``mu``)."""
+        return {}
+
+    def round_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors that travel to the nodes beside the global model this round and come back,
+        changed, in every update (SCAFFOLD's control variate); valid after :meth:`begin`."""
+        return {}
+
+    def summary(self) -> dict:
+        """What the last finished round decided, for the history (Krum: the updates it kept)."""
         return {}
 
     def config(self) -> dict:

@@ -1,8 +1,12 @@
-"""Coordinate-wise robust aggregators (Yin et al. 2018, "Byzantine-Robust Distributed Learning").
+"""Robust aggregators: coordinate-wise (Yin et al. 2018, "Byzantine-Robust Distributed Learning":
+TrimmedMean, Median) and by distance (Blanchard et al. 2017, "Machine Learning with Adversaries:
+Byzantine Tolerant Gradient Descent": Krum, Multi-Krum).
 
-They are NOT streaming: an order statistic needs every value of a coordinate, so a round keeps all K
-updates - K model copies in the accumulation dtype (``streaming = False``). The final reduction
-walks the coordinates in blocks, so its scratch memory stays a few MB above those copies.
+They are NOT streaming: an order statistic or a distance between updates needs every update, so a
+round keeps all K updates - K model copies in the accumulation dtype (``streaming = False``). The
+final reduction walks the coordinates in blocks, so its scratch memory stays a few MB above those
+copies. For the same reason none of them can run under secure aggregation, where the researcher
+sees only the sum of the updates: the experiment refuses that combination (``secagg_incompatible``).
 
 Weights are ignored: weighting by a self-reported sample count would let one malicious node claim a
 huge count and move the result alone, which is exactly what these aggregators exist to prevent.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError, MeshflError
 from ._base import Aggregator, _Parts, acc_dtype, check_number
 
 _BLOCK = 1 << 22  # elements of K x block scratch per reduction step
@@ -109,3 +114,91 @@ class Median(_Robust):
             out.copy_(sorted_block[k // 2])
         else:
             torch.add(sorted_block[k // 2 - 1], sorted_block[k // 2], out=out).mul_(0.5)
+
+
+class Krum(_Robust):
+    """Krum (Blanchard et al. 2017): with at most ``f`` Byzantine updates among K, score each update
+    by the sum of squared distances to its ``K - f - 2`` nearest others; the result is the update
+    with the best (lowest) score. Needs ``K >= 2f + 3`` updates (the paper's ``2f + 2 < K``), else
+    the round's :meth:`finish` raises ``too_few_updates``.
+
+    Distances run over every floating tensor of the model, in float64. Ties go to the smallest
+    node name, so the choice does not depend on the order results arrived in; :meth:`summary` names
+    the kept nodes. Keeps all K updates in memory (K model copies) - not streaming.
+    """
+
+    name = "krum"
+
+    def __init__(self, f: int = 1) -> None:
+        self.f = _count_arg("f", f, 0)
+        self._selected: list[str] | None = None
+        super().__init__()
+
+    def config(self) -> dict:
+        return {"name": self.name, "f": self.f}
+
+    def add(self, update, weight: float, node: str = "", *, count: int = 1) -> None:
+        super().add(update, weight, node, count=count)
+        self._names.append(node)
+
+    def summary(self) -> dict:
+        return {} if self._selected is None else {"selected": list(self._selected)}
+
+    def _reset_round(self) -> None:
+        super()._reset_round()
+        self._names: list[str] = []
+        self._chosen: list[int] | None = None
+
+    def _keep(self, k: int) -> int:
+        """How many of the best-scored updates the result averages."""
+        return 1
+
+    def _reduce(self, name: str) -> torch.Tensor:
+        if self._chosen is None:
+            self._chosen = self._select()
+            self._selected = [self._names[i] for i in self._chosen]
+        kept = self._kept.pop(name)
+        out = kept[self._chosen[0]].clone()
+        for i in self._chosen[1:]:
+            out.add_(kept[i])
+        return out.div_(len(self._chosen))
+
+    def _select(self) -> list[int]:
+        """Indices of the updates to average, in node-name order."""
+        k = len(self._names)
+        if k < 2 * self.f + 3:
+            raise MeshflError(f"{self.name} with f={self.f} needs at least {2 * self.f + 3} updates, got {k}",
+                              code="too_few_updates", details={"updates": k, "f": self.f})
+        dist = torch.zeros(k, k, dtype=torch.float64)
+        for kept in self._kept.values():
+            for lo, hi in _blocks(kept[0].numel(), k):
+                block = torch.stack([u[lo:hi] for u in kept]).to(torch.float64)
+                dist += torch.cdist(block, block, compute_mode="donot_use_mm_for_euclid_dist").square_()
+        nearest = k - self.f - 2
+        scores = [float(torch.cat([row[:i], row[i + 1:]]).sort().values[:nearest].sum()) for i, row in enumerate(dist)]
+        best = sorted(range(k), key=lambda i: (scores[i], self._names[i], i))[: self._keep(k)]
+        return sorted(best, key=lambda i: (self._names[i], i))
+
+
+class MultiKrum(Krum):
+    """Multi-Krum (Blanchard et al. 2017): the plain mean of the ``m`` best Krum-scored updates;
+    ``m = None`` keeps ``K - f`` of the K (all but as many as may be Byzantine). Needs
+    ``K >= 2f + 3`` as Krum does."""
+
+    name = "multi_krum"
+
+    def __init__(self, f: int = 1, m: int | None = None) -> None:
+        self.m = None if m is None else _count_arg("m", m, 1)
+        super().__init__(f)
+
+    def config(self) -> dict:
+        return {**super().config(), "m": self.m}
+
+    def _keep(self, k: int) -> int:
+        return k - self.f if self.m is None else min(self.m, k)
+
+
+def _count_arg(name: str, value, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ConfigError(f"Krum: {name} must be an integer >= {lo}, got {value!r}")
+    return value

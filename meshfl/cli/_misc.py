@@ -57,8 +57,10 @@ def audit_verify(home: Path, as_json: bool) -> None:
 @click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True,
               help="How many training rounds to run.")
 @click.option("--secagg", is_flag=True, help="Use secure aggregation (masked updates).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also draw the curves into this image (.png, .svg, .pdf; needs meshfl[plot]).")
 @json_option
-def demo(nodes: int, rounds: int, secagg: bool, as_json: bool) -> None:
+def demo(nodes: int, rounds: int, secagg: bool, plot: Path | None, as_json: bool) -> None:
     """Try meshfl: train one model across local nodes.
 
     Starts one researcher and several nodes on this machine and runs a small federated
@@ -66,6 +68,6 @@ def demo(nodes: int, rounds: int, secagg: bool, as_json: bool) -> None:
     """
     from ..demo import run_demo  # imported here: it pulls in the whole stack
 
-    result = run_demo(nodes=nodes, rounds=rounds, secagg=secagg, json_output=as_json)
+    result = run_demo(nodes=nodes, rounds=rounds, secagg=secagg, json_output=as_json, plot=plot)
     if as_json:
         emit_json(result)

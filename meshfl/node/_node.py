@@ -45,6 +45,7 @@ from ._masked import MaskedResults
 from ._plans import APPROVED, PlanError, PlanRegistry, plan_hash, review_commands
 from ._presence import NodeLock, links_down, record_link
 from ._release import Release, home_gate
+from ._state import ExperimentState
 
 KEYS_TIMEOUT_S = 60.0  # a secure task waits this long after training for the members' keys
 # (the researcher sends them once every participant answered the set-up, within 30 s)
@@ -89,6 +90,7 @@ class Node:
         self.release = Release(store, self.outbox, self.queue, self.ledger, self.audit, self.gate)
         self.blobs = BlobStore(self.home.path / "blobs")
         self.executor = Executor(name=self.name, sandbox=cfg.sandbox_settings())
+        self.state = ExperimentState(store, self.blobs, self.audit, self.log)  # SCAFFOLD's c_i, local layers
         options = {"heartbeat": cfg.heartbeat, "dead_after": cfg.dead_after, **(peer_options or {})}
         self.peer = Peer(
             self.home.identity, listen=cfg.listen, handler=self._handle, on_link=self._on_link, **options
@@ -123,6 +125,7 @@ class Node:
                              lambda: self.ledger.unreserve(task.id),
                              lambda: self.audit.append("task.interrupted", task=task.id))
             self.blobs.delete(task.id)
+            self.state.delete([ExperimentState.output(task.id)])
         self._drop_stale_reservations()
         if self.dev:
             self.log.warning("development mode: training plans run WITHOUT operator approval")
@@ -471,6 +474,7 @@ class Node:
                 "update_norm": self.gate.policy(p["dataset"]).review,  # for the operator's review
                 "dp": p.get("dp"),
                 "mechanism": (p.get("privacy") or {}).get("mechanism"),
+                **self.state.job_fields(task.id, p["researcher"], p["experiment"], p["round"]),
             }
             limit = self.home.config.task_timeout  # the operator's limit: a researcher may only lower it
             timeout = min(limit, float(p["training_args"].get("timeout") or limit))
@@ -483,7 +487,8 @@ class Node:
                 if client_dp:
                     delta = self._client_dp(task.id, p, result)
             if result.get("ok") and p.get("secagg"):
-                result = self._mask_result(task.id, p["secagg"], result, delta)
+                kept = {k: result.get(k) for k in ("state", "device")}
+                result = {**self._mask_result(task.id, p["secagg"], result, delta), **kept}
         except MeshflError as exc:
             result = {"ok": False, "error": exc.to_wire()}
         finally:
@@ -495,9 +500,10 @@ class Node:
         fields["ok"] = bool(result.get("ok"))
         envelope: dict = {}
         if fields["ok"] and p.get("secagg"):  # sample count and metrics ride inside the masked vector
-            fields.update(metric_names=result["metric_names"], duration=result["duration"])
+            fields.update(metric_names=result["metric_names"], duration=result["duration"], device=result["device"])
         elif fields["ok"]:
-            fields.update(samples=result["samples"], metrics=result["metrics"], duration=result["duration"])
+            fields.update(samples=result["samples"], metrics=result["metrics"], duration=result["duration"],
+                          device=result["device"])
         tensors = None
         if fields["ok"]:
             tensors = self._result(task.id)
@@ -512,7 +518,16 @@ class Node:
             fields["error"] = result["error"]
             self.log.warning("task %s failed: %s", task.id, result["error"].get("message"))
         review = {k: result.get(k) for k in ("metrics", "samples", "duration", "update_norm")}
-        held, fields = self.release.finish(task, fields, envelope, review)
+        obsolete = [] if fields["ok"] else [ExperimentState.output(task.id)]  # what a failed task wrote
+
+        def keep_state(final: dict) -> None:  # the experiment's state on this node, in the release's commit
+            if final["ok"] and result.get("state"):
+                obsolete[:] = self.state.commit(task.id, p["researcher"], p["experiment"], p["round"])
+            elif not final["ok"]:
+                obsolete[:] = [ExperimentState.output(task.id)]
+
+        held, fields = self.release.finish(task, fields, envelope, review, also=keep_state)
+        self.state.delete(obsolete)
         if not fields["ok"]:
             self._discard_result(task.id)
         elif held:

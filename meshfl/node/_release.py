@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from typing import Callable
 
 from ..errors import MeshflError
 from ..privacy import Gate, Ledger
@@ -36,12 +37,13 @@ class Release:
                  gate: Gate) -> None:
         self.store, self.outbox, self.queue, self.ledger, self.audit, self.gate = store, outbox, queue, ledger, audit, gate
 
-    def finish(self, task, fields: dict, envelope: dict, review: dict | None = None) -> tuple[bool, dict]:
+    def finish(self, task, fields: dict, envelope: dict, review: dict | None = None,
+               also: Callable[[dict], None] | None = None) -> tuple[bool, dict]:
         """Commit a finished task's result: (held for review?, the fields the researcher gets).
 
         ``envelope`` is what the outbox keeps besides ``fields``; a held result also keeps
         ``review`` (what the operator reviews: metrics, update norm, privacy cost), which never
-        leaves the node."""
+        leaves the node. ``also(final fields)`` joins the commit (the experiment's node state)."""
         p = task.payload
         held = bool(fields["ok"]) and self.gate.policy(p["dataset"]).review
 
@@ -64,6 +66,8 @@ class Release:
             if held:
                 self.audit.append("result.held", task=task.id, dataset=p["dataset"], researcher=p["researcher"])
             self.outbox.put(task.id, p["researcher"], kept, held=held)
+            if also is not None:
+                also(final)
             crash_point("release.before_commit")
             return final
 
@@ -125,7 +129,7 @@ class Release:
                                  "epsilon_spent": entry["epsilon_total"], "epsilon_left": left}
         self.audit.append("result.released", task=task_id, dataset=payload["dataset"],
                           researcher=payload["researcher"], epsilon=epsilon, by=by,
-                          **{k: fields[k] for k in ("suppressed",) if k in fields}, **payload.get("audit", {}))
+                          **{k: fields[k] for k in ("suppressed",) if k in fields}, **(payload.get("audit") or {}))
 
 
 def _head(fields: dict) -> dict:

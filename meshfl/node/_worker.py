@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 import tempfile
@@ -23,9 +24,10 @@ import orjson
 import torch
 
 from .._extras import require
+from ..aggregate._scaffold import SLOT
 from ..errors import MeshflError
-from ..plans import DEFAULT_TRAINING_ARGS, TorchTrainingPlan, load_plan_class
-from ..store.blobs import read_pack, update_pack
+from ..plans import DEFAULT_TRAINING_ARGS, TorchTrainingPlan, load_plan_class, local_keys
+from ..store.blobs import read_pack, update_pack, write_pack
 from . import _sandbox
 from ._datasets import load_dataset, load_table
 
@@ -59,18 +61,20 @@ def _seed(seed: int, device: torch.device) -> None:
         torch.manual_seed(seed)
 
 
-def _batches(data, batch_size: int, generator: torch.Generator, device: torch.device):
+def _batches(data, batch_size: int, generator: torch.Generator):
+    """Shuffled mini-batches of ``data``, on the device the data is on (it moved there once)."""
     x, y = data
-    order = torch.randperm(x.shape[0], generator=generator)
+    order = torch.randperm(x.shape[0], generator=generator).to(x.device)  # one copy per epoch
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
         if len(idx) == 1 < len(order):
             continue  # a last batch of one sample breaks BatchNorm and adds only noise
-        yield x[idx].to(device), (y[idx].to(device) if y is not None else None)
+        yield x[idx], (y[idx] if y is not None else None)
 
 
 def default_train(plan: TorchTrainingPlan, model, train, args: dict, device: torch.device) -> dict:
-    """The plain supervised loop: epochs (or exact steps) of mini-batches, optional FedProx term."""
+    """The plain supervised loop: epochs (or exact steps) of mini-batches, optional FedProx term.
+    ``train`` is already on ``device``."""
     optimizer = plan.init_optimizer(model, args["lr"])
     generator = torch.Generator().manual_seed(int(args["seed"]))
     mu = float(args.get("fedprox_mu") or 0.0)
@@ -82,7 +86,7 @@ def default_train(plan: TorchTrainingPlan, model, train, args: dict, device: tor
     for _ in range(epochs):
         if train[0].shape[0] == 0 or (max_steps and steps >= max_steps):
             break
-        for batch in _batches(train, int(args["batch_size"]), generator, device):
+        for batch in _batches(train, int(args["batch_size"]), generator):
             optimizer.zero_grad()
             loss = plan.training_step(model, batch)
             if anchor is not None:
@@ -116,6 +120,63 @@ def _delta_buffer(name: str, like: torch.Tensor) -> torch.Tensor:
     return buf
 
 
+def _on_device(data: tuple, device: torch.device) -> tuple:
+    return tuple(t.to(device) if t is not None else None for t in data)
+
+
+class _Scaffold:
+    """The node's side of SCAFFOLD (see :mod:`meshfl.aggregate._scaffold`): every gradient gets
+    ``c - c_i`` added by a hook, so a plan's own ``train`` loop is corrected too; the hooks count
+    the backward passes ``K``, and after training ``(x - y) / (K lr)`` goes back in the slots and
+    ``c_i+ = c_i - c + (x - y) / (K lr)`` into the node's state."""
+
+    def __init__(self, model, received: dict, kept: dict, device: torch.device) -> None:
+        params = dict(model.named_parameters())
+        self.c = {k[len(SLOT):]: v for k, v in received.items() if k.startswith(SLOT)}
+        unknown = sorted(set(self.c) - set(params))
+        if unknown:
+            raise MeshflError(f"a control variate came for {unknown[0]!r}, which is no trainable "
+                              f"parameter of the plan's model", code="bad_request")
+        self.params = {n: params[n] for n in self.c if params[n].requires_grad}  # frozen ones keep c_i
+        self.ci = {n: kept.get(f"scaffold.ci/{n}", torch.zeros_like(c)) for n, c in self.c.items()}
+        self.steps = 0
+        self._hooks = []
+        for i, (n, p) in enumerate(self.params.items()):
+            correction = (self.c[n] - self.ci[n]).to(device=device, dtype=p.dtype)
+            self._hooks.append(p.register_hook(lambda g, c=correction, first=i == 0: self._correct(g, c, first)))
+
+    def _correct(self, grad: torch.Tensor, correction: torch.Tensor, first: bool) -> torch.Tensor:
+        if first:
+            self.steps += 1
+        return grad + correction
+
+    def finish(self, start: dict, lr: float) -> tuple[dict, dict]:
+        """The slots to send back and the new ``c_i`` to keep (both on the CPU)."""
+        for hook in self._hooks:
+            hook.remove()  # the model is cached for the next task
+        slots, kept = {}, {}
+        for n in self.c:
+            p = self.params.get(n)
+            if p is None or self.steps == 0:  # nothing trained: c_i stays, the slot sends c back
+                slots[SLOT + n], kept[f"scaffold.ci/{n}"] = self.c[n], self.ci[n]
+                continue
+            drift = (start[n] - p.detach().cpu()).div_(self.steps * lr)
+            slots[SLOT + n] = drift
+            kept[f"scaffold.ci/{n}"] = self.ci[n] - self.c[n] + drift
+        return slots, kept
+
+
+def _local_start(plan: TorchTrainingPlan, job: dict, local: set[str], kept: dict, seed: int) -> dict:
+    """The personalised layers this task starts from: the node's own from earlier rounds, else
+    fresh from ``init_model`` under the task's seed (the cached model may hold another experiment's)."""
+    if all(f"local/{k}" in kept for k in local):
+        return {k: kept[f"local/{k}"] for k in local}
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        fresh = plan.init_model(**job["model_args"]).state_dict()
+    return {k: kept.get(f"local/{k}", fresh[k]) for k in local}
+
+
 def _prepare(job: dict):
     """What every job starts from: the plan (loaded once per hash), the training arguments, the
     device, and the node's dataset (loaded once, preprocessed by the plan, split)."""
@@ -127,11 +188,11 @@ def _prepare(job: dict):
     device = _device(args, job.get("allow_cuda", True))
     _seed(int(args["seed"]), device)
     record = job["dataset"]
-    data_key = (key, record["name"], record["path"], record.get("added"))  # preprocess() is the plan's
+    data_key = (key, record["name"], record["path"], record.get("added"), device.type)  # preprocess() is the plan's
     if data_key not in _data:
         x, y = load_dataset(record)
         _data.clear()  # keep one dataset in memory at a time
-        _data[data_key] = plan.preprocess(x, y)
+        _data[data_key] = _on_device(plan.preprocess(x, y), device)  # moved once, kept there
     x, y = _data[data_key]
     train, test = plan.split(x, y, float(args["test_fraction"]), int(args["seed"]))
     return plan, args, device, train, test
@@ -145,7 +206,14 @@ def train_job(job: dict) -> dict:
     dp = job.get("dp")
     model = _model(plan, job, device)
     pack = read_pack(job["pack"])  # the received model; the result goes back over it
-    model.load_state_dict(pack)
+    kept = read_pack(job["state"]) if job.get("state") else {}  # this experiment's state on this node
+    local = local_keys(plan, model.state_dict())
+    sent = sorted(local & set(pack))
+    if sent:
+        raise MeshflError(f"the request carries {sent[0]!r}, which the plan keeps on the node", code="bad_request")
+    start = {k: v for k, v in pack.items() if not k.startswith(SLOT)}
+    model.load_state_dict({**start, **_local_start(plan, job, local, kept, int(args["seed"]))})
+    scaffold = _Scaffold(model, pack, kept, device) if args.get("scaffold") else None
     if dp and dp["mode"] == "sample":
         metrics = dp_sgd_train(plan, model, train, args, device, dp, job["mechanism"])
     elif hasattr(plan, "train"):
@@ -154,19 +222,25 @@ def train_job(job: dict) -> dict:
         metrics = default_train(plan, model, train, args, device)
     if test[0].shape[0] and not dp:  # under DP only the noised model leaves: no data-dependent metric
         model.eval()
-        test_on = (test[0].to(device), test[1].to(device) if test[1] is not None else None)
-        metrics.update({f"test_{k}": v for k, v in plan.evaluate(model, test_on).items()})
-    state = model.state_dict()
+        metrics.update({f"test_{k}": v for k, v in plan.evaluate(model, test).items()})
+    state = {k: v for k, v in model.state_dict().items() if k not in local}
+    keep = {f"local/{k}": v.detach().cpu().clone() for k, v in model.state_dict().items() if k in local}
+    if scaffold is not None:
+        slots, ci = scaffold.finish(start, float(args["lr"]))
+        state.update(slots)
+        keep.update(ci)
     if {k: (v.shape, v.dtype) for k, v in state.items()} != {k: (v.shape, v.dtype) for k, v in pack.items()}:
         raise ValueError("the plan changed the model's tensor names, shapes or dtypes during training")
     norm = _update_norm(state, pack) if job.get("update_norm") else None
     result = {}
-    for name, tensor in state.items():
-        tensor = tensor.detach().cpu()
+    for name in pack:
+        tensor = state[name].detach().cpu()  # results travel as CPU tensors, whatever the device
         if job.get("delta") and tensor.dtype != torch.bool:  # secure aggregation masks the change
             tensor = torch.sub(tensor, pack[name], out=_delta_buffer(name, tensor))
         result[name] = tensor
     update_pack(job["pack"], result)
+    if keep:
+        write_pack(job["state_out"], keep)
     return {
         "ok": True,
         "samples": int(train[0].shape[0]),
@@ -174,6 +248,7 @@ def train_job(job: dict) -> dict:
         "device": device.type,
         "duration": time.monotonic() - started,
         "update_norm": norm,
+        "state": bool(keep),
     }
 
 
@@ -218,6 +293,7 @@ def dp_sgd_train(plan: TorchTrainingPlan, model, train, args: dict, device: torc
         from opacus.optimizers import DPOptimizer
         from opacus.validators import ModuleValidator
 
+    model.train()  # the cached model may come back from the last task's evaluation
     problems = ModuleValidator.validate(model, strict=False)
     if problems or any(b.is_floating_point() for b in model.buffers()):
         what = "; ".join(str(p) for p in problems[:3]) or "the model has floating buffers DP does not cover"
@@ -288,7 +364,10 @@ def main(settings: dict | None = None, protections: dict | None = None) -> None:
     for line in sys.stdin.buffer:
         job = orjson.loads(line)
         result, tainted = _serve(job, jail, settings or {})
-        out.write(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+        try:
+            out.write(orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+        except BrokenPipeError:
+            return  # the node is gone: nobody to answer
         if tainted:  # the plan broke a rule: no later task shares this interpreter
             os._exit(0)
 
@@ -301,8 +380,10 @@ def _serve(job: dict, jail, settings: dict) -> tuple[dict, bool]:
         os.environ["TMPDIR"] = tempfile.tempdir = scratch
     if jail is not None:
         dataset = (job.get("dataset") or {}).get("path")
-        jail.begin(reads=[p for p in (dataset, job.get("pack")) if p],
-                   writes=[p for p in (scratch, job.get("pack")) if p], cpu_seconds=job.get("cpu_seconds"))
+        state_out = job.get("state_out")  # this experiment's state on this node, written anew
+        jail.begin(reads=[p for p in (dataset, job.get("pack"), job.get("state")) if p],
+                   writes=[p for p in (scratch, job.get("pack"), state_out, state_out and state_out + ".tmp") if p],
+                   cpu_seconds=job.get("cpu_seconds"))
     violation = None
     try:
         result = run_job(job)

@@ -14,6 +14,10 @@ The researcher overrides what differs from a plain supervised loop:
 * ``evaluate(model, batch)`` — default loss (+ accuracy for classification);
 * ``train(model, train_data, args, device) -> metrics`` — optional: replaces the whole default
   loop (epochs or ``steps`` of mini-batches, with the FedProx term when ``fedprox_mu`` > 0).
+
+``local_layers`` names modules (or state-dict keys) that stay on each node: personalised layers
+(FedPer's head, FedBN's normalisation layers), kept per experiment in the node's store, loaded
+back each round, never sent nor aggregated.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ class TorchTrainingPlan:
 
     #: "classification" (integer labels, cross-entropy, accuracy) or "regression" (MSE).
     task = "classification"
+    #: Module names or state-dict keys whose tensors never leave the node (personalised layers):
+    #: ``("head",)`` keeps ``head.weight`` and ``head.bias`` local. See :func:`local_keys`.
+    local_layers: tuple[str, ...] = ()
 
     def init_model(self, **model_args: Any) -> nn.Module:
         raise NotImplementedError("a training plan must define init_model()")
@@ -77,6 +84,21 @@ class TorchTrainingPlan:
             accuracy = (out.argmax(dim=1) == y.long()).float().mean().item()
             return {"loss": loss, "accuracy": accuracy}
         return {"loss": nn.functional.mse_loss(out.reshape(y.shape), y.float()).item()}
+
+
+def local_keys(plan: TorchTrainingPlan | type, keys) -> set[str]:
+    """The state-dict ``keys`` the plan's ``local_layers`` keep on the node: a key is local if it
+    is one of them or lies inside one (``head`` covers ``head.weight``, ``head.0.bias``, ...).
+    An entry that covers no key is a mistake in the plan: ValueError naming it."""
+    keys = list(keys)
+    entries = plan.local_layers
+    out: set[str] = set()
+    for entry in (entries,) if isinstance(entries, str) else entries:
+        found = {k for k in keys if k == entry or k.startswith(entry + ".")}
+        if not found:
+            raise ValueError(f"local_layers entry {entry!r} names no tensor of the model")
+        out |= found
+    return out
 
 
 def plan_source(plan_cls: type) -> str:
@@ -118,4 +140,4 @@ def load_plan_class(source: str, class_name: str, module_name: str = "meshfl_pla
     return cls
 
 
-__all__ = ["DEFAULT_TRAINING_ARGS", "TorchTrainingPlan", "load_plan_class", "plan_source"]
+__all__ = ["DEFAULT_TRAINING_ARGS", "TorchTrainingPlan", "load_plan_class", "local_keys", "plan_source"]

@@ -12,6 +12,10 @@ After each round the global model, the aggregator's state and the history are ch
 the researcher's home (pack files + LMDB), so :meth:`Experiment.resume` continues after a crash.
 Each round's history entry is its own LMDB record (table ``rounds``), written once, so what a
 checkpoint writes does not grow with the rounds.
+
+A round sends the model but for the plan's ``local_layers`` (personalised layers: each node keeps
+its own), plus what the aggregator sends beside it (SCAFFOLD's control variate); updates bring
+the same names back.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 
 from ..aggregate import Aggregator, FedAvg, make_aggregator
 from ..errors import ConfigError, MeshflError
-from ..plans import DEFAULT_TRAINING_ARGS, TorchTrainingPlan, load_plan_class, plan_source
+from ..plans import DEFAULT_TRAINING_ARGS, TorchTrainingPlan, load_plan_class, local_keys, plan_source
 from ..privacy import DPSpec
 from ..protocol import chunk_plan
 from ..store import Store, Table
@@ -37,6 +41,7 @@ from ..store._codec import seq_key
 from ..store.blobs import BlobStore
 from ..wire import DTYPES, Message
 from .._progress import Progress
+from ._history import History, TensorBoardLog
 from ._researcher import Researcher
 from ._secure import SecureTrainingRound, secagg_options, secure_metrics
 
@@ -102,6 +107,7 @@ class Experiment:
         on_round: Callable[[dict], None] | None = None,
         secagg: bool | dict = False,
         dp=None,
+        tensorboard: str | os.PathLike | None = None,
     ) -> None:
         self.researcher = researcher
         if isinstance(plan, str):
@@ -116,8 +122,15 @@ class Experiment:
         self.aggregator = aggregator or FedAvg()
         self.secagg = secagg_options(secagg)
         self.dp = DPSpec.from_wire(dp).to_wire() if dp is not None else None
+        if self.dp is not None and type(self.aggregator).round_tensors is not Aggregator.round_tensors:
+            raise ConfigError(f"{type(self.aggregator).__name__} sends the nodes tensors of its own (SCAFFOLD's "
+                              f"control variates), which differential privacy does not cover: use FedAvg, FedProx "
+                              f"or the FedOpt family with dp=", code="dp_incompatible")
         if self.secagg and not self.aggregator.streaming:
-            raise ConfigError(f"{self.aggregator.name} needs every update; secure aggregation reveals only the sum")
+            raise ConfigError(f"{type(self.aggregator).__name__} needs every node's own update, and secure "
+                              f"aggregation shows the researcher only their sum: use a streaming aggregator "
+                              f"(FedAvg, FedProx, the FedOpt family, Scaffold) or secagg=False",
+                              code="secagg_incompatible")
         self.min_nodes, self.round_timeout = int(min_nodes), float(round_timeout)
         self.fraction, self.node_filter = float(fraction), list(nodes) if nodes else None
         self.max_streams = max(1, int(max_streams))
@@ -125,10 +138,14 @@ class Experiment:
         self.progress = progress
         self.on_round = on_round
         self.id = experiment_id or f"exp-{os.urandom(4).hex()}"
-        self.history: list[dict] = []
+        self.history = History(experiment=self.id)
+        if tensorboard is not None:
+            TensorBoardLog.check()  # a missing extra fails now, not after the first round
+        self._tensorboard = None if tensorboard is None else TensorBoardLog(os.path.join(tensorboard, self.id))
         self.round = 0  # rounds completed
         self.attempt = 0  # bumped on every resume: task ids never repeat across attempts
         self._saved: dict = {}  # where the last checkpoint is: kept in every record written after it
+        self._created = time.time()
         home = researcher.home
         self._store = home.store
         self._table: Table = home.store.table(EXPERIMENTS_TABLE)
@@ -137,6 +154,10 @@ class Experiment:
         cls = load_plan_class(self.plan_source, self.plan_class, f"meshfl_plan_local_{self.id}")
         self.model: torch.nn.Module = cls().init_model(**self.model_args)
         self.global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        try:  # personalised layers: they stay on the nodes, so never travel nor aggregate
+            self.local_layers = local_keys(cls, self.global_state)
+        except ValueError as exc:
+            raise ConfigError(f"plan {self.plan_class}: {exc}", code="bad_plan") from None
         self._buffers: list[dict[str, torch.Tensor]] = []
         self._holders: dict[str, int] = {}  # node id -> samples of its largest dataset with our tags (searched once)
 
@@ -160,6 +181,8 @@ class Experiment:
             "dp": self.dp,
             "round": self.round,
             "attempt": self.attempt,
+            "created": self._created,
+            "updated": time.time(),
             **self._saved,
         }
 
@@ -183,9 +206,12 @@ class Experiment:
 
     @classmethod
     def resume(
-        cls, researcher: Researcher, experiment_id: str, *, evaluate=None, progress: bool | None = None, on_round=None
+        cls, researcher: Researcher, experiment_id: str, *, evaluate=None, progress: bool | None = None, on_round=None,
+        tensorboard: str | os.PathLike | None = None, rounds: int | None = None,
     ) -> "Experiment":
-        """Rebuild an experiment from its last checkpoint; :meth:`run` then finishes it."""
+        """Rebuild an experiment from its last checkpoint; :meth:`run` then finishes it, or runs up
+        to ``rounds`` in all (to train longer). The callbacks and the TensorBoard folder are not
+        stored: give them again."""
         record = researcher.home.store.table(EXPERIMENTS_TABLE).get(experiment_id)
         if record is None:
             raise MeshflError(f"no experiment {experiment_id!r} in {researcher.home.path}", code="unknown_experiment")
@@ -193,7 +219,7 @@ class Experiment:
             researcher,
             record["plan_source"],
             record["tags"],
-            record["rounds"],
+            rounds or record["rounds"],
             record["model_args"],
             record["training_args"],
             make_aggregator(record["aggregator"]),
@@ -209,8 +235,10 @@ class Experiment:
             on_round=on_round,
             secagg=record.get("secagg") or False,
             dp=record.get("dp"),
+            tensorboard=tensorboard,
         )
         exp.round, exp.attempt = record["round"], record["attempt"] + 1
+        exp._created = record.get("created", exp._created)
         exp.history = cls.saved_history(researcher.home.store, experiment_id)
         if "history" in record:  # a record written before the rounds table: move its history there
             def move(tx) -> None:
@@ -229,7 +257,7 @@ class Experiment:
         return exp
 
     @staticmethod
-    def saved_history(store: Store, experiment_id: str) -> list[dict]:
+    def saved_history(store: Store, experiment_id: str) -> History:
         """The history of an experiment's last checkpoint in a researcher home's ``store`` (empty
         if it has none): what :meth:`resume` starts from, read without resuming."""
         def read(tx) -> list[dict]:
@@ -238,11 +266,11 @@ class Experiment:
                 return record["history"]
             return [tx.get(ROUNDS_TABLE, _round_key(experiment_id, r)) for r in range(1, record["round"] + 1)]
 
-        return store.read(read)
+        return History(store.read(read), experiment_id)
 
     # ------------------------------------------------------------------ running
-    def run(self) -> list[dict]:
-        """Run the remaining rounds; returns the history (one dict per round)."""
+    def run(self) -> History:
+        """Run the remaining rounds; returns the history (a list, one dict per round)."""
         self._table.put(self.id, self._record())
         self._audit.append("experiment.started", experiment=self.id, rounds=self.rounds, attempt=self.attempt)
         bar = Progress(self.rounds, f"{self.id}", enabled=self.progress)
@@ -254,6 +282,8 @@ class Experiment:
                 self.history.append(entry)
                 self._checkpoint()
                 note = " ".join(f"{k}={v:.4f}" for k, v in entry.get("global", {}).items() if isinstance(v, float))
+                if self._tensorboard is not None:
+                    self._tensorboard.write(entry)
                 if self.on_round is not None:
                     self.on_round(entry)
                 bar.update(1, note)
@@ -263,6 +293,8 @@ class Experiment:
             raise
         finally:
             bar.close()
+            if self._tensorboard is not None:
+                self._tensorboard.close()
         self._audit.append("experiment.finished", experiment=self.id, rounds=self.round)
         return self.history
 
@@ -310,11 +342,12 @@ class Experiment:
         args.update(self.aggregator.training_args())
         failed: dict[str, dict] = {}
         secure = None
+        sent = self._begin_aggregation()  # the model's shared tensors and the aggregator's own
         if self.secagg:
-            try:
-                secure = SecureTrainingRound(self.researcher, f"{self.id}.r{rnd}.a{self.attempt}", nodes, self.global_state,
-                                     [n for n, _ in self.model.named_parameters()],
-                                     max(self._holders[n] for n in nodes), self.secagg)
+            try:  # the aggregator's tensors (SCAFFOLD's c) are no parameters: the wide 64-bit ring,
+                # as their changes are not bounded by a parameter's clip
+                secure = SecureTrainingRound(self.researcher, f"{self.id}.r{rnd}.a{self.attempt}", nodes, sent,
+                                             self._parameters(), max(self._holders[n] for n in nodes), self.secagg)
                 secure.start()
             except MeshflError as exc:
                 raise RoundFailed(f"round {rnd}: {exc.message}", details=self._failure_details(failed, [])) from None
@@ -322,14 +355,13 @@ class Experiment:
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.researcher._route(tasks, inbox)
         if secure is None:
-            sink, layout = self.aggregator, {k: (list(v.shape), v.dtype) for k, v in self.global_state.items()}
-            self.aggregator.begin(self.global_state, [name for name, _ in self.model.named_parameters()])
+            sink, layout = self.aggregator, {k: (list(v.shape), v.dtype) for k, v in sent.items()}
         else:
             sink, layout = secure.sum, secure.sum.layout
         deadline = started + self.round_timeout
         deferred: dict[str, str] = {}  # secure results: acknowledged with the unmasking request
         try:
-            self._send_tasks(rnd, tasks, args, inbox, deadline, secure.train_fields() if secure else None)
+            self._send_tasks(rnd, tasks, args, sent, inbox, deadline, secure.train_fields() if secure else None)
             if secure is not None:  # the key exchange ran while the model travelled
                 try:
                     secure.exchange_keys(failed)
@@ -361,17 +393,19 @@ class Experiment:
                 details=self._failure_details(failed, dropped),
             )
         updates = sink.count  # one per contributing node, or something was added twice
-        if secure is None:
-            new_state = self.aggregator.finish()
-            samples = sum(info["samples"] for info in contributed.values())
-            metrics = _weighted_metrics(contributed)
-        else:
-            try:
-                new_state, samples, metrics = self._unmask(secure, contributed, failed, deferred)
-            except MeshflError as exc:
-                raise RoundFailed(f"round {rnd}: {exc.message}", details=self._failure_details(failed, dropped)) from None
-        self.global_state = new_state
-        self.model.load_state_dict(new_state)
+        try:
+            if secure is None:
+                new_state = self.aggregator.finish()
+                samples = sum(info["samples"] for info in contributed.values())
+                metrics = _weighted_metrics(contributed)
+            else:
+                new_state, samples, metrics = self._unmask(secure, sent, contributed, failed, deferred)
+        except MeshflError as exc:  # e.g. Krum with too few updates, a secure round short of shares
+            details = {**self._failure_details(failed, dropped), "cause": exc.code}
+            raise RoundFailed(f"round {rnd}: {exc.message}", details=details) from None
+        # the personalised layers stay as they were: only their owners, the nodes, train them
+        self.global_state = {k: new_state.get(k, v) for k, v in self.global_state.items()}
+        self.model.load_state_dict(self.global_state)
         entry: dict[str, Any] = {
             "round": rnd,
             "nodes": {name(n): info for n, info in contributed.items()},
@@ -384,6 +418,8 @@ class Experiment:
         if secure is not None:
             entry["secagg"] = {"threshold": secure.threshold, "members": [name(n) for n in secure.members],
                                "seconds": secure.seconds}
+        if self.aggregator.summary():
+            entry["aggregator"] = self.aggregator.summary()
         for n, e in failed.items():
             log.warning("round %d: %s failed: [%s] %s", rnd, name(n), e.get("code"), e.get("message"))
         return entry, metrics
@@ -391,11 +427,25 @@ class Experiment:
     def _failure_details(self, failed: dict, dropped: list) -> dict:
         return {"failed": {self.researcher.node_name(n): e for n, e in failed.items()}, "dropped": dropped}
 
-    def _unmask(self, secure: SecureTrainingRound, contributed: dict, failed: dict, acks: dict) -> tuple[dict, int, dict]:
+    def _parameters(self) -> list[str]:
+        """The model's trainable tensors that travel (a server optimizer steps only these)."""
+        return [n for n, _ in self.model.named_parameters() if n not in self.local_layers]
+
+    def _begin_aggregation(self) -> dict[str, torch.Tensor]:
+        """Start the aggregator's round on the model's shared tensors; returns what each node
+        gets: those, and the aggregator's own round tensors (SCAFFOLD's control variate)."""
+        shared = {k: v for k, v in self.global_state.items() if k not in self.local_layers}
+        holders = [n for n, samples in self._holders.items() if samples
+                   and (self.node_filter is None or n in self.node_filter)]
+        self.aggregator.begin(shared, self._parameters(), population=len(holders) or None)
+        return {**shared, **self.aggregator.round_tensors()}
+
+    def _unmask(self, secure: SecureTrainingRound, sent: dict, contributed: dict, failed: dict,
+                acks: dict) -> tuple[dict, int, dict]:
         """The survivors' sum, unmasked, as the next model: FedAvg of their updates, then the server step."""
         deltas, samples, slots = secure.finish(sorted(contributed), failed, acks)
         mean = {}
-        for key, g in self.global_state.items():
+        for key, g in sent.items():
             if key not in deltas:  # bool buffers are not aggregated
                 mean[key] = g
                 continue
@@ -404,13 +454,14 @@ class Experiment:
                 mean[key] = d.add_(g)  # the decoded delta's own memory: no new 4 MB per tensor
             else:
                 mean[key] = g + d.to(g.dtype) if g.is_floating_point() else g + d.round().to(g.dtype)
-        # The mean is one update holding every sample: FedAvg returns it, server optimizers step on it.
-        self.aggregator.begin(self.global_state, [n for n, _ in self.model.named_parameters()])
-        self.aggregator.add(mean, float(samples), "secure-sum")
+        # The mean is one update holding every sample and standing for every survivor: FedAvg
+        # returns it, server optimizers step on it, SCAFFOLD counts the survivors.
+        self._begin_aggregation()
+        self.aggregator.add(mean, float(samples), "secure-sum", count=len(contributed))
         names = {n: info["metric_names"] for n, info in contributed.items()}
         return self.aggregator.finish(), samples, secure_metrics(names, slots)
 
-    def _send_tasks(self, rnd: int, tasks: dict[str, str], args: dict, inbox, deadline: float,
+    def _send_tasks(self, rnd: int, tasks: dict[str, str], args: dict, sent: dict, inbox, deadline: float,
                     secagg: dict | None) -> None:
         """Send every node its task; each answer (``train.accepted`` or an error) lands in the
         round's inbox as ``("answer", task id, future)``, so no slow node holds up the others."""
@@ -429,7 +480,7 @@ class Experiment:
             fields["dp"] = self.dp
         timeout = max(1.0, deadline - time.monotonic())
         for tid, node in tasks.items():
-            fut = self.researcher.request(node, Message("train", {**fields, "task_id": tid}, self.global_state), timeout)
+            fut = self.researcher.request(node, Message("train", {**fields, "task_id": tid}, sent), timeout)
             fut.add_done_callback(lambda f, tid=tid: inbox.put(("answer", tid, f)))
 
     def _collect(self, tasks: dict[str, str], inbox, failed: dict, deadline: float, sink, layout: dict,
@@ -618,6 +669,7 @@ def _info(fields: dict) -> dict:
         "samples": int(fields["samples"]) if "samples" in fields else None,
         "metrics": fields.get("metrics", {}),
         "duration": fields.get("duration"),
+        "device": fields.get("device"),
     }
     if "metric_names" in fields:
         info["metric_names"] = list(fields["metric_names"])

@@ -41,6 +41,7 @@ from ..errors import (
     WireError,
 )
 from ..wire import DEFAULT_FRAME_BYTES, DEFAULT_LIMITS, Limits, Message, declare, decode, encode, error_message, peek_id
+from ._ratelimit import RateLimitedLog
 from ._trust import TrustTable
 from ._zap import ZAP_ENDPOINT, zap_decide
 
@@ -105,6 +106,7 @@ class Peer:
         self.frame_bytes = frame_bytes
         self.trust_table = TrustTable()
         self.log = _PeerLog(logging.getLogger("meshfl.transport"), {"peer": self.name})
+        self._noisy = RateLimitedLog(self.log)  # warnings a peer can cause at will (I/O thread only)
         self._listen = listen
         self._handler = handler
         self._routes: dict[str, Handler] = {}
@@ -340,6 +342,7 @@ class Peer:
         self.log.info("listening on %s (curve=%s)", self.endpoint, self.curve)
 
     def _teardown(self, linger: float) -> None:
+        self._noisy.flush(everything=True)
         ms = int(linger * 1000)
         for sock in list(self._monitors):
             sock.close(0)
@@ -453,6 +456,7 @@ class Peer:
 
     def _beat(self, now: float) -> None:
         """App heartbeat on dialed links (so the far ROUTER sees us), expiry of silent ones, redials."""
+        self._noisy.flush()
         for pid, when in list(self._redial_at.items()):
             if when <= now:
                 del self._redial_at[pid]
@@ -528,12 +532,15 @@ class Peer:
             try:
                 claimed = routing_id.decode()
             except UnicodeDecodeError:
-                self.log.warning("dropped a message with a non-text routing id")
+                self._noisy.warning("routing", "messages with a non-text routing id",
+                                    "dropped a message with a non-text routing id")
                 continue
             if self.curve:
                 user = body[0].get("User-Id") if body else None
                 if user != claimed or claimed not in self.trust_table:
-                    self.log.warning("dropped a message from %s: authenticated as %s, not (or no longer) trusted", claimed, user)
+                    self._noisy.warning(("untrusted", user), f"messages from untrusted {user}",
+                                        "dropped a message from %s: authenticated as %s, not (or no longer) trusted",
+                                        claimed, user)
                     continue
             self._deliver(claimed, body, self._router, routing_id)
 
@@ -549,7 +556,8 @@ class Peer:
             if msg.sender != sender:
                 raise WireError(f"envelope names sender {msg.sender!r}, link is {sender!r}", code="bad_envelope")
         except WireError as exc:
-            self.log.warning("bad message from %s: %s", self._names.get(sender, sender), exc)
+            name = self._names.get(sender, sender)
+            self._noisy.warning((sender, "bad"), f"bad messages from {name}", "bad message from %s: %s", name, exc)
             head = frames[0].buffer if frames else b""
             if b'"type":"error"' not in bytes(head[:256]):
                 reply = encode(error_message(exc.code, exc.message, peek_id(head)), self.frame_bytes)
@@ -575,7 +583,9 @@ class Peer:
                     pending.future.set_result(msg)
                 return
             if msg.type == "error":
-                self.log.warning("error from %s: %s", self._names.get(sender, sender), msg.fields.get("message"))
+                name = self._names.get(sender, sender)
+                self._noisy.warning((sender, "error"), f"unsolicited errors from {name}", "error from %s: %s", name,
+                                    msg.fields.get("message"))
                 return
         self._inbox.put(msg)
 

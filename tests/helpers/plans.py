@@ -73,3 +73,39 @@ class GatedPlan(TorchTrainingPlan):
             for p in model.parameters():
                 p.add_(train[0].shape[0] / 100)
         return {"steps": 0}
+
+
+class SgdPlan(TorchTrainingPlan):
+    """Softmax regression trained by plain SGD: the steps SCAFFOLD's correction assumes."""
+
+    def init_model(self, features=4, classes=3):
+        return nn.Linear(features, classes)
+
+    def init_optimizer(self, model, lr):
+        return torch.optim.SGD(model.parameters(), lr=lr)
+
+
+class PersonalPlan(TorchTrainingPlan):
+    """FedPer + FedBN: ``norm`` and ``head`` stay on each node. No training: every parameter += 1,
+    so each node's own layers count its rounds and the shared body is exactly global + 1."""
+
+    local_layers = ("norm", "head")
+
+    def init_model(self, features=4, classes=2):
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = nn.Linear(features, 3)
+                self.norm = nn.BatchNorm1d(3)
+                self.head = nn.Linear(3, classes)
+
+            def forward(self, x):
+                return self.head(self.norm(self.body(x)))
+
+        return Net()
+
+    def train(self, model, train, args, device):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        return {"steps": 0}
