@@ -42,7 +42,7 @@ declare(
         "training_args": "dict",
         "model_args": "dict",
     },
-    optional={"secagg": "dict", "dp": "dict"},
+    optional={"secagg": "dict", "dp": "dict", "preprocess": "list"},
     tensors=True,
 )
 declare("train.accepted", required={"task_id": "str", "state": "str"})

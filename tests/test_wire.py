@@ -60,6 +60,13 @@ def test_round_trip_every_dtype_and_shape(specs, frame_bytes, transpose):
         assert _same(out.tensors[name], t.contiguous()), name
 
 
+def test_empty_tensors_from_numpy_round_trip():
+    # numpy's empty arrays become stride-0 tensors, which torch cannot view as bytes.
+    empty = torch.from_numpy(np.asarray([], dtype=np.float64))
+    out = decode(encode(Message("test.tensors", {"round": 0}, {"values": empty})))
+    assert out.tensors["values"].dtype == torch.float64 and out.tensors["values"].shape == (0,)
+
+
 def test_state_dict_round_trip_and_reply_link():
     model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
     sd = model.state_dict()  # includes an int64 0-d tensor (num_batches_tracked)

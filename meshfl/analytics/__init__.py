@@ -4,8 +4,12 @@
 * :mod:`._local` - a node's side: the answer over its table, suppression of small cells;
 * :mod:`._limbs` - exact fixed-point sums, in the clear or under secure aggregation;
 * :mod:`._combine` - totals to statistics (means, variances, extremes, histograms, quantiles);
-* :mod:`._client` - :class:`Analytics`, the researcher's API.
+* :mod:`._client` - :class:`Analytics`, the researcher's API;
+* :mod:`._preprocess` - federated preprocessing: steps fitted from global statistics.
 """
+
+from . import _preprocess as preprocess
+from ._preprocess import ImputeMean, MinMaxScale, OneHot, Standardize
 
 from ._combine import Answer, ColumnStats, Histogram, Quantile
 from ._limbs import encode
@@ -23,6 +27,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'meshfl.analytics' has no attribute {name!r}")
 
 
-__all__ = ["AnalysisFailed", "Analytics", "AnalyticsError", "Answer", "ColumnStats", "Histogram", "Op",
-           "Quantile", "Summary", "Table", "check_columns", "coarsen_extremes", "columns_of", "compute", "encode",
+__all__ = ["AnalysisFailed", "Analytics", "AnalyticsError", "Answer", "ColumnStats", "Histogram", "ImputeMean",
+           "MinMaxScale", "OneHot", "Op", "Quantile", "Standardize", "Summary", "Table", "preprocess", "check_columns", "coarsen_extremes", "columns_of", "compute", "encode",
            "keep_levels", "nbytes", "parse", "summary", "suppress"]

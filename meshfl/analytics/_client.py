@@ -132,7 +132,7 @@ class Analytics:
         stats = {c: _with_extremes(s, ranges[c]) for c, s in stats.items()}
         summary = Summary(stats, nodes=self._names(second))
         if bins:
-            summary.histograms = _combine.histograms(second_ops[1], second.block(1))
+            summary.histograms = dict(zip(columns, _combine.histograms(second_ops[1], second.block(1))))
         if covariance:
             n, _, cov = _combine.covariance(second_ops[-1], second.block(len(second_ops) - 1))
             summary.covariance, summary.complete_rows = cov, n
@@ -152,7 +152,7 @@ class Analytics:
         else:
             edges = tuple(tuple(bins[c] if isinstance(bins, dict) else bins) for c in columns)
         op = Op("histogram", tuple(columns), edges=edges)
-        return _combine.histograms(op, self.run([op]).block(0))
+        return dict(zip(columns, _combine.histograms(op, self.run([op]).block(0))))
 
     def quantiles(self, columns: list, q=(0.25, 0.5, 0.75), *, bins: int = 1000,
                   passes: int = 3) -> dict[str, list[Quantile]]:
@@ -160,21 +160,23 @@ class Analytics:
         into the interval the last one left for each quantile. Each result is the interval numpy's
         (linear-interpolation) quantile of all the records lies in, and its middle. A pass uses up
         to ``bins`` bins per quantile, but no more than keeps about twice the nodes' smallest
-        released cell in each (finer bins would be suppressed and teach nothing), so the interval
-        narrows until it holds a few cells' worth of records: what the nodes' rules allow."""
+        released cell per node in each (finer bins would be suppressed and teach nothing), so the
+        interval narrows until it holds a few cells' worth of each node's records: what the nodes'
+        rules allow."""
         columns = self._columns(columns)
         q = [float(v) for v in q]
         first = self.run([Op("range", tuple(columns)), Op("moments", tuple(columns))])
         ranges = _combine.extremes(Op("range", tuple(columns)), first, 0)
         n = {c: s.count for c, s in _combine.moments(Op("moments", tuple(columns)), first.block(1)).items()}
         minimum = self.min_cell()
+        nodes = max(1, len(first.node_fields))
         windows = {c: [(ranges[c][0], ranges[c][1], n[c])] * len(q) for c in columns}
         for _ in range(max(1, passes)):
             names = [c for c in columns for _ in q]
-            edges = [_edges_between(lo, hi, max(2, min(bins, held // (2 * minimum))), c)
+            edges = [_edges_between(lo, hi, max(2, min(bins, held // (2 * minimum * nodes))), c)
                      for c in columns for lo, hi, held in windows[c]]
-            answer = self.run([_histogram_op(names, edges)])
-            hists = _split_histograms(names, edges, answer.block(0))
+            op = Op("histogram", tuple(names), edges=tuple(edges))
+            hists = _combine.histograms(op, self.run([op]).block(0))
             k = 0
             for c in columns:
                 found = []
@@ -216,7 +218,8 @@ class Analytics:
         answer = self.run([Op("levels", (str(column),))])
         union: dict = {}
         for fields in answer.node_fields.values():
-            for level in fields.get("levels", [[]])[0]:
+            kept, _dropped = fields["levels"][0]  # one [kept, how many dropped] per levels op
+            for level in kept:
                 union[level] = None
         return sorted(union, key=lambda v: (isinstance(v, str), v))
 
@@ -380,18 +383,6 @@ def _edges_between(lo: float, hi: float, bins: int, column: str) -> tuple[float,
     if hi <= lo:
         hi = lo + max(abs(lo) * 1e-9, 1e-12)
     return tuple(np.linspace(lo, hi, int(bins) + 1).tolist())
-
-
-def _histogram_op(names: list[str], edges: list) -> Op:
-    """One histogram op over possibly repeated columns (quantile windows of one column)."""
-    return Op("histogram", tuple(f"{c}\x00{i}" if names.count(c) > 1 else c for i, c in enumerate(names)),
-              edges=tuple(edges))
-
-
-def _split_histograms(names: list[str], edges: list, block: np.ndarray) -> list[Histogram]:
-    op = Op("histogram", tuple(str(i) for i in range(len(names))), edges=tuple(edges))
-    found = _combine.histograms(op, block)
-    return [found[str(i)] for i in range(len(names))]
 
 
 def _correlation(cov: np.ndarray) -> np.ndarray:

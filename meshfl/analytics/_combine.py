@@ -112,15 +112,16 @@ class Histogram:
         return dict(self.__dict__)
 
 
-def histograms(op: Op, block: np.ndarray) -> dict[str, Histogram]:
-    out, start = {}, 0
-    for name, edges in zip(op.columns, op.edges):
+def histograms(op: Op, block: np.ndarray) -> list[Histogram]:
+    """One :class:`Histogram` per (column, edges) of the op, in its order."""
+    out, start = [], 0
+    for edges in op.edges:
         cells = len(edges) + 1
         part = block[start : start + 1 + 2 * cells]
         start += 1 + 2 * cells
         counts, flags = part[1::2].astype(np.int64), part[2::2].astype(np.int64)
-        out[name] = Histogram(list(edges), counts[1:-1].tolist(), flags[1:-1].tolist(), int(counts[0]),
-                              int(counts[-1]), int(part[0]))
+        out.append(Histogram(list(edges), counts[1:-1].tolist(), flags[1:-1].tolist(), int(counts[0]),
+                             int(counts[-1]), int(part[0])))
     return out
 
 

@@ -112,8 +112,8 @@ def _parse_op(raw: Any, max_bins: int) -> Op:
         raise AnalyticsError(f"{kind} takes {', '.join(sorted(allowed))}, not {', '.join(sorted(extra))}")
     if kind in ("counts", "levels"):
         columns = (_name(raw.get("column")),)
-    else:
-        columns = _names(raw.get("columns"))
+    else:  # a histogram may bin one column several times (quantiles zoom into several windows)
+        columns = _names(raw.get("columns"), unique=kind != "histogram")
     if kind == "histogram":
         edges = raw.get("edges")
         if not isinstance(edges, list) or len(edges) != len(columns):
@@ -157,11 +157,11 @@ def _name(value: Any) -> str:
     return value
 
 
-def _names(values: Any) -> tuple[str, ...]:
+def _names(values: Any, unique: bool = True) -> tuple[str, ...]:
     if not isinstance(values, list) or not values or len(values) > MAX_COLUMNS:
         raise AnalyticsError(f"columns is a list of 1 to {MAX_COLUMNS} column names")
     names = tuple(_name(v) for v in values)
-    if len(set(names)) != len(names):
+    if unique and len(set(names)) != len(names):
         raise AnalyticsError("a column is named twice")
     return names
 

@@ -385,6 +385,16 @@ def _load_images(path: Path, record: dict) -> tuple[torch.Tensor, torch.Tensor |
     return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
 
 
+def feature_names(record: dict) -> list[str]:
+    """The names of the columns :func:`load_dataset` puts in ``x``: a CSV's numeric columns but
+    the target, in header order; an array dataset's column indices, as strings."""
+    if record["format"] == "csv":
+        dtypes = record.get("dtypes") or {}
+        return [c for c in record.get("columns") or [] if c != record.get("target") and dtypes.get(c) != "str"]
+    shape = record.get("shape") or []
+    return [str(i) for i in range(shape[1])] if len(shape) == 2 else []
+
+
 def load_table(record: dict):
     """The dataset as named columns (:class:`meshfl.analytics.Table`), float64 as stored: what
     analytics and preprocessing read. Tabular formats only; errors as :func:`load_dataset`'s."""

@@ -228,6 +228,7 @@ class Node:
             return Message("train.accepted", {"task_id": task_id, "state": existing.state})
         secagg, session = self._secagg_spec(f["secagg"], msg.sender) if f.get("secagg") else (None, None)
         dp = DPSpec.from_wire(f["dp"]) if f.get("dp") is not None else None
+        preprocess = analytics.preprocess.check(f["preprocess"]) if f.get("preprocess") else None
         found = self.datasets.search([str(t) for t in f["dataset_tags"]], self.home.config.minimum_samples)
         if not found:
             raise MeshflError(f"no dataset on {self.name} matches tags {f['dataset_tags']}", code="no_dataset")
@@ -239,7 +240,7 @@ class Node:
         if dp is not None and dp.mode == "client" and session is None:  # the noised change goes back onto it
             self.blobs.write(f"{task_id}.base", msg.tensors)
         payload = {k: f[k] for k in ("experiment", "round", "plan_source", "plan_class", "training_args", "model_args")}
-        payload.update(researcher=msg.sender, secagg=secagg, dp=dp.to_wire() if dp else None)
+        payload.update(researcher=msg.sender, secagg=secagg, dp=dp.to_wire() if dp else None, preprocess=preprocess)
 
         def accept(tx) -> None:  # the gate's decision, the task and its audit record: one commit
             dataset, grant = self._admit(request, found)
@@ -288,7 +289,9 @@ class Node:
             except PlanError:
                 raise
             except MeshflError as exc:
-                first, plan = first or exc, plan_hash(request.plan_source)
+                first = first or exc
+                if request.plan_source is not None:
+                    plan = plan or plan_hash(request.plan_source)
         raise first
 
     def _check_plan(self, request: Request) -> str:
@@ -446,10 +449,13 @@ class Node:
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
-            if task.payload.get("kind") == "analytics":
-                self._run_analytics(task)
-            else:
-                self._run_one(task)
+            try:
+                if task.payload.get("kind") == "analytics":
+                    self._run_analytics(task)
+                else:
+                    self._run_one(task)
+            except Exception:  # a bug of ours: log it and keep serving; the outbox re-sends what was kept
+                self.log.exception("task %s: the runner failed after the task ran", task.id)
 
     def _run_one(self, task) -> None:
         p = task.payload
@@ -474,6 +480,7 @@ class Node:
                 "update_norm": self.gate.policy(p["dataset"]).review,  # for the operator's review
                 "dp": p.get("dp"),
                 "mechanism": (p.get("privacy") or {}).get("mechanism"),
+                "preprocess": p.get("preprocess"),
                 **self.state.job_fields(task.id, p["researcher"], p["experiment"], p["round"]),
             }
             limit = self.home.config.task_timeout  # the operator's limit: a researcher may only lower it
@@ -574,6 +581,9 @@ class Node:
         except MeshflError as exc:
             fields.update(ok=False, error=exc.to_wire())
             self.log.warning("analytics task %s failed: %s", task.id, exc.message)
+        except Exception:  # a bug of ours: fail the task, keep the runner (and the node) alive
+            self.log.exception("analytics task %s failed", task.id)
+            fields.update(ok=False, error={"code": "internal", "message": "the node failed to answer this query"})
         finally:
             self._running_task = None
             shutil.rmtree(self.home.path / "scratch" / task.id, ignore_errors=True)

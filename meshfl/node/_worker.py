@@ -20,6 +20,7 @@ import tempfile
 import traceback
 import warnings
 
+import numpy as np
 import orjson
 import torch
 
@@ -29,7 +30,7 @@ from ..errors import MeshflError
 from ..plans import DEFAULT_TRAINING_ARGS, TorchTrainingPlan, load_plan_class, local_keys
 from ..store.blobs import read_pack, update_pack, write_pack
 from . import _sandbox
-from ._datasets import load_dataset, load_table
+from ._datasets import feature_names, load_dataset, load_table
 
 log = logging.getLogger("meshfl.worker")
 
@@ -188,14 +189,28 @@ def _prepare(job: dict):
     device = _device(args, job.get("allow_cuda", True))
     _seed(int(args["seed"]), device)
     record = job["dataset"]
-    data_key = (key, record["name"], record["path"], record.get("added"), device.type)  # preprocess() is the plan's
+    steps = job.get("preprocess") or []
+    data_key = (key, record["name"], record["path"], record.get("added"), device.type,  # preprocess() is the plan's
+                orjson.dumps(steps))
     if data_key not in _data:
         x, y = load_dataset(record)
+        if steps:  # the experiment's federated preprocessing, before the plan sees the data
+            x = _preprocessed(x, record, steps)
         _data.clear()  # keep one dataset in memory at a time
         _data[data_key] = _on_device(plan.preprocess(x, y), device)  # moved once, kept there
     x, y = _data[data_key]
     train, test = plan.split(x, y, float(args["test_fraction"]), int(args["seed"]))
     return plan, args, device, train, test
+
+
+def _preprocessed(x: torch.Tensor, record: dict, steps: list) -> torch.Tensor:
+    """The node's features with the experiment's fitted preprocessing applied (one-hot columns
+    read from the dataset's text columns)."""
+    from ..analytics import preprocess
+
+    text = load_table(record).text if any(step["step"] == "onehot" for step in steps) else None
+    out = preprocess.apply(x.numpy(), feature_names(record), preprocess.check(steps), text)
+    return torch.from_numpy(out.astype(np.float32))
 
 
 def train_job(job: dict) -> dict:

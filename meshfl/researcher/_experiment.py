@@ -108,6 +108,7 @@ class Experiment:
         secagg: bool | dict = False,
         dp=None,
         tensorboard: str | os.PathLike | None = None,
+        preprocess: list | None = None,
     ) -> None:
         self.researcher = researcher
         if isinstance(plan, str):
@@ -122,6 +123,10 @@ class Experiment:
         self.aggregator = aggregator or FedAvg()
         self.secagg = secagg_options(secagg)
         self.dp = DPSpec.from_wire(dp).to_wire() if dp is not None else None
+        # Federated preprocessing: steps to fit before round 1, or their fitted records (a resume).
+        steps = list(preprocess or [])
+        self.preprocess = steps if all(isinstance(p, dict) for p in steps) else None
+        self._preprocess_steps = None if self.preprocess is not None else steps
         if self.dp is not None and type(self.aggregator).round_tensors is not Aggregator.round_tensors:
             raise ConfigError(f"{type(self.aggregator).__name__} sends the nodes tensors of its own (SCAFFOLD's "
                               f"control variates), which differential privacy does not cover: use FedAvg, FedProx "
@@ -179,6 +184,7 @@ class Experiment:
             "max_streams": self.max_streams,
             "secagg": self.secagg,
             "dp": self.dp,
+            "preprocess": self.preprocess,
             "round": self.round,
             "attempt": self.attempt,
             "created": self._created,
@@ -235,6 +241,7 @@ class Experiment:
             on_round=on_round,
             secagg=record.get("secagg") or False,
             dp=record.get("dp"),
+            preprocess=record.get("preprocess"),
             tensorboard=tensorboard,
         )
         exp.round, exp.attempt = record["round"], record["attempt"] + 1
@@ -271,6 +278,8 @@ class Experiment:
     # ------------------------------------------------------------------ running
     def run(self) -> History:
         """Run the remaining rounds; returns the history (a list, one dict per round)."""
+        if self.preprocess is None:
+            self.preprocess = self.fit_preprocessing()
         self._table.put(self.id, self._record())
         self._audit.append("experiment.started", experiment=self.id, rounds=self.rounds, attempt=self.attempt)
         bar = Progress(self.rounds, f"{self.id}", enabled=self.progress)
@@ -297,6 +306,21 @@ class Experiment:
                 self._tensorboard.close()
         self._audit.append("experiment.finished", experiment=self.id, rounds=self.round)
         return self.history
+
+    def fit_preprocessing(self) -> list[dict]:
+        """Fit the experiment's preprocessing steps by federated analytics over its nodes (under
+        secure aggregation if the experiment uses it): their global statistics, which every node
+        applies to its data. Runs once, before round 1; the checkpoint keeps the result."""
+        if not self._preprocess_steps:
+            return []
+        from ..analytics import Analytics, preprocess
+
+        secagg = {"threshold": self.secagg["threshold"]} if self.secagg else False
+        analytics = Analytics(self.researcher, self.tags, secagg=secagg, nodes=self.node_filter,
+                              min_nodes=self.min_nodes, timeout=self.round_timeout, purpose="preprocessing")
+        fitted = preprocess.fit(self._preprocess_steps, analytics)
+        self._audit.append("experiment.preprocessing", experiment=self.id, steps=[s["step"] for s in fitted])
+        return fitted
 
     def cancel(self) -> dict[str, int]:
         """Ask every online node to drop this experiment's queued and running tasks."""
@@ -478,6 +502,8 @@ class Experiment:
             fields["secagg"] = secagg
         if self.dp is not None:
             fields["dp"] = self.dp
+        if self.preprocess:
+            fields["preprocess"] = self.preprocess
         timeout = max(1.0, deadline - time.monotonic())
         for tid, node in tasks.items():
             fut = self.researcher.request(node, Message("train", {**fields, "task_id": tid}, sent), timeout)

@@ -46,7 +46,8 @@ def _byte_views(tensors, name: str):
             yield memoryview(view.view(torch.uint8).numpy()).cast("B")
     else:
         t = tensors[name].detach().cpu().contiguous()
-        yield memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        if t.numel():  # an empty tensor has no bytes (and its strides cannot be viewed as bytes)
+            yield memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
 def _spec(tensors, name: str) -> tuple[torch.dtype, tuple[int, ...], int]:

@@ -87,6 +87,8 @@ class Message:
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes as a flat memoryview, copying only if it is not already contiguous CPU."""
     t = tensor.detach()
+    if t.numel() == 0:  # torch cannot view an empty tensor's (stride 0) storage as bytes
+        return memoryview(b"")
     if t.device.type != "cpu":
         t = t.cpu()
     if not t.is_contiguous():

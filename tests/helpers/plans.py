@@ -109,3 +109,13 @@ class PersonalPlan(TorchTrainingPlan):
             for p in model.parameters():
                 p.add_(1.0)
         return {"steps": 0}
+
+
+class SGDLinearPlan(TorchTrainingPlan):
+    """Logistic regression trained by plain SGD: sensitive to feature scales, as the test wants."""
+
+    def init_model(self, features=30, classes=2):
+        return nn.Linear(features, classes)
+
+    def init_optimizer(self, model, lr):
+        return torch.optim.SGD(model.parameters(), lr=lr)
