@@ -115,3 +115,12 @@ class PlanError(MeshflError):
     """
 
     code = "plan"
+
+
+class LaunchError(MeshflError):
+    """A mesh that cannot be launched as asked (``meshfl launch slurm``).
+
+    Codes: ``not_in_allocation``, ``bad_launch``, ``setup_failed``, ``setup_timeout``.
+    """
+
+    code = "launch"
