@@ -57,7 +57,7 @@ def researcher_main(home: str, params: int, k: int, rounds: int) -> None:
 
     with Researcher(home, peer_options={"dead_after": 60.0}) as researcher:
         researcher.wait_for_nodes(k, timeout=180)
-        common = dict(model_args={"params": params}, min_nodes=k, round_timeout=60, progress=False)
+        common = dict(model_args={"params": params}, min_nodes=k, round_timeout=120, progress=False)
 
         def report(kind: str, entry: dict) -> None:
             print(json.dumps({"kind": kind, "round": entry["round"], "seconds": entry["seconds"]}), flush=True)
@@ -117,7 +117,7 @@ def run(params: int, k: int, rounds: int, rtt_ms: float, rate_mbit: float, root:
         r_path, paths = make_homes(root, k, f"tcp://{r_host.address}:{RESEARCHER_PORT}", [l.endpoint for l in links])
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MESHFL_WORKER_THREADS": "1"}
         for host, path in zip(hosts, paths):
-            net.popen(host, [sys.executable, "-m", "meshfl.cli", "-vv", "node", "start", "--home", str(path)],
+            net.popen(host, [sys.executable, "-m", "meshfl.cli", "-v", "node", "start", "--home", str(path)],
                       stdout=subprocess.DEVNULL, stderr=open(path / "node.log", "wb"), env=env)
         researcher = net.popen(r_host, [sys.executable, __file__, "--researcher", str(r_path), str(params), str(k),
                                         str(rounds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)

@@ -44,9 +44,10 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 from ..errors import LaunchError, MeshflError
 
@@ -58,7 +59,8 @@ CARDS_DIR = "cards"
 LOGS_DIR = "logs"
 RESEARCHER = "researcher"
 DATASET_NAME = "data"
-POLL_S = 0.2  # how often a task looks at the run folder (set-up, finish mark)
+POLL_S = 0.2  # how often a task looks at the run folder during set-up (a few seconds)
+FINISH_POLL_S = 1.0  # how often a serving node looks for the finish mark (gentle on a shared file system)
 DEFAULT_SETUP_TIMEOUT_S = 300.0
 SIOCGIFADDR = 0x8915
 
@@ -193,9 +195,8 @@ def run_task(run_dir: Path, env: Mapping[str, str] = os.environ) -> int:
     if not 0 <= rank <= spec.nodes:
         raise LaunchError(f"task {rank} is not part of this launch of {spec.nodes + 1} tasks", code="bad_launch")
     name = RESEARCHER if rank == 0 else node_name(rank - 1)
-    _log_to(run_dir / LOGS_DIR / f"{name}.log", spec.log_level)
     home = _home_dir(spec, name)
-    with _Signals() as signals:
+    with _Signals() as signals, _log_to(run_dir / LOGS_DIR / f"{name}.log", spec.log_level):
         try:
             if rank == 0:
                 return _researcher(run_dir, spec, home, signals)
@@ -263,7 +264,7 @@ def _node(run: Path, spec: LaunchSpec, index: int, home_path: Path, signals: "_S
                 home.trust(other)
     node = Node(home_path).start()
     try:
-        while not signals.stop.wait(POLL_S) and not (run / FINISHED_FILE).exists():
+        while not signals.stop.wait(FINISH_POLL_S) and not (run / FINISHED_FILE).exists():
             pass
     finally:
         node.stop()
@@ -397,9 +398,11 @@ def _read(path: Path) -> dict:
         raise LaunchError(f"cannot read {path}: {exc}", code="setup_failed") from None
 
 
-def _log_to(path: Path, level: int) -> None:
+@contextmanager
+def _log_to(path: Path, level: int) -> Iterator[None]:
     """The task's log into the run folder; what went to stderr (the job's output) stays as it was."""
     root = logging.getLogger()
+    before = root.level, [(h, h.level) for h in root.handlers]
     for handler in root.handlers:
         if handler.level == logging.NOTSET:
             handler.setLevel(root.level)
@@ -408,6 +411,14 @@ def _log_to(path: Path, level: int) -> None:
     to_file.setLevel(level)
     root.addHandler(to_file)
     root.setLevel(min(root.level, level))
+    try:
+        yield
+    finally:
+        root.removeHandler(to_file)
+        to_file.close()
+        root.setLevel(before[0])
+        for handler, handler_level in before[1]:
+            handler.setLevel(handler_level)
 
 
 def _say(message: str) -> None:

@@ -23,7 +23,8 @@ listens. The control protocol is one JSON object per line, answered by one JSON 
      "up_ms": 0, "down_ms": 0, "jitter_ms": 0, "buffer": 8388608}   -> {"ok": true, "port": P}
     {"op": "set", "name": N, "up_ms"|"down_ms"|"jitter_ms"|"blackhole": value}  -> {"ok": true}
     {"op": "reset", "name": N}                              -> {"ok": true, "connections": n}
-    {"op": "stats"}        -> {"ok": true, "links": {N: {"up_bytes", "down_bytes", "connections"}}}
+    {"op": "stats"}  -> {"ok": true, "links": {N: {"up_bytes", "down_bytes", "up_queued", "down_queued",
+                                                       "connections"}}}
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class Link:
         self.up_ms, self.down_ms, self.jitter_ms = float(up_ms), float(down_ms), float(jitter_ms)
         self.open = asyncio.Event()  # cleared while the blackhole is on
         self.open.set()
-        self.bytes = {"up": 0, "down": 0}
+        self.bytes = {"up": 0, "down": 0}  # passed on
+        self.queued = {"up": 0, "down": 0}  # read, waiting for their time (or the blackhole's end)
         self.connections: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self.server: asyncio.AbstractServer | None = None
 
@@ -106,6 +108,7 @@ class Link:
                 if not data or isinstance(data, OSError):
                     return
                 state["queued"] += len(data)
+                self.queued[direction] += len(data)
                 while state["queued"] > self.buffer:
                     room.clear()
                     await room.wait()
@@ -126,6 +129,7 @@ class Link:
                 if isinstance(data, OSError):
                     raise data
                 state["queued"] -= len(data)
+                self.queued[direction] -= len(data)
                 room.set()
                 if not data:
                     if dst.can_write_eof():
@@ -136,6 +140,7 @@ class Link:
                 await dst.drain()
         finally:
             reader.cancel()
+            self.queued[direction] -= state["queued"]  # what a reset threw away
 
     def reset(self) -> int:
         count = len(self.connections)
@@ -180,6 +185,7 @@ class Relay:
             return {"ok": True, "connections": link.reset()}
         if op == "stats":
             return {"ok": True, "links": {n: {"up_bytes": l.bytes["up"], "down_bytes": l.bytes["down"],
+                                              "up_queued": l.queued["up"], "down_queued": l.queued["down"],
                                               "connections": len(l.connections)} for n, l in self.links.items()}}
         raise ValueError(f"unknown op {op!r} or link {cmd.get('name')!r}")
 

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import secrets
+import selectors
 import shutil
 import signal
 import socket
@@ -90,9 +91,9 @@ def _stop(procs: Sequence[subprocess.Popen], timeout: float) -> None:
 class Host:
     """One namespace on the network: its name, address and link."""
 
-    def __init__(self, network: "Network", name: str, index: int, rate_mbit: float | None, inbound: bool):
-        self.network, self.name, self.index = network, name, index
-        self.namespace = f"{network.id}-{index}"
+    def __init__(self, network_id: str, name: str, index: int, rate_mbit: float | None, inbound: bool):
+        self.name, self.index = name, index
+        self.namespace = f"{network_id}-{index}"
         self.address = f"{SUBNET}.{index}.2"
         self.gateway = f"{SUBNET}.{index}.1"
         self.switch_port = f"h{index}"
@@ -122,7 +123,8 @@ class RelayLink:
         return self.relay.call({"op": "reset", "name": self.name})["connections"]
 
     def stats(self) -> dict:
-        """Bytes passed on so far, ``{"up_bytes", "down_bytes", "connections"}``."""
+        """``{"up_bytes", "down_bytes"}`` passed on so far, ``{"up_queued", "down_queued"}`` read and
+        waiting (their delay, the blackhole), open ``connections``."""
         return self.relay.call({"op": "stats"})["links"][self.name]
 
 
@@ -149,8 +151,6 @@ class ImpairmentRelay:
             raise
 
     def _wait_ready(self, timeout: float) -> str:
-        import selectors
-
         with selectors.DefaultSelector() as sel:
             sel.register(self.proc.stdout, selectors.EVENT_READ)
             if not sel.select(timeout):
@@ -222,7 +222,7 @@ class Network:
         index = len(self.hosts)
         if index > 250:
             raise ConfigError("a network holds at most 251 hosts", code="netns_failed")
-        host = Host(self, name, index, rate_mbit, inbound)
+        host = Host(self.id, name, index, rate_mbit, inbound)
         self._add_namespace(host.namespace)
         _run(["ip", "link", "add", host.switch_port, "netns", self.switch, "type", "veth",
               "peer", "name", "eth0", "netns", host.namespace])
@@ -338,14 +338,4 @@ class Network:
         self.close()
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
-    """Poll ``predicate`` until it holds or ``timeout`` passes (for state outside this process)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-    return True
-
-
-__all__ = ["Host", "ImpairmentRelay", "Network", "RelayLink", "available", "wait_until"]
+__all__ = ["Host", "ImpairmentRelay", "Network", "RelayLink", "available"]
