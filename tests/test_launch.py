@@ -68,6 +68,7 @@ def test_a_node_that_cannot_set_up_ends_the_launch_at_once_naming_it(tmp_path):
     with pytest.raises(LaunchError) as failed:
         run_task(run, {"SLURM_PROCID": "2"})
     assert failed.value.code == "setup_failed" and "node1" in failed.value.message
+    assert list((tmp_path / "local").iterdir()) == []  # its half-made home is gone
     # The researcher does not wait out its set-up timeout (60 s): it stops now, saying why.
     with pytest.raises(LaunchError) as researcher:
         run_task(run, {"SLURM_PROCID": "0"})
@@ -76,3 +77,11 @@ def test_a_node_that_cannot_set_up_ends_the_launch_at_once_naming_it(tmp_path):
     with pytest.raises(LaunchError, match="node1 could not start"):
         run_task(run, {"SLURM_PROCID": "1"})
     assert list((tmp_path / "local").iterdir()) == []  # every task removed its home
+
+
+def test_a_node_whose_part_is_too_small_to_be_offered_fails_its_set_up(tmp_path):
+    write_blobs_csv(tmp_path / "part0.csv", n=5)  # below minimum_samples (10): never offered
+    run = prepare(_spec(tmp_path), tmp_path / "run")
+    with pytest.raises(LaunchError, match="5 samples, fewer than minimum_samples = 10"):
+        run_task(run, {"SLURM_PROCID": "1"})
+    assert "fewer than minimum_samples" in (run / "cards" / "node0.error").read_text()

@@ -117,8 +117,8 @@ def test_a_link_cut_mid_round_drops_the_node_and_its_result_still_arrives(networ
     gate.touch()
     with open(gate, "rb") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # every node's training waits here
-        researcher = _researcher(network, mesh.researcher, mesh.r_home, plan="GatedPlan", rounds=2, nodes=3, min_nodes=2,
-                                 pause_after=1, training_args={"gate": str(gate)})
+        researcher = _researcher(network, mesh.researcher, mesh.r_home, plan="GatedPlan", rounds=2, nodes=3,
+                                 min_nodes=2, pause_after=1, training_args={"gate": str(gate)})
         _wait_for(lambda: _task_states(paths[2]) == ["running"], 60, "node2 to be training")
         network.cut(mesh.hosts[2])  # mid-round: node2 has its task, the researcher waits for it
         fcntl.flock(held, fcntl.LOCK_UN)

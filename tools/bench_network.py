@@ -20,7 +20,7 @@ and per node link:
   comes back; then the unmasking request and its answer), 4 P bytes down and the masked vector
   up (4 P bytes for float32 parameters in the 32-bit ring, plus a few bytes of 64-bit slots).
 
-Bytes are the tensors' payload at the nominal rate: TCP/IP headers (~4% at MTU 1500),
+Bytes are the tensors' payload at the nominal rate: TCP/IP headers (~4.6% at MTU 1500),
 ZeroMQ/CURVE framing and envelopes are meshfl's or the network's overhead and count against the
 ratio. The relay counts what really crossed each link (``wire_bytes_per_round``).
 

@@ -15,7 +15,6 @@ from ..launch.slurm import (
     allocation,
     plan_from_file,
     prepare,
-    run_task,
     srun_command,
 )
 from ..node._datasets import FORMATS, normalize_tags
@@ -35,7 +34,8 @@ def launch() -> None:
                    "in it picks the node's own part, e.g. /scratch/me/shards/part{index}.csv.")
 @click.option("--format", "data_format", type=click.Choice(FORMATS), required=True,
               help="The data's format, as for `meshfl dataset add`.")
-@click.option("--tags", required=True, metavar="A,B", help="Tags the nodes' data carries (the script searches by them).")
+@click.option("--tags", required=True, metavar="A,B",
+              help="Tags the nodes' data carries (the script searches by them).")
 @click.option("--target", metavar="COLUMN", help="The label: a csv column, or the npz/torch array name if not y.")
 @click.option("--approve", multiple=True, metavar="FILE.py:CLASS",
               help="Approve this training plan on every node (repeat for several). FILE is imported.")
@@ -88,10 +88,3 @@ def launch_slurm(script: Path, script_args: tuple[str, ...], data: str, data_for
     sys.stderr.flush()
     os.execv(argv[0], argv)  # srun takes over this process: Slurm's signals reach it directly
 
-
-@launch.command("slurm-task", hidden=True)
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.pass_context
-def launch_slurm_task(ctx: click.Context, run_dir: Path) -> None:
-    """One task of a `meshfl launch slurm` step (srun starts it)."""
-    ctx.exit(run_task(run_dir))

@@ -2,7 +2,7 @@
 
 Run from a batch script (``sbatch``) or an interactive allocation (``salloc``) of N >= 2 tasks.
 The launcher writes the run's settings to a *run folder* on the shared file system and starts
-one ``srun`` step of N tasks (``meshfl launch slurm-task RUN_DIR``); Slurm's block distribution
+one ``srun`` step of N tasks (``python -m meshfl.launch.slurm RUN_DIR``); Slurm's block distribution
 puts task 0 on the allocation's first host.
 
 - Task 0 is the **researcher**. It makes a researcher home on node-local disk that listens on a
@@ -182,7 +182,7 @@ def srun_command(run_dir: Path, ntasks: int) -> list[str]:
     if srun is None:
         raise LaunchError("srun is not on PATH (is this a Slurm host?)", code="not_in_allocation")
     return [srun, f"--ntasks={ntasks}", "--kill-on-bad-exit=0", "--export=ALL",
-            sys.executable, "-m", "meshfl.cli", "launch", "slurm-task", str(run_dir)]
+            sys.executable, "-m", "meshfl.launch.slurm", str(run_dir)]
 
 
 # ---------------------------------------------------------------------------------- the tasks
@@ -262,10 +262,16 @@ def _node(run: Path, spec: LaunchSpec, index: int, home_path: Path, signals: "_S
             other = PeerCard.from_text(entry["card"])
             if other.peer_id != home.identity.peer_id:
                 home.trust(other)
-    node = Node(home_path).start()
+    node = Node(home_path)
     try:
+        node.start()
         while not signals.stop.wait(FINISH_POLL_S) and not (run / FINISHED_FILE).exists():
             pass
+    except MeshflError:
+        if not signals.stop.is_set():
+            raise
+        # Slurm's SIGTERM reaches every process of the job: it ended the training worker the
+        # node was starting. A stop all the same.
     finally:
         node.stop()
     log.info("[%s] stopped (%s)", name, "signal" if signals.stop.is_set() else "the run finished")
@@ -279,8 +285,11 @@ def _make_node_home(path: Path, name: str, spec: LaunchSpec, index: int) -> str:
     from ..node._plans import PlanRegistry
 
     with Home.init(path, "node", name, dev=spec.dev) as home:
-        DatasetRegistry(home.store, home.audit).add(DATASET_NAME, spec.tags, spec.data_format,
-                                                    spec.data_path(index), target=spec.target)
+        record = DatasetRegistry(home.store, home.audit).add(DATASET_NAME, spec.tags, spec.data_format,
+                                                             spec.data_path(index), target=spec.target)
+        if (record["samples"] or 0) < home.config.minimum_samples:  # it would never be offered
+            raise LaunchError(f"{record['path']} holds {record['samples']} samples, fewer than "
+                              f"minimum_samples = {home.config.minimum_samples}", code="setup_failed")
         plans = PlanRegistry(home.store, home.audit)
         for plan in spec.plans:
             plans.submit(plan["source"], plan["name"])
@@ -426,4 +435,28 @@ def _say(message: str) -> None:
     print(f"meshfl launch: {message}", file=sys.stderr, flush=True)
 
 
-__all__ = ["LaunchSpec", "allocation", "interface_address", "plan_from_file", "prepare", "run_task", "srun_command"]
+def main(argv: list[str] | None = None) -> int:
+    """``python -m meshfl.launch.slurm RUN_DIR``: one task of the step, as srun starts it (not
+    through the ``meshfl`` command line, which imports torch: the researcher's task needs none)."""
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if len(args) != 1:
+        print("usage: python -m meshfl.launch.slurm RUN_DIR (srun runs it for `meshfl launch slurm`)",
+              file=sys.stderr)
+        return 2
+    try:
+        return run_task(Path(args[0]))
+    except MeshflError as exc:
+        print(f"meshfl launch: error: {exc.message}", file=sys.stderr)
+    except OSError as exc:  # a folder that cannot be made, a file that cannot be read
+        print(f"meshfl launch: error: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+    return 1
+
+
+__all__ = ["LaunchSpec", "allocation", "interface_address", "main", "plan_from_file", "prepare", "run_task",
+           "srun_command"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

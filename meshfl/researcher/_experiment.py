@@ -322,7 +322,8 @@ class Experiment:
                     secure.exchange_keys(failed)
                 except MeshflError as exc:
                     raise RoundFailed(f"round {rnd}: {exc.message}", details=self._failure_details(failed, [])) from None
-            contributed = self._collect(tasks, inbox, failed, deadline, sink, layout, send, deferred if secure else None)
+            contributed = self._collect(tasks, inbox, failed, deadline, sink, layout, send,
+                                        deferred if secure else None)
         finally:
             self.researcher._route(tasks, None)
         name = self.researcher.node_name

@@ -38,7 +38,8 @@ class Researcher:
         if not endpoint:
             raise ConfigError("a researcher needs a listen endpoint (meshfl init --listen, or listen=...)")
         options = {"heartbeat": cfg.heartbeat, "dead_after": cfg.dead_after, **(peer_options or {})}
-        self.peer = Peer(self.home.identity, listen=endpoint, handler=self._handle, on_link=self._on_link, **options)
+        self.peer = Peer(self.home.identity, listen=endpoint, handler=self._handle, on_link=self._on_link,
+                         **options)
         self.overlay = Overlay(self.peer, self._on_overlay_message)  # relays node-to-node ciphertext
         self.name = cfg.name
         self._routes: dict[str, queue.SimpleQueue] = {}

@@ -10,6 +10,8 @@ import sys
 import threading
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers.plans import TinyPlan  # noqa: E402
 from meshfl.researcher import Experiment, Researcher  # noqa: E402
@@ -21,7 +23,8 @@ with Researcher(os.environ["MESHFL_HOME"]) as researcher:
     if mode == "hold":
         out.write_text(json.dumps({"online": [researcher.node_name(n) for n in researcher.nodes()]}))
         threading.Event().wait()  # until Slurm stops the job
-    history = Experiment(researcher, TinyPlan, ["blobs"], int(mode), training_args={"epochs": 2, "lr": 0.05},
+    torch.manual_seed(0)  # the same initial model in every run
+    history = Experiment(researcher, TinyPlan, ["blobs"], int(mode), training_args={"epochs": 10, "lr": 0.1},
                          min_nodes=nodes, round_timeout=60, progress=False).run()
     out.write_text(json.dumps({
         "home": os.environ["MESHFL_HOME"],
