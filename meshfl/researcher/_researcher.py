@@ -123,8 +123,8 @@ class Researcher:
 
     def _on_link(self, peer_id: str, up: bool) -> None:
         """A node's link came up, or back up after a reconnect that may have lost what was in
-        flight on it: every running round hears of it (as ``("link", peer_id)``) and sends its
-        unanswered requests again."""
+        flight on it: every running round hears of it (as ``("link", peer_id)``) and sends the
+        node its task again if the node has not accepted it yet."""
         if not up:
             return
         with self._routes_lock:

@@ -20,9 +20,10 @@ def make_homes(root: Path, n_nodes: int, plan=None, *, listen: str | None = None
                endpoints: list[str] | None = None, mutual: bool = False) -> tuple[Path, list[Path]]:
     """A researcher home and ``n_nodes`` node homes with mutual trust, a dataset and ``plan`` approved.
 
-    ``listen``: the researcher's endpoint (default an ipc socket under ``root``); ``endpoints``: what
-    each node dials to reach it (default ``listen``); ``mutual``: nodes trust each other too
-    (secure aggregation seals shares node to node)."""
+    Node i holds 50 + 10 i samples (so FedAvg weights differ). ``listen``: the researcher's
+    endpoint (default an ipc socket under ``root``); ``endpoints``: what each node dials to reach
+    it (default ``listen``); ``mutual``: nodes trust each other too (secure aggregation seals
+    shares node to node)."""
     r_path = root / "researcher"
     listen = listen or f"ipc://{root}/r.sock"
     researcher = Home.init(r_path, "researcher", "researcher", listen=listen, heartbeat=0.3, dead_after=3.0)
