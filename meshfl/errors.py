@@ -124,3 +124,12 @@ class MissingDependency(MeshflError):
 
     def __init__(self, what: str, extra: str):
         super().__init__(f"{what} is not installed: pip install meshfl[{extra}]", details={"extra": extra})
+
+
+class LaunchError(MeshflError):
+    """A mesh that cannot be launched as asked (``meshfl launch slurm``).
+
+    Codes: ``not_in_allocation``, ``bad_launch``, ``setup_failed``, ``setup_timeout``.
+    """
+
+    code = "launch"

@@ -39,7 +39,7 @@ def _next(inbox: queue.SimpleQueue, mtype: str, timeout: float = 60.0) -> Messag
     deadline = time.monotonic() + timeout
     while True:
         msg = inbox.get(timeout=max(0.01, deadline - time.monotonic()))
-        if msg.type == mtype:
+        if isinstance(msg, Message) and msg.type == mtype:  # (the researcher also posts link events)
             return msg
 
 

@@ -35,7 +35,7 @@ def _next_done(inbox: queue.SimpleQueue, timeout: float = 60.0) -> Message:
     deadline = time.monotonic() + timeout
     while True:
         msg = inbox.get(timeout=max(0.01, deadline - time.monotonic()))
-        if msg.type == "train.done":
+        if isinstance(msg, Message) and msg.type == "train.done":  # (the researcher also posts link events)
             return msg
 
 

@@ -332,3 +332,36 @@ def test_peers_work_when_their_file_descriptors_run_past_256():
     finally:
         for fd in held:
             os.close(fd)
+
+
+def test_a_link_that_comes_up_after_a_failed_handshake_stays_up():
+    """A proxy that resets the first connection (its own target not up yet), then the hub: the
+    redial the failed handshake scheduled must not tear down the link libzmq re-made itself."""
+    import queue
+    import socket
+    import struct
+
+    resetter = socket.create_server(("127.0.0.1", 0))
+    port = resetter.getsockname()[1]
+    hub_identity = Identity.generate("hub")
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    node = Peer(Identity.generate("node"), on_link=lambda peer, up: events.put(up), heartbeat=0.2).start()
+    hub = None
+    try:
+        node.trust(hub_identity.card, f"tcp://127.0.0.1:{port}")
+        resetter.settimeout(10)
+        conn, _ = resetter.accept()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()  # an RST mid-handshake: a redial is scheduled 1 s later
+        failed_at = time.monotonic()
+        resetter.close()
+        hub = Peer(hub_identity, listen=f"tcp://127.0.0.1:{port}", handler=echo_handler).start()
+        hub.trust(node.identity.card)
+        assert events.get(timeout=10) is True  # libzmq reconnected by itself
+        with pytest.raises(queue.Empty):  # and nothing takes the link down past the redial time
+            events.get(timeout=max(0.5, failed_at + 2.0 - time.monotonic()))
+        assert node.call(hub.peer_id, Message("t.echo", {"n": 7}), timeout=10).fields == {"n": 7}
+    finally:
+        node.close()
+        if hub is not None:
+            hub.close()

@@ -251,12 +251,17 @@ class Analytics:
             if secure is not None:
                 fields["secagg"] = {"session": pass_id}
             deadline = time.monotonic() + self.timeout
-            for tid, node in tasks.items():
-                fut = self.researcher.request(node, Message("analytics", {**fields, "task_id": tid}), self.timeout)
-                fut.add_done_callback(lambda f, tid=tid: inbox.put(("answer", tid, f)))
+
+            def send(tid: str) -> None:  # again after a reconnect: a node answers a repeated task id once
+                timeout = max(1.0, deadline - time.monotonic())
+                fut = self.researcher.request(tasks[tid], Message("analytics", {**fields, "task_id": tid}), timeout)
+                fut.add_done_callback(lambda f: inbox.put(("answer", tid, f)))
+
+            for tid in tasks:
+                send(tid)
             if secure is not None:
                 secure.exchange_keys(failed)
-            vectors, node_fields = self._collect(tasks, inbox, failed, deadline, secure, deferred)
+            vectors, node_fields = self._collect(tasks, inbox, failed, deadline, secure, deferred, send)
         finally:
             self.researcher._route(tasks, None)
         needed = max(self.min_nodes, secure.threshold if secure else 0)
@@ -277,8 +282,9 @@ class Analytics:
                                                                   for n, e in failed.items()))
         return Answer(ops, secure is not None, total, vectors, node_fields, failed)
 
-    def _collect(self, tasks: dict, inbox, failed: dict, deadline: float, secure, deferred: dict):
+    def _collect(self, tasks: dict, inbox, failed: dict, deadline: float, secure, deferred: dict, send):
         waiting = dict(tasks)
+        accepted: set[str] = set()
         vectors, node_fields = {}, {}
         while waiting:
             left = deadline - time.monotonic()
@@ -292,10 +298,17 @@ class Analytics:
                     if node not in online:
                         del waiting[tid]
                 continue
+            if isinstance(msg, tuple) and msg[0] == "link":  # a node (re)connected: its request may be lost
+                for tid, node in list(waiting.items()):
+                    if node == msg[1] and tid not in accepted:
+                        send(tid)
+                continue
             if isinstance(msg, tuple):
                 _, tid, fut = msg
                 error = fut.exception()
-                if error is not None and tid in waiting:
+                if error is None:
+                    accepted.add(tid)
+                elif tid in waiting and tid not in accepted:
                     failed.setdefault(waiting.pop(tid), error.to_wire() if isinstance(error, MeshflError)
                                       else {"code": "internal", "message": str(error)})
                 continue

@@ -385,13 +385,17 @@ class Experiment:
         deadline = started + self.round_timeout
         deferred: dict[str, str] = {}  # secure results: acknowledged with the unmasking request
         try:
-            self._send_tasks(rnd, tasks, args, sent, inbox, deadline, secure.train_fields() if secure else None)
+            fields = self._train_fields(rnd, args, secure.train_fields() if secure else None)
+            send = lambda tid: self._send_task(tid, tasks[tid], fields, sent, inbox, deadline)  # noqa: E731
+            for tid in tasks:
+                send(tid)
             if secure is not None:  # the key exchange ran while the model travelled
                 try:
                     secure.exchange_keys(failed)
                 except MeshflError as exc:
                     raise RoundFailed(f"round {rnd}: {exc.message}", details=self._failure_details(failed, [])) from None
-            contributed = self._collect(tasks, inbox, failed, deadline, sink, layout, deferred if secure else None)
+            contributed = self._collect(tasks, inbox, failed, deadline, sink, layout, send,
+                                        deferred if secure else None)
         finally:
             self.researcher._route(tasks, None)
         name = self.researcher.node_name
@@ -485,10 +489,7 @@ class Experiment:
         names = {n: info["metric_names"] for n, info in contributed.items()}
         return self.aggregator.finish(), samples, secure_metrics(names, slots)
 
-    def _send_tasks(self, rnd: int, tasks: dict[str, str], args: dict, sent: dict, inbox, deadline: float,
-                    secagg: dict | None) -> None:
-        """Send every node its task; each answer (``train.accepted`` or an error) lands in the
-        round's inbox as ``("answer", task id, future)``, so no slow node holds up the others."""
+    def _train_fields(self, rnd: int, args: dict, secagg: dict | None) -> dict:
         fields = {
             "experiment": self.id,
             "round": rnd,
@@ -504,18 +505,27 @@ class Experiment:
             fields["dp"] = self.dp
         if self.preprocess:
             fields["preprocess"] = self.preprocess
+        return fields
+
+    def _send_task(self, tid: str, node: str, fields: dict, sent: dict, inbox, deadline: float) -> None:
+        """Send a node its task with ``sent`` (the tensors of the round); again after a reconnect:
+        a node answers a repeated task id without running it twice. The answer (``train.accepted``
+        or an error) lands in the round's inbox as ``("answer", task id, future)``, so no slow node
+        holds up the others."""
         timeout = max(1.0, deadline - time.monotonic())
-        for tid, node in tasks.items():
-            fut = self.researcher.request(node, Message("train", {**fields, "task_id": tid}, sent), timeout)
-            fut.add_done_callback(lambda f, tid=tid: inbox.put(("answer", tid, f)))
+        fut = self.researcher.request(node, Message("train", {**fields, "task_id": tid}, sent), timeout)
+        fut.add_done_callback(lambda f: inbox.put(("answer", tid, f)))
 
     def _collect(self, tasks: dict[str, str], inbox, failed: dict, deadline: float, sink, layout: dict,
-                 deferred: dict | None = None) -> dict[str, dict]:
+                 send: Callable[[str], None], deferred: dict | None = None) -> dict[str, dict]:
         """Take results as they arrive into ``sink`` (the aggregator, or the masked sum); a large
         one must match ``layout`` ({name: (shape, dtype)}) and is pulled chunk by chunk. Each is
         acknowledged once taken, except into ``deferred`` ({node: task id}, secure rounds): those
-        ride on the unmasking request, one message and one node commit less per node and round."""
+        ride on the unmasking request, one message and one node commit less per node and round.
+        A node that reconnects before its task was accepted gets it again (``send``): the request
+        may have been lost with its old connection."""
         waiting = dict(tasks)  # task id -> node, until its train.done
+        accepted: set[str] = set()
         queued: list[_Stream] = []
         active: dict[str, _Stream] = {}
         contributed: dict[str, dict] = {}
@@ -528,10 +538,18 @@ class Experiment:
                 msg = inbox.get(timeout=min(left, 1.0))
             except queue.Empty:
                 msg = None
-            if isinstance(msg, tuple):  # a node's answer to its train request
+            if isinstance(msg, tuple) and msg[0] == "link":  # a node (re)connected
+                for tid, node in list(waiting.items()):
+                    if node == msg[1] and tid not in accepted:
+                        log.info("%s reconnected before accepting its task: sending it again",
+                                 self.researcher.node_name(node))
+                        send(tid)
+            elif isinstance(msg, tuple):  # a node's answer to its train request
                 _, tid, fut = msg
                 error = fut.exception()
-                if error is not None and tid in waiting:  # refused or unreachable: no result will come
+                if error is None:
+                    accepted.add(tid)
+                elif tid in waiting and tid not in accepted:  # refused or unreachable: no result will come
                     failed.setdefault(waiting.pop(tid), error.to_wire() if isinstance(error, MeshflError) else {
                         "code": "internal", "message": str(error)})
             elif msg is not None and msg.type == "train.done":

@@ -38,7 +38,8 @@ class Researcher:
         if not endpoint:
             raise ConfigError("a researcher needs a listen endpoint (meshfl init --listen, or listen=...)")
         options = {"heartbeat": cfg.heartbeat, "dead_after": cfg.dead_after, **(peer_options or {})}
-        self.peer = Peer(self.home.identity, listen=endpoint, handler=self._handle, **options)
+        self.peer = Peer(self.home.identity, listen=endpoint, handler=self._handle, on_link=self._on_link,
+                         **options)
         self.overlay = Overlay(self.peer, self._on_overlay_message)  # relays node-to-node ciphertext
         self.name = cfg.name
         self._routes: dict[str, queue.SimpleQueue] = {}
@@ -119,6 +120,17 @@ class Researcher:
                     self._routes.pop(tid, None)
                 else:
                     self._routes[tid] = inbox
+
+    def _on_link(self, peer_id: str, up: bool) -> None:
+        """A node's link came up, or back up after a reconnect that may have lost what was in
+        flight on it: every running round hears of it (as ``("link", peer_id)``) and sends the
+        node its task again if the node has not accepted it yet."""
+        if not up:
+            return
+        with self._routes_lock:
+            inboxes = {id(inbox): inbox for inbox in self._routes.values()}
+        for inbox in inboxes.values():
+            inbox.put(("link", peer_id))
 
     def _handle(self, msg: Message) -> Message | None:
         if msg.type in ("train.done", "result.chunk", "analytics.done"):

@@ -406,6 +406,9 @@ class Peer:
             self._link_up(peer_id)  # inproc has no handshake, hence no monitor event
 
     def _link_up(self, peer_id: str) -> None:
+        # libzmq's own reconnect may succeed after failed handshakes scheduled a redial: that
+        # redial would tear this working link down (losing what is queued on it), so drop it.
+        self._redial_at.pop(peer_id, None)
         self._redial_delay.pop(peer_id, None)
         self._dealer_up.add(peer_id)
         hello = encode(Message("hello", {"name": self.name}, sender=self.peer_id))
@@ -568,8 +571,12 @@ class Peer:
                     pass
             return
         msg.sender = sender
-        if msg.type == "hello":
+        if msg.type == "hello":  # the first message on each new connection of a peer that dials us
             self._names[sender] = str(msg.fields.get("name", sender))
+            if was_online and self._on_link is not None:
+                # It reconnected before it counted as gone: what we had queued on its old
+                # connection may be lost, so tell the owner its link is up (again).
+                self._inbox.put(("link", sender, True))
             return
         if msg.type == "hb":
             return

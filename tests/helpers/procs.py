@@ -19,17 +19,28 @@ from meshfl.plans import plan_source
 from .data import write_blobs_csv
 
 
-def make_homes(root: Path, n_nodes: int, plan=None) -> tuple[Path, list[Path]]:
-    """A researcher home and ``n_nodes`` node homes with mutual trust, a dataset and ``plan`` approved."""
+def make_homes(root: Path, n_nodes: int, plan=None, *, listen: str | None = None,
+               endpoints: list[str] | None = None, mutual: bool = False,
+               node_config: dict | None = None) -> tuple[Path, list[Path]]:
+    """A researcher home and ``n_nodes`` node homes with mutual trust, a dataset and ``plan`` approved.
+
+    Node i holds 50 + 10 i samples (so FedAvg weights differ). ``listen``: the researcher's
+    endpoint (default an ipc socket under ``root``); ``endpoints``: what each node dials to reach
+    it (default ``listen``); ``mutual``: nodes trust each other too (secure aggregation seals
+    shares node to node); ``node_config``: extra settings for every node's config."""
     r_path = root / "researcher"
-    researcher = Home.init(r_path, "researcher", "researcher", listen=f"ipc://{root}/r.sock", heartbeat=0.3, dead_after=3.0)
+    listen = listen or f"ipc://{root}/r.sock"
+    researcher = Home.init(r_path, "researcher", "researcher", listen=listen, heartbeat=0.3, dead_after=3.0)
     node_paths = []
+    cards = []
     for i in range(n_nodes):
         path = root / f"node{i}"
-        with Home.init(path, "node", f"node{i}", heartbeat=0.3, dead_after=3.0) as home:
-            home.trust(researcher.identity.card, researcher.config.listen)
+        with Home.init(path, "node", f"node{i}", heartbeat=0.3, dead_after=3.0,
+                       **(node_config or {})) as home:
+            home.trust(researcher.identity.card, endpoints[i] if endpoints else listen)
             researcher.trust(home.identity.card)
-            csv = write_blobs_csv(path / "blobs.csv", n=50, seed=i)
+            cards.append(home.identity.card)
+            csv = write_blobs_csv(path / "blobs.csv", n=50 + 10 * i, seed=i)
             DatasetRegistry(home.store, home.audit).add("blobs", ["blobs"], "csv", csv, target="target")
             if plan is not None:
                 plans = PlanRegistry(home.store, home.audit)
@@ -38,13 +49,22 @@ def make_homes(root: Path, n_nodes: int, plan=None) -> tuple[Path, list[Path]]:
                 plans.approve(plan_hash(source))
         node_paths.append(path)
     researcher.close()
+    if mutual:
+        for path in node_paths:
+            with Home.open(path) as home:
+                for card in cards:
+                    if card.peer_id != home.identity.peer_id:
+                        home.trust(card)
     return r_path, node_paths
+
+
+NODE_COMMAND = [sys.executable, "-m", "meshfl.cli", "-v", "node", "start", "--home"]
 
 
 def start_node(path: Path, env: dict | None = None) -> subprocess.Popen:
     log = open(path / "node.log", "ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "meshfl.cli", "node", "start", "--home", str(path)],
+        [*NODE_COMMAND, str(path)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})},
     )
 
