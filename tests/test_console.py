@@ -206,10 +206,14 @@ def test_held_results_show_what_would_leave_and_release_or_deny_is_audited_with_
     assert c.post("/results/t-plain/deny", data={"csrf": token}).status_code == 200
     head = home.audit.head()
     assert (head.event, head.fields["task"], head.fields["by"]) == ("result.denied", "t-plain", "bob")
+    # The budget lowered below what a release would reach: releasing withholds it instead.
+    PolicyTable(home.store, home.audit).set("blobs", epsilon=shown + 0.1, by="ann")
+    withheld = c.post("/results/t-queued/release", data={"csrf": token})
+    assert "was not released" in withheld.text and home.audit.head().event == "result.withheld"
     page = c.get("/results").text
-    assert "t-queued" in page.split('id="outbox"')[0] and page.count("Release as bob") == 1
-    outbox = page.split('id="outbox"')[1]  # both decided ones now wait for their researcher's acknowledgement
-    assert "t-private" in outbox and "t-plain" in outbox and "result_denied" in outbox
+    assert "No result awaits your review" in page
+    outbox = page.split('id="outbox"')[1]  # all three now wait for their researcher's acknowledgement
+    assert "t-private" in outbox and outbox.count("result_denied") == 1 and "privacy_budget_exhausted" in outbox
     assert c.post("/results/t-plain/release", data={"csrf": token}).status_code == 404  # decided already
     assert c.post("/results/t-plain/delete", data={"csrf": token}).status_code == 404
 

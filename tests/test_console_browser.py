@@ -122,7 +122,6 @@ def test_operator_approves_a_plan_and_releases_a_held_result_in_the_browser(tmp_
 
         page.click("nav >> text=Overview")
         assert "4 done" in page.inner_text(".legend")  # one task per round on this node
-        _shot(page, "overview")
         # Node0's operator wants to see each result of its data first (and keeps a privacy budget on
         # another dataset): the round waits until the result is released here.
         with Home.open(n_paths[0]) as home:  # as `meshfl dataset policy NAME --review` (--budget 8) does
@@ -141,6 +140,11 @@ def test_operator_approves_a_plan_and_releases_a_held_result_in_the_browser(tmp_
             assert reviewed_exp.id in held and digest in held and "update norm" in held
             assert not reviewed.done()
             _shot(page, "results")
+            page.click("nav >> text=Overview")
+            assert "1 result(s) await your review" in page.inner_text("main")
+            assert "No network" in page.inner_text("#sandbox")
+            _shot(page, "overview")
+            page.click("nav >> text=Results awaiting release")
             release.click()
             assert "released by dr. console; the running node was told at once" in page.inner_text(".flash")
             history = reviewed.result(timeout=60)

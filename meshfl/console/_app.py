@@ -34,6 +34,7 @@ from .. import __version__
 from ..errors import MeshflError, PlanError
 from ..home import Home
 from ..node._plans import PlanRegistry
+from ..node._review import OUTCOMES
 from ..node._review import decide as decide_result
 from . import _views
 from ._auth import Guard, GuardMiddleware, action_form
@@ -44,7 +45,6 @@ log = logging.getLogger("meshfl.console")
 DEFAULT_PORT = 8470
 ACTIONS = ("approve", "reject")  # on a plan
 RESULT_ACTIONS = {"release": True, "deny": False}  # on a held result: release it?
-OUTCOMES = ("released", "withheld", "denied")
 REFRESH_S = 5  # a page that shows work in progress reloads itself this often (no script)
 NODE_NAV = [("/", "Overview"), ("/datasets", "Datasets"), ("/plans", "Plans"),
             ("/results", "Results awaiting release"), ("/audit", "Audit")]
@@ -110,7 +110,7 @@ def create_app(home: Home, *, token: str, by: str, read_only: bool = False) -> S
                      "nudged": request.query_params.get("nudged") == "1"}
         return {"held": _views.node_review(home), "results": _views.node_results(home), "flash": flash}
 
-    async def decide(request: Request) -> RedirectResponse:
+    async def decide_plan(request: Request) -> RedirectResponse:
         action = request.path_params["action"]
         if action not in ACTIONS or not node:
             raise HTTPException(404, "no such action")
@@ -146,7 +146,7 @@ def create_app(home: Home, *, token: str, by: str, read_only: bool = False) -> S
         Route("/datasets", view("datasets.html", lambda r: {"datasets": _views.node_datasets(home)}, role="node")),
         Route("/plans", view("plans.html", lambda r: {"plans": _views.node_plans(home)}, role="node")),
         Route("/plans/{hash}", view("plan.html", plan_context, role="node")),
-        Route("/plans/{hash}/{action}", decide, methods=["POST"]),
+        Route("/plans/{hash}/{action}", decide_plan, methods=["POST"]),
         Route("/results", view("results.html", results_context, role="node")),
         Route("/results/{task}/{action}", decide_held, methods=["POST"]),
         Route("/audit", view("audit.html", audit_context)),

@@ -111,7 +111,7 @@ def _protections(cfg, dev: bool, trusted: int, audit, rules: dict[str, dict]) ->
 def _datasets_where(name: str, rules: dict[str, dict], test, what: str) -> dict:
     """A protection some datasets' policies turn on: on for any, naming them; n/a without datasets."""
     found = [dataset for dataset, rule in rules.items() if test(rule)]
-    note = f"{what}: {', '.join(found)}" if found else f"no dataset's policy asks for it ({len(rules)} datasets)"
+    note = f"{what}: {', '.join(found)}" if found else "no dataset's policy asks for it"
     return {"name": name, "on": bool(found) if rules else None, "note": note}
 
 

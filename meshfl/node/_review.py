@@ -13,6 +13,10 @@ from collections import Counter
 from ._datasets import DatasetRegistry
 from ._release import Release, nudge_node, open_release
 
+#: What became of a held result the operator decided on: "withheld" is a release that its
+#: dataset's budget, lowered meanwhile, no longer covers (the researcher gets that error).
+OUTCOMES = ("released", "withheld", "denied")
+
 
 def held_results(home, release: Release | None = None) -> list[dict]:
     """Each result held for review, oldest first: its task, researcher (by the name trusted
@@ -83,7 +87,6 @@ def decide(home, task_id: str, release: bool, by: str) -> dict:
     to decide, from the CLI or the console. MeshflError ``unknown_result`` when none is held."""
     fields = open_release(home).decide(task_id, release, by=by)
     error = (fields.get("error") or {}).get("code")
-    # Released, or withheld after all (its cost no longer fits a budget lowered meanwhile), or denied.
     outcome = ("released" if fields["ok"] else "withheld") if release else "denied"
     return {"task": task_id, "released": release, "ok": fields["ok"], "outcome": outcome, "error": error,
             "node_running": nudge_node(home.path)}
