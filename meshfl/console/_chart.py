@@ -123,7 +123,7 @@ def budget_chart(budget: dict, *, width: int = 220) -> str:
             out.append(f'<rect x="{x:.1f}" y="16" width="{value * scale:.1f}" height="14" '
                        f'fill="{BUDGET_COLORS[name]}"><title>{name}: epsilon {value:.4g}</title></rect>')
             x += value * scale
-    if spent > epsilon:  # the budget was lowered below what had left already
+    if spent > epsilon:  # the budget was lowered below what released results had already spent
         mark = 1 + epsilon * scale
         out.append(f'<line x1="{mark:.1f}" x2="{mark:.1f}" y1="13" y2="33" stroke="#000" stroke-width="2"/>')
     lx = 1

@@ -78,7 +78,8 @@ def node_overview(home: Home) -> dict:
     return {
         "name": cfg.name, "peer_id": home.identity.peer_id, "card": home.identity.card.to_text(),
         "home": str(home.path), "running": running, "dev": dev, "peers": peers,
-        "tasks": queue.counts(), "recent": recent, "outbox": len(outbox), "held": len(outbox.held(buffers=False)),
+        "tasks": queue.counts(), "recent": recent, "held": len(outbox.held(buffers=False)),
+        "unacknowledged": len(outbox.pending(buffers=False)),
         "protections": _protections(cfg, dev, len(peers), audit, policies(home)), "audit": audit,
         "sandbox": protections(settings, machine_sandbox() if settings else None),
     }
@@ -124,7 +125,8 @@ def node_datasets(home: Home) -> list[dict]:
     out = []
     for record in records:
         summary = summaries[record["name"]]
-        rules = [tuple(part.strip() for part in line.split(":", 1)) for line in Policy.from_dict(summary["policy"]).describe()]
+        lines = Policy.from_dict(summary["policy"]).describe()
+        rules = [tuple(part.strip() for part in line.split(":", 1)) for line in lines]
         out.append({**record, "offered": record["samples"] is None or record["samples"] >= minimum,
                     "policy": summary, "rules": rules})
     return out
