@@ -171,7 +171,7 @@ def test_read_only_console_shows_no_buttons_and_refuses_every_action(home):
     assert [item.msg_id for item in open_release(home).outbox.held()] == ["t-held"]
 
 
-def test_held_results_show_what_would_leave_and_release_or_deny_is_audited_with_who(home):
+def test_held_results_show_what_would_leave_and_release_or_deny_is_audited_with_who(home, monkeypatch):
     PolicyTable(home.store, home.audit).set("blobs", review=True, epsilon=20.0, by="ann")
     hold(home, "t-private", mechanism=[1.0, 1.0, 1])  # client-level DP at noise 1
     hold(home, "t-queued", mechanism=[1.0, 1.0, 1])  # its cost set aside too
@@ -216,6 +216,10 @@ def test_held_results_show_what_would_leave_and_release_or_deny_is_audited_with_
     assert "t-private" in outbox and outbox.count("result_denied") == 1 and "privacy_budget_exhausted" in outbox
     assert c.post("/results/t-plain/release", data={"csrf": token}).status_code == 404  # decided already
     assert c.post("/results/t-plain/delete", data={"csrf": token}).status_code == 404
+    # A console without Opacus cannot read a spent budget's epsilon: an error page that says so.
+    monkeypatch.setitem(sys.modules, "opacus.accountants.analysis.rdp", None)
+    missing = c.get("/datasets")
+    assert missing.status_code == 500 and "pip install &#39;meshfl[dp]&#39;" in missing.text
 
 
 def test_audit_page_filters_newest_first_and_reports_tampering(home):

@@ -71,7 +71,11 @@ def create_app(home: Home, *, token: str, by: str, read_only: bool = False) -> S
         def endpoint(request: Request) -> HTMLResponse:  # sync: Starlette runs it in a thread
             if role is not None and home.config.role != role:
                 raise HTTPException(404, f"a {home.config.role} home has no such page")
-            return page(request, template, **build(request))
+            try:
+                context = build(request)
+            except MeshflError as exc:  # e.g. missing_dependency: a spent budget's epsilon needs meshfl[dp]
+                raise HTTPException(500, exc.message) from None
+            return page(request, template, **context)
 
         return endpoint
 
@@ -130,9 +134,7 @@ def create_app(home: Home, *, token: str, by: str, read_only: bool = False) -> S
         try:
             done = await run_in_threadpool(decide_result, home, task, RESULT_ACTIONS[action], by)
         except MeshflError as exc:
-            if exc.code != "unknown_result":
-                raise
-            raise HTTPException(404, exc.message) from None
+            raise HTTPException(404 if exc.code == "unknown_result" else 500, exc.message) from None
         log.info("console: result of task %s %s by %s", task, done["outcome"], by)
         query = urlencode({"done": done["outcome"], "task": task, "nudged": int(done["node_running"])})
         return RedirectResponse(f"/results?{query}", 303)
