@@ -14,12 +14,15 @@ from helpers.data import write_blobs_csv
 from helpers.plans import TinyPlan
 from meshfl.console import _views, create_app
 from meshfl.console._app import _exposure_warning
-from meshfl.console._chart import line_chart
+from meshfl.console._chart import budget_chart, line_chart
 from meshfl.errors import ConfigError, MeshflError
 from meshfl.home import Home
 from meshfl.node._datasets import DatasetRegistry
 from meshfl.node._plans import PlanRegistry
 from meshfl.node._presence import NodeLock, links, running_node
+from meshfl.node._release import open_release
+from meshfl.privacy import PolicyTable
+from meshfl.store import TaskQueue
 from meshfl.researcher import Experiment
 from meshfl.testing import FederatedMesh
 
@@ -64,6 +67,24 @@ def pending(home) -> dict:
     return PlanRegistry(home.store, home.audit).list("pending")[0]
 
 
+def hold(home, task_id: str, mechanism: list | None = None) -> None:
+    """A finished task of `blobs` whose result its policy holds, through the node's release step
+    (a DP task's cost set aside when accepted, as the node does)."""
+    researcher = next(e["peer_id"] for e in home.trusted())
+    privacy = {"mechanism": mechanism} if mechanism else None
+    queue = TaskQueue(home.store, "tasks")
+    queue.push({"experiment": "exp-1", "round": 2, "researcher": researcher, "dataset": "blobs",
+                "plan_hash": pending(home)["hash"], "privacy": privacy, "secagg": None}, task_id)
+    task = queue.claim()
+    release = open_release(home)
+    if privacy:
+        release.ledger.reserve(task_id, "blobs", mechanism)
+    fields = {"task_id": task_id, "experiment": "exp-1", "round": 2, "ok": True, "samples": 40}
+    review = {"metrics": {"loss": 0.25}, "samples": 40, "duration": 0.5, "update_norm": 1.5}
+    held, _ = release.finish(task, fields, {"layout": [["fc.weight", "float32", [2, 3], 24]]}, review)
+    assert held
+
+
 def test_every_request_needs_the_token_or_a_session(home):
     c = client(home)
     for path in ("/", "/plans", "/audit", "/no-such-page"):
@@ -94,8 +115,10 @@ def test_pages_show_the_homes_records(home):
     assert "site-a" in overview and home.identity.peer_id in overview
     assert "not running" in overview and "never connected" in overview  # no node process here
     assert "Plan approval" in overview and "records verify" in overview
+    assert "Plan sandbox on this machine" in overview and "Memory cap" in overview
     datasets = c.get("/datasets").text
-    assert "blobs" in datasets and "x0" in datasets and "target" in datasets and "policy" in datasets
+    assert "blobs" in datasets and "x0" in datasets and "target" in datasets
+    assert "every trusted researcher" in datasets and "released at once" in datasets and "no budget" in datasets
     plans = c.get("/plans").text
     digest = pending(home)["hash"]
     assert plans.index(digest[:16]) < plans.index(">approved</span>")  # pending first
@@ -104,7 +127,7 @@ def test_pages_show_the_homes_records(home):
     assert '<span class="d-del">-        return 1</span>' in page
     assert '<span class="d-add">+        return 2</span>' in page
     assert 'class="source"' in page and "Approve as bob" in page and "Reject as bob" in page
-    assert "Results awaiting release" in c.get("/results").text
+    assert "No result awaits your review" in c.get("/results").text
     assert c.get("/plans/" + "0" * 16).status_code == 404
     assert c.get("/experiments/exp-x").status_code == 404  # a researcher's page
 
@@ -139,6 +162,64 @@ def test_read_only_console_shows_no_buttons_and_refuses_every_action(home):
     assert "read-only" in page and "<form" not in page.split("<h2>Changes")[0]
     assert c.post(f"/plans/{digest}/approve", data={"csrf": "anything"}).status_code == 403
     assert PlanRegistry(home.store, home.audit).status(digest) == "pending"
+    PolicyTable(home.store, home.audit).set("blobs", review=True)
+    hold(home, "t-held")
+    results = c.get("/results").text
+    assert "t-held" in results and "<form" not in results
+    for action in ("release", "deny"):
+        assert c.post(f"/results/t-held/{action}", data={"csrf": "anything"}).status_code == 403
+    assert [item.msg_id for item in open_release(home).outbox.held()] == ["t-held"]
+
+
+def test_held_results_show_what_would_leave_and_release_or_deny_is_audited_with_who(home, monkeypatch):
+    PolicyTable(home.store, home.audit).set("blobs", review=True, epsilon=20.0, by="ann")
+    hold(home, "t-private", mechanism=[1.0, 1.0, 1])  # client-level DP at noise 1
+    hold(home, "t-queued", mechanism=[1.0, 1.0, 1])  # its cost set aside too
+    hold(home, "t-plain")
+    c = logged_in(home)
+    assert "3 result(s) await your review" in c.get("/").text
+    datasets = c.get("/datasets").text
+    assert 'class="budget"' in datasets and "released after review" in datasets
+    assert "epsilon 20" in datasets and "ledger: 0 released result(s) debited" in datasets
+    page = c.get("/results").text
+    digest = pending(home)["hash"]
+    private = page.split('id="held-1"')[1].split("</section>")[0]
+    assert "t-private" in private and "lab" in private and "blobs" in private and f"/plans/{digest}" in private
+    assert "loss=0.25" in private and "1.5" in private and "fc.weight float32[2, 3]" in private
+    shown = float(re.search(r"epsilon <b>([\d.]+)</b>", private).group(1))
+    assert 4 < shown < 5.5 and "of the dataset's budget of 20.0" in private  # about 4.7 at delta 1e-5
+    assert "not a differentially private task" in page.split('id="held-3"')[1]
+    assert page.count("Release as bob") == 3 and page.count("Deny as bob") == 3
+    token = csrf_of(page)
+    for data in ({}, {"csrf": "forged"}):
+        assert c.post("/results/t-private/release", data=data).status_code == 403
+    assert c.get("/results/t-private/release").status_code == 405
+    assert len(open_release(home).outbox.held()) == 3
+
+    done = c.post("/results/t-private/release", data={"csrf": token}, follow_redirects=False)
+    assert done.status_code == 303 and done.headers["location"] == "/results?done=released&task=t-private&nudged=0"
+    head = home.audit.head()
+    assert (head.event, head.fields["task"], head.fields["by"]) == ("result.released", "t-private", "bob")
+    assert f"{head.fields['epsilon']:.4g}" == f"{shown:.4g}"  # the cost shown is what the ledger debits
+    assert "Result <code>t-private</code> released by bob" in c.get(done.headers["location"]).text
+    assert "ledger: 1 released result(s) debited" in c.get("/datasets").text
+    assert c.post("/results/t-plain/deny", data={"csrf": token}).status_code == 200
+    head = home.audit.head()
+    assert (head.event, head.fields["task"], head.fields["by"]) == ("result.denied", "t-plain", "bob")
+    # The budget lowered below what a release would reach: releasing withholds it instead.
+    PolicyTable(home.store, home.audit).set("blobs", epsilon=shown + 0.1, by="ann")
+    withheld = c.post("/results/t-queued/release", data={"csrf": token})
+    assert "was not released" in withheld.text and home.audit.head().event == "result.withheld"
+    page = c.get("/results").text
+    assert "No result awaits your review" in page
+    outbox = page.split('id="outbox"')[1]  # all three now wait for their researcher's acknowledgement
+    assert "t-private" in outbox and outbox.count("result_denied") == 1 and "privacy_budget_exhausted" in outbox
+    assert c.post("/results/t-plain/release", data={"csrf": token}).status_code == 404  # decided already
+    assert c.post("/results/t-plain/delete", data={"csrf": token}).status_code == 404
+    # A console without Opacus cannot read a spent budget's epsilon: an error page that says so.
+    monkeypatch.setitem(sys.modules, "opacus.accountants.analysis.rdp", None)
+    missing = c.get("/datasets")
+    assert missing.status_code == 500 and "pip install &#39;meshfl[dp]&#39;" in missing.text
 
 
 def test_audit_page_filters_newest_first_and_reports_tampering(home):
@@ -225,6 +306,15 @@ def test_chart_draws_each_series_and_escapes_names():
     assert svg.count("<polyline") == 1 and svg.count("<circle") == 3  # NaN left out, one point alone
     assert "<b>" not in svg and "&lt;node&gt;" in svg and 'stroke-width="3"' in svg
     assert "no values yet" in line_chart("empty", {"global": []})
+
+
+def test_budget_chart_splits_the_budget_and_marks_one_lowered_below_its_spending():
+    svg = budget_chart({"epsilon": 8.0, "delta": 1e-5, "spent": 2.0, "reserved": 1.0, "left": 5.0})
+    widths = [float(w) for w in re.findall(r'<rect x="[\d.]+" y="16" width="([\d.]+)" height="14" fill', svg)]
+    assert widths == pytest.approx([2 / 8 * 218, 1 / 8 * 218, 5 / 8 * 218], abs=0.1)  # spent, queued, left
+    assert "<line" not in svg and "spent 2" in svg and "left 5" in svg
+    over = budget_chart({"epsilon": 2.0, "delta": 1e-5, "spent": 4.0, "reserved": 0.0, "left": 0.0})
+    assert over.count('fill="#') == 4 and '<line x1="110.0"' in over  # one bar segment; the budget's mark at half
 
 
 def test_binding_beyond_loopback_warns():

@@ -16,14 +16,19 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from helpers.plans import TinyPlan
 from helpers.procs import make_homes, start_console, start_node, stop
+from helpers.waiting import wait_until
+from meshfl.home import Home
+from meshfl.node._datasets import DatasetRegistry
 from meshfl.node._plans import plan_hash
 from meshfl.plans import plan_source
+from meshfl.privacy import PolicyTable
 from meshfl.researcher import Experiment, Researcher, RoundFailed
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
@@ -60,12 +65,17 @@ def _shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
-def _experiment(researcher, source: str, rounds: int = 1) -> Experiment:
+def _experiment(researcher, source: str, rounds: int = 1, **kw) -> Experiment:
     return Experiment(researcher, source, ["blobs"], rounds, plan_class="TinyPlan", min_nodes=2,
-                      training_args={"epochs": 2, "lr": 0.05}, round_timeout=60, progress=False)
+                      training_args={"epochs": 2, "lr": 0.05}, round_timeout=60, progress=False, **kw)
 
 
-def test_operator_approves_a_changed_plan_in_the_browser_and_the_rounds_then_succeed(tmp_path, browser):
+def _meshfl(*args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "meshfl.cli", *args], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_operator_approves_a_plan_and_releases_a_held_result_in_the_browser(tmp_path, browser):
     r_path, n_paths = make_homes(tmp_path, 2, plan=TinyPlan)  # the old plan is approved on both
     changed = plan_source(TinyPlan).replace(
         "return nn.Linear(features, classes)",
@@ -90,10 +100,6 @@ def test_operator_approves_a_changed_plan_in_the_browser_and_the_rounds_then_suc
         assert "node0" in page.inner_text("h1")
         assert "online" in page.inner_text("#peers")
 
-        page.click("nav >> text=Datasets")
-        assert "blobs" in page.inner_text("main table")
-        _shot(page, "datasets")
-
         page.click("nav >> text=Plans")
         first_row = page.locator("main table tr").nth(1)
         assert "pending" in first_row.inner_text() and "+1 -1 against" in first_row.inner_text()
@@ -107,9 +113,7 @@ def test_operator_approves_a_changed_plan_in_the_browser_and_the_rounds_then_suc
         assert "Plan approved by dr. console" in page.inner_text(".flash")
         _shot(page, "plan-approved")
         # The other site's operator uses the CLI: the same code path, while its node runs.
-        cli = [sys.executable, "-m", "meshfl.cli", "plan", "approve", digest, "--home", str(n_paths[1]),
-               "--by", "dr. cli"]
-        assert subprocess.run(cli, capture_output=True, timeout=60).returncode == 0
+        _meshfl("plan", "approve", digest, "--home", str(n_paths[1]), "--by", "dr. cli")
 
         # The running nodes take the decisions at once: the same plan now trains.
         exp = _experiment(researcher, changed, rounds=4)
@@ -118,9 +122,41 @@ def test_operator_approves_a_changed_plan_in_the_browser_and_the_rounds_then_suc
 
         page.click("nav >> text=Overview")
         assert "4 done" in page.inner_text(".legend")  # one task per round on this node
-        _shot(page, "overview")
-        page.click("nav >> text=Results awaiting release")
-        _shot(page, "results")
+        # Node0's operator wants to see each result of its data first (and keeps a privacy budget on
+        # another dataset): the round waits until the result is released here.
+        with Home.open(n_paths[0]) as home:  # as `meshfl dataset policy NAME --review` (--budget 8) does
+            PolicyTable(home.store, home.audit).set("blobs", review=True, by="dr. console")
+            DatasetRegistry(home.store, home.audit).add("records", ["records"], "csv", n_paths[0] / "blobs.csv",
+                                                        target="target")
+            PolicyTable(home.store, home.audit).set("records", epsilon=8.0, by="dr. console")
+        reviewed_exp = _experiment(researcher, changed)
+        pool = ThreadPoolExecutor(1)
+        reviewed = pool.submit(reviewed_exp.run)
+        try:
+            page.click("nav >> text=Results awaiting release")
+            release = page.locator("text=Release as dr. console")
+            assert wait_until(lambda: page.reload() and release.count() == 1, timeout=60)
+            held = page.inner_text("section.held")
+            assert reviewed_exp.id in held and digest in held and "update norm" in held
+            assert not reviewed.done()
+            _shot(page, "results")
+            page.click("nav >> text=Overview")
+            assert "1 result(s) await your review" in page.inner_text("main")
+            assert "No network" in page.inner_text("#sandbox")
+            _shot(page, "overview")
+            page.click("nav >> text=Results awaiting release")
+            release.click()
+            assert "released by dr. console; the running node was told at once" in page.inner_text(".flash")
+            history = reviewed.result(timeout=60)
+        finally:
+            pool.shutdown()
+        assert sorted(history[0]["nodes"]) == ["node0", "node1"]
+        page.click("nav >> text=Datasets")
+        table = page.inner_text("main table")
+        assert "released after review" in table and "epsilon 8, delta 1e-05" in table
+        assert page.locator("svg.budget").count() == 1
+        _shot(page, "datasets")
+
         page.click("nav >> text=Audit")
         page.select_option("select[name=event]", "plan.approved")
         page.click("text=Filter")
@@ -129,6 +165,10 @@ def test_operator_approves_a_changed_plan_in_the_browser_and_the_rounds_then_suc
         assert "by=dr. console" in rows.nth(1).inner_text() and digest in rows.nth(1).inner_text()
         assert "Chain verified" in page.inner_text(".flash")
         _shot(page, "audit")
+        page.select_option("select[name=event]", "result.released")
+        page.click("text=Filter")
+        rows = page.locator("main table tr")  # newest first: the console's release, then the 4 rounds' own
+        assert "by=dr. console" in rows.nth(1).inner_text() and "by=auto" in rows.nth(2).inner_text()
 
         # An action without the session's CSRF token is refused, and changes nothing.
         for form in ({}, {"csrf": "forged"}):

@@ -13,6 +13,7 @@ import pytest
 from helpers.data import write_blobs_csv
 from helpers.hostile_plans import GreedyPlan, ScratchPlan, ShellPlan, SnoopPlan, SocketPlan, SpinPlan
 from helpers.plans import TinyPlan
+from meshfl.node._sandbox import protections
 from meshfl.researcher import Experiment, RoundFailed
 from meshfl.testing import FederatedMesh
 
@@ -111,3 +112,15 @@ def test_the_network_namespace_is_enforced_by_the_kernel_not_only_by_the_hook(tm
     done, outcome = json.loads(confined.stdout)
     assert done["network"] == "namespace" and outcome != "connected"
     assert json.loads(free.stdout)[1] == "connected"
+
+
+def test_the_protections_shown_to_the_operator_are_only_those_this_machine_gives():
+    settings = {"memory_mb": 512, "cpu_seconds": 60.0, "read_paths": ["/srv/reference"]}
+    full = {r["name"]: r for r in protections(settings, {"network": "namespace", "memory_cap": True, "audit_hook": True})}
+    assert all(r["on"] for r in full.values()) and "512 MiB" in full["Memory cap"]["note"]
+    assert "60 s per task" in full["CPU-time cap"]["note"] and "1 more folder" in full["Audit hook"]["note"]
+    bare = {r["name"]: r for r in protections(settings, {"network": "none", "memory_cap": False, "audit_hook": True})}
+    assert bare["No network"]["on"] is False and "NOT isolated" in bare["No network"]["note"]
+    assert bare["Memory cap"]["on"] is False and bare["Audit hook"]["on"] is True
+    (off,) = protections(None, None)  # config.toml: sandbox = false
+    assert off["on"] is False and "sandbox = false" in off["note"]

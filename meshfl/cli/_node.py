@@ -9,8 +9,8 @@ import click
 from ..node._datasets import FORMATS, DatasetRegistry, normalize_tags
 from ..node._plans import STATUSES, PlanRegistry
 from ..node._presence import running_node
-from ..node._release import open_release
-from ..node._sandbox import probe
+from ..node._review import policies
+from ..node._sandbox import probe, protections
 from ..privacy import KINDS, PolicyTable
 from ..store import Outbox, TaskQueue
 from ._app import UserError, emit_json, home_option, json_option, main, open_home, table, when
@@ -82,9 +82,9 @@ def node_status(home: Path, as_json: bool) -> None:
             "plans": {s: sum(p["status"] == s for p in plans) for s in STATUSES},
             "tasks": tasks.counts(),
             "outbox": len(Outbox(h.store, "outbox")),
-            "held_for_review": len(Outbox(h.store, "outbox").held()),
+            "held_for_review": len(Outbox(h.store, "outbox").held(buffers=False)),
             "audit": len(h.audit),
-            "policies": _policies(h),
+            "policies": policies(h),
             "sandbox": probe() if h.config.sandbox else None,
         }
         settings = h.config.sandbox_settings()
@@ -104,17 +104,9 @@ def node_status(home: Path, as_json: bool) -> None:
     click.echo("tasks:         " + ", ".join(f"{n} {s}" for s, n in info["tasks"].items()))
     click.echo(f"outbox:        {info['outbox']} unacknowledged, {info['held_for_review']} held for review")
     click.echo(f"audit records: {info['audit']}")
-    box = info["sandbox"]
-    if box is None:
-        click.echo("plan sandbox:  OFF (config.toml: sandbox = false)")
-    else:
-        network = {"namespace": "no network (user + network namespace)",
-                   "namespace (network only)": "no network (network namespace)"}.get(
-            box["network"], "network NOT isolated by the kernel (audit hook only)")
-        memory = f"memory cap {settings['memory_mb']} MiB" if box["memory_cap"] else "NO memory cap"
-        click.echo(f"plan sandbox:  {network}; {memory}; CPU cap {settings['cpu_seconds']:g} s per task;")
-        click.echo("               files, processes and sockets refused by an audit hook (a tripwire);"
-                   " a scratch folder per task")
+    click.echo("plan sandbox:")
+    for row in protections(settings, info["sandbox"]):
+        click.echo(f"  {row['name'] + ':':<16}{'on ' if row['on'] else 'OFF'}  {row['note']}")
     for name, rules in info["policies"].items():
         click.echo(f"policy of {name}:")
         for line in rules["lines"]:
@@ -180,7 +172,7 @@ def dataset_show(home: Path, name: str, as_json: bool) -> None:
     """Show everything recorded about one dataset."""
     with open_home(home, role="node") as h:
         record = DatasetRegistry(h.store).get(name)
-        record = {**record, "policy": _policies(h, [name])[name]}
+        record = {**record, "policy": policies(h, [name])[name]}
     if as_json:
         emit_json(record)
     else:
@@ -258,29 +250,13 @@ def dataset_policy(home: Path, name: str, researchers, any_researcher, kinds, mi
             table_.reset(name, by=by)
         if changes:
             table_.set(name, by=by, **changes)
-        info = _policies(h, [name])[name]
+        info = policies(h, [name])[name]
     if as_json:
         emit_json(info)
         return
     click.echo(f"policy of {name}:")
     for line in info["lines"]:
         click.echo(f"  {line}")
-
-
-def _policies(h, names: list[str] | None = None) -> dict:
-    """The policy in force per dataset (config.toml applied), with its budget's use."""
-    gate = open_release(h).gate
-    names = names if names is not None else [r["name"] for r in DatasetRegistry(h.store).list()]
-    out = {}
-    for name in names:
-        policy = gate.policy(name)
-        budget = gate.budget(name)
-        lines = policy.describe()
-        if budget is not None:
-            lines.append(f"budget spent:     epsilon {budget['spent']:.4g}, "
-                         f"{budget['left']:.4g} left (queued tasks counted)")
-        out[name] = {"policy": policy.to_dict(), "budget": budget, "lines": lines}
-    return out
 
 
 def _shape(record: dict) -> str:

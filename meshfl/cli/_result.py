@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..node._release import nudge_node, open_release
+from ..node._review import decide, held_results
 from ._app import UserError, emit_json, home_option, json_option, main, open_home, table, when
 
 
@@ -20,50 +20,13 @@ def result() -> None:
     """
 
 
-def _held(h) -> list[dict]:
-    release = open_release(h)
-    names = {e["peer_id"]: e["name"] for e in h.trusted()}
-    out = []
-    for item in release.outbox.held():
-        review = item.envelope.get("review", {})
-        task = review.get("task", {})
-        out.append({
-            "task": item.msg_id,
-            "researcher": names.get(task.get("researcher"), task.get("researcher")),
-            "dataset": task.get("dataset"),
-            "experiment": task.get("experiment"),
-            "round": task.get("round"),
-            "plan": task.get("plan_hash"),
-            "secure_aggregation": bool(task.get("secagg")),
-            "samples": review.get("samples"),
-            "metrics": review.get("metrics") or {},
-            "update_norm": review.get("update_norm"),
-            "privacy_cost": _cost(release, task, item.msg_id),
-            "finished": item.created,
-            "layout": item.envelope.get("layout"),
-        })
-    return out
-
-
-def _cost(release, task: dict, task_id: str) -> dict | None:
-    """What releasing the result would debit from its dataset's budget, as of now."""
-    privacy = task.get("privacy")
-    if not privacy:
-        return None
-    policy = release.gate.policy(task["dataset"])
-    before = release.ledger.committed(task["dataset"], policy.delta, exclude=task_id)
-    after = release.ledger.committed(task["dataset"], policy.delta, exclude=task_id, extra=privacy["mechanism"])
-    return {"epsilon": after - before, "delta": policy.delta, "mechanism": privacy["mechanism"],
-            "budget": policy.epsilon}
-
-
 @result.command("list")
 @home_option
 @json_option
 def result_list(home: Path, as_json: bool) -> None:
     """List results held for review, oldest first."""
     with open_home(home, role="node") as h:
-        held = _held(h)
+        held = held_results(h)
     if as_json:
         emit_json(held)
     elif not held:
@@ -80,7 +43,7 @@ def result_list(home: Path, as_json: bool) -> None:
 def result_show(home: Path, task: str, as_json: bool) -> None:
     """Show what a held result would release: task, researcher, plan, metrics, update norm, cost."""
     with open_home(home, role="node") as h:
-        found = [r for r in _held(h) if r["task"] == task]
+        found = [r for r in held_results(h) if r["task"] == task]
     if not found:
         raise UserError(f"no result {task} awaits review (see `meshfl result list`)")
     (r,) = found
@@ -114,14 +77,12 @@ def _decide(release: bool):
     @json_option
     def command(home: Path, task: str, by: str, as_json: bool) -> None:
         with open_home(home, role="node") as h:
-            fields = open_release(h).decide(task, release, by=by)
-            path = h.path
-        nudged = nudge_node(path)
+            done = decide(h, task, release, by)
         if as_json:
-            emit_json({"task": task, "released": release, "ok": fields["ok"], "node_running": nudged})
+            emit_json(done)
             return
-        what = ("released" if fields["ok"] else f"withheld ({fields['error']['code']})") if release else "denied"
-        click.echo(f"result {task} {what}" + ("" if nudged else "; it goes out when the node runs"))
+        what = done["outcome"] + (f" ({done['error']})" if done["outcome"] == "withheld" else "")
+        click.echo(f"result {task} {what}" + ("" if done["node_running"] else "; it goes out when the node runs"))
 
     return command
 

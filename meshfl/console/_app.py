@@ -1,9 +1,10 @@
 """The console's web application (Starlette) and :func:`serve`, which runs it under Uvicorn.
 
-Pages are plain GETs that read the home (``_views``) and render a template; the only actions,
-approving and rejecting a plan, are POSTs that call :class:`PlanRegistry` exactly as
-``meshfl plan approve/reject`` does, with ``by=`` the console's operator, so they land in the
-audit chain the same way. A node home gets the operator's pages, a researcher home its
+Pages are plain GETs that read the home (``_views``) and render a template; the only actions
+are POSTs that call what the CLI calls, with ``by=`` the console's operator, so they land in the
+audit chain the same way: approving and rejecting a plan (:class:`PlanRegistry`, as ``meshfl plan
+approve/reject``), releasing and denying a held result (:func:`meshfl.node._review.decide`, as
+``meshfl result release/deny``). A node home gets the operator's pages, a researcher home its
 experiments.
 """
 
@@ -19,6 +20,7 @@ import socket
 import threading
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlencode
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -32,6 +34,8 @@ from .. import __version__
 from ..errors import MeshflError, PlanError
 from ..home import Home
 from ..node._plans import PlanRegistry
+from ..node._review import OUTCOMES
+from ..node._review import decide as decide_result
 from . import _views
 from ._auth import Guard, GuardMiddleware, action_form
 from ._render import environment
@@ -39,7 +43,8 @@ from ._render import environment
 log = logging.getLogger("meshfl.console")
 
 DEFAULT_PORT = 8470
-ACTIONS = ("approve", "reject")
+ACTIONS = ("approve", "reject")  # on a plan
+RESULT_ACTIONS = {"release": True, "deny": False}  # on a held result: release it?
 REFRESH_S = 5  # a page that shows work in progress reloads itself this often (no script)
 NODE_NAV = [("/", "Overview"), ("/datasets", "Datasets"), ("/plans", "Plans"),
             ("/results", "Results awaiting release"), ("/audit", "Audit")]
@@ -66,7 +71,11 @@ def create_app(home: Home, *, token: str, by: str, read_only: bool = False) -> S
         def endpoint(request: Request) -> HTMLResponse:  # sync: Starlette runs it in a thread
             if role is not None and home.config.role != role:
                 raise HTTPException(404, f"a {home.config.role} home has no such page")
-            return page(request, template, **build(request))
+            try:
+                context = build(request)
+            except MeshflError as exc:  # e.g. missing_dependency: a spent budget's epsilon needs meshfl[dp]
+                raise HTTPException(500, exc.message) from None
+            return page(request, template, **context)
 
         return endpoint
 
@@ -97,7 +106,15 @@ def create_app(home: Home, *, token: str, by: str, read_only: bool = False) -> S
         exps = _views.experiments(home)
         return {"experiments": exps, "refresh": any(e["state"] == "unfinished" for e in exps)}
 
-    async def decide(request: Request) -> RedirectResponse:
+    def results_context(request: Request) -> dict:
+        done = request.query_params.get("done")
+        flash = None
+        if done in OUTCOMES:
+            flash = {"outcome": done, "task": request.query_params.get("task", "")[:128],
+                     "nudged": request.query_params.get("nudged") == "1"}
+        return {"held": _views.node_review(home), "results": _views.node_results(home), "flash": flash}
+
+    async def decide_plan(request: Request) -> RedirectResponse:
         action = request.path_params["action"]
         if action not in ACTIONS or not node:
             raise HTTPException(404, "no such action")
@@ -109,6 +126,19 @@ def create_app(home: Home, *, token: str, by: str, read_only: bool = False) -> S
         log.info("console: training plan %s %s by %s", record["hash"], record["status"], by)
         return RedirectResponse(f"/plans/{record['hash']}?done={record['status']}", 303)
 
+    async def decide_held(request: Request) -> RedirectResponse:
+        action, task = request.path_params["action"], request.path_params["task"]
+        if action not in RESULT_ACTIONS or not node:
+            raise HTTPException(404, "no such action")
+        await action_form(request, guard, read_only)
+        try:
+            done = await run_in_threadpool(decide_result, home, task, RESULT_ACTIONS[action], by)
+        except MeshflError as exc:
+            raise HTTPException(404 if exc.code == "unknown_result" else 500, exc.message) from None
+        log.info("console: result of task %s %s by %s", task, done["outcome"], by)
+        query = urlencode({"done": done["outcome"], "task": task, "nudged": int(done["node_running"])})
+        return RedirectResponse(f"/results?{query}", 303)
+
     async def error(request: Request, exc: HTTPException) -> HTMLResponse:  # after login only
         return await run_in_threadpool(page, request, "error.html", exc.status_code,
                                        code=exc.status_code, message=exc.detail)
@@ -118,8 +148,9 @@ def create_app(home: Home, *, token: str, by: str, read_only: bool = False) -> S
         Route("/datasets", view("datasets.html", lambda r: {"datasets": _views.node_datasets(home)}, role="node")),
         Route("/plans", view("plans.html", lambda r: {"plans": _views.node_plans(home)}, role="node")),
         Route("/plans/{hash}", view("plan.html", plan_context, role="node")),
-        Route("/plans/{hash}/{action}", decide, methods=["POST"]),
-        Route("/results", view("results.html", lambda r: {"results": _views.node_results(home)}, role="node")),
+        Route("/plans/{hash}/{action}", decide_plan, methods=["POST"]),
+        Route("/results", view("results.html", results_context, role="node")),
+        Route("/results/{task}/{action}", decide_held, methods=["POST"]),
         Route("/audit", view("audit.html", audit_context)),
         Route("/experiments/{exp_id}", view("experiment.html", experiment_context, role="researcher")),
     ]

@@ -96,3 +96,41 @@ def _legend(series: dict, width: int, height: int) -> list[str]:
         out.append(f'<rect x="{x}" y="{y - 9}" width="12" height="4" fill="{COLORS[i % len(COLORS)]}"/>'
                    f'<text x="{x + 16}" y="{y - 4}">{escape(name[:18])}</text>')
     return out
+
+
+BUDGET_COLORS = {"spent": "#d62728", "queued": "#ff7f0e", "left": "#2ca02c"}
+
+
+def budget_chart(budget: dict, *, width: int = 220) -> str:
+    """A dataset's privacy budget as one bar: epsilon spent, set aside for queued tasks (accepted,
+    not yet released), left.
+
+    `budget` is what ``meshfl.node._review.policies`` gives (epsilon, delta, spent, reserved,
+    left). A budget lowered below what was already spent shows the bar past a mark at the budget.
+    """
+    epsilon, spent, reserved, left = (budget[k] for k in ("epsilon", "spent", "reserved", "left"))
+    segments = {"spent": spent, "queued": reserved, "left": left}
+    scale = (width - 2) / max(epsilon, spent + reserved + left)
+    title = (f"privacy budget epsilon {epsilon:g} (delta {budget['delta']:g}): {spent:.4g} spent, "
+             f"{reserved:.4g} set aside for queued tasks, {left:.4g} left")
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="budget" width="{width}" height="52" role="img" '
+           f'aria-label="{escape(title)}"><title>{escape(title)}</title>',
+           f'<text x="1" y="11">epsilon {epsilon:g} <tspan class="muted">(delta {budget["delta"]:g})</tspan></text>',
+           f'<rect x="1" y="16" width="{width - 2}" height="14" class="plot"/>']
+    x = 1.0
+    for name, value in segments.items():
+        if value > 0:
+            out.append(f'<rect x="{x:.1f}" y="16" width="{value * scale:.1f}" height="14" '
+                       f'fill="{BUDGET_COLORS[name]}"><title>{name}: epsilon {value:.4g}</title></rect>')
+            x += value * scale
+    if spent > epsilon:  # the budget was lowered below what released results had already spent
+        mark = 1 + epsilon * scale
+        out.append(f'<line x1="{mark:.1f}" x2="{mark:.1f}" y1="13" y2="33" stroke="#000" stroke-width="2"/>')
+    lx = 1
+    for name, value in segments.items():
+        label = f"{name} {value:.3g}"
+        out.append(f'<rect x="{lx}" y="39" width="9" height="9" fill="{BUDGET_COLORS[name]}"/>'
+                   f'<text x="{lx + 12}" y="48">{label}</text>')
+        lx += 12 + 6 * len(label) + 10  # about 6 px a character at 11 px
+    out.append("</svg>")
+    return "".join(out)

@@ -13,7 +13,7 @@ from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import PythonLexer
 
-from ._chart import line_chart
+from ._chart import budget_chart, line_chart
 
 _FORMATTER = HtmlFormatter(linenos="table", cssclass="source", wrapcode=True)
 PYGMENTS_CSS = _FORMATTER.get_style_defs(".source")
@@ -61,12 +61,16 @@ def chart(title: str, series: dict, emphasis: str | None = None) -> Markup:
     return Markup(line_chart(title, series, emphasis=emphasis))
 
 
+def budget(summary: dict) -> Markup:
+    return Markup(budget_chart(summary))
+
+
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("meshfl.console", "templates"),
         autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
     )
     env.filters.update(when=when, ago=ago, duration=duration, python=python_html, diff=diff_html,
-                       shell=shlex.quote)
+                       shell=shlex.quote, budget=budget)
     env.globals.update(chart=chart, pygments_css=Markup(PYGMENTS_CSS))
     return env

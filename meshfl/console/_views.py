@@ -9,12 +9,16 @@ for readers.
 
 from __future__ import annotations
 
+import functools
 import time
 
 from ..home import Home
 from ..node._datasets import DatasetRegistry
 from ..node._plans import PENDING, PlanRegistry
 from ..node._presence import links, running_node
+from ..node._review import held_results, policies
+from ..node._sandbox import probe, protections
+from ..privacy import Policy
 from ..store import Outbox, TaskQueue
 
 RECENT_TASKS = 20
@@ -25,9 +29,13 @@ AUDIT_BATCH = 500  # records per read transaction while scanning the chain backw
 AUDIT_EVENTS = (
     "home.", "peer.", "dataset.", "datasets.searched", "plan.", "plan.submitted", "plan.approved",
     "plan.rejected", "plan.removed", "plan.allowed", "plan.refused", "plan.allowed_dev", "task.",
-    "task.accepted", "task.refused", "task.finished", "task.interrupted", "result.acknowledged",
-    "node.", "secagg.", "overlay.rejected", "experiment.",
+    "task.accepted", "task.refused", "task.finished", "task.interrupted", "plan.violation", "policy.",
+    "policy.set", "policy.reset", "result.", "result.held", "result.released", "result.denied",
+    "result.withheld", "result.acknowledged", "node.", "secagg.", "overlay.rejected", "experiment.",
 )
+#: What the plan sandbox can do on this machine, tried once per console (a child process): the
+#: kernel's answer does not change while the console runs.
+machine_sandbox = functools.cache(probe)
 
 
 def names(home: Home) -> dict[str, str]:
@@ -65,15 +73,19 @@ def node_overview(home: Home) -> dict:
             "elapsed": now - task.updated if task.state == "running" else None, "limit": limit,
         })
     audit = home.audit.verify()
+    outbox = Outbox(home.store, "outbox")
+    settings = cfg.sandbox_settings()
     return {
         "name": cfg.name, "peer_id": home.identity.peer_id, "card": home.identity.card.to_text(),
         "home": str(home.path), "running": running, "dev": dev, "peers": peers,
-        "tasks": queue.counts(), "recent": recent, "outbox": len(Outbox(home.store, "outbox")),
-        "protections": _protections(cfg, dev, len(peers), audit), "audit": audit,
+        "tasks": queue.counts(), "recent": recent, "held": len(outbox.held(buffers=False)),
+        "unacknowledged": len(outbox.pending(buffers=False)),
+        "protections": _protections(cfg, dev, len(peers), audit, policies(home)), "audit": audit,
+        "sandbox": protections(settings, machine_sandbox() if settings else None),
     }
 
 
-def _protections(cfg, dev: bool, trusted: int, audit) -> list[dict]:
+def _protections(cfg, dev: bool, trusted: int, audit, rules: dict[str, dict]) -> list[dict]:
     """Each protection in force on this node: on (True), off (False) or not available (None)."""
     return [
         {"name": "Plan approval", "on": not dev,
@@ -90,20 +102,39 @@ def _protections(cfg, dev: bool, trusted: int, audit) -> list[dict]:
         {"name": "Audit chain", "on": audit.ok,
          "note": f"{audit.count} records verify" if audit.ok else
          f"BROKEN at record {audit.first_bad}: {audit.reason}"},
-        # issue #16: per-dataset policy, privacy budget and the plan sandbox report here.
-        {"name": "Per-dataset policy, privacy budget, plan sandbox", "on": None,
-         "note": "not available in this version"},
+        _datasets_where("Review before release", rules, lambda r: r["policy"]["review"],
+                        "results wait for your review before they leave"),
+        _datasets_where("Privacy budgets", rules, lambda r: r["budget"] is not None,
+                        "a budget the node keeps (differentially private tasks only)"),
     ]
 
 
+def _datasets_where(name: str, rules: dict[str, dict], test, what: str) -> dict:
+    """A protection some datasets' policies turn on: on for any, naming them; n/a without datasets."""
+    found = [dataset for dataset, rule in rules.items() if test(rule)]
+    note = f"{what}: {', '.join(found)}" if found else "no dataset's policy asks for it"
+    return {"name": name, "on": bool(found) if rules else None, "note": note}
+
+
 def node_datasets(home: Home) -> list[dict]:
+    """Each dataset's record, whether it is offered, its policy in force (``policies``: budget,
+    ledger) and that policy's rules as (label, value) pairs, worded as ``meshfl dataset show``."""
     minimum = home.config.minimum_samples
+    records = DatasetRegistry(home.store).list()
+    summaries = policies(home, [r["name"] for r in records])
     out = []
-    for record in DatasetRegistry(home.store).list():
-        offered = record["samples"] is None or record["samples"] >= minimum
-        # issue #16: "policy" and "budget" hold the policy in force and the privacy budget left.
-        out.append({**record, "offered": offered, "policy": None, "budget": None})
+    for record in records:
+        summary = summaries[record["name"]]
+        lines = Policy.from_dict(summary["policy"]).describe()
+        rules = [tuple(part.strip() for part in line.split(":", 1)) for line in lines]
+        out.append({**record, "offered": record["samples"] is None or record["samples"] >= minimum,
+                    "policy": summary, "rules": rules})
     return out
+
+
+def node_review(home: Home) -> list[dict]:
+    """Results held for review (what would leave, its privacy cost), each with its tensors' size."""
+    return [{**r, "bytes": sum(row[3] for row in r["layout"] or [])} for r in held_results(home)]
 
 
 def node_plans(home: Home) -> list[dict]:
@@ -133,7 +164,7 @@ def node_results(home: Home) -> list[dict]:
     """Results in the outbox: sent, kept until their researcher acknowledges them."""
     peer_names = names(home)
     out = []
-    for item in Outbox(home.store, "outbox").pending():
+    for item in Outbox(home.store, "outbox").pending(buffers=False):
         fields = item.envelope.get("fields", {})
         out.append({
             "task": item.msg_id, "researcher": peer_names.get(item.dest, item.dest),

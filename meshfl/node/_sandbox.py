@@ -97,6 +97,30 @@ def probe() -> dict:
     return {"network": found["network"], "memory_cap": found["memory_mb"] == 64, "audit_hook": True}
 
 
+_NETWORK = {"namespace": "user + network namespace: no interface, no privileges outside it",
+            "namespace (network only)": "network namespace (no user namespace on this machine)"}
+
+
+def protections(settings: dict | None, box: dict | None) -> list[dict]:
+    """What the sandbox gives a plan on this machine, one row per protection (name, on, note), as
+    ``meshfl node status`` and the console show it. ``settings``: the home's
+    (``Config.sandbox_settings()``, None when the sandbox is off); ``box``: :func:`probe`'s."""
+    if settings is None or box is None:
+        return [{"name": "Plan sandbox", "on": False, "note": "config.toml says sandbox = false: plans run unconfined"}]
+    isolated, extra = box["network"] in _NETWORK, settings["read_paths"]
+    return [
+        {"name": "No network", "on": isolated,
+         "note": _NETWORK.get(box["network"], "NOT isolated by the kernel here (only the audit hook refuses sockets)")},
+        {"name": "Memory cap", "on": bool(box["memory_cap"]),
+         "note": f"{settings['memory_mb']} MiB (RLIMIT_DATA)" if box["memory_cap"] else "the kernel refused RLIMIT_DATA"},
+        {"name": "CPU-time cap", "on": True, "note": f"{settings['cpu_seconds']:g} s per task (RLIMIT_CPU)"},
+        {"name": "Audit hook", "on": True,
+         "note": "files beyond the task's own, processes, sockets, native libraries: refused (a tripwire, not a boundary)"
+                 + (f"; {len(extra)} more folder(s) readable (sandbox_read_paths)" if extra else "")},
+        {"name": "Scratch folder", "on": True, "note": "one per task, removed after it"},
+    ]
+
+
 class Jail:
     """The audit hook's rules and what it caught, for the task now running (one per worker)."""
 

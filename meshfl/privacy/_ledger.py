@@ -67,6 +67,14 @@ class Ledger:
         record = self._store.read(lambda tx: tx.get(SPENT, dataset))
         return _accountant.epsilon(record["rdp"], delta) if record else 0.0
 
+    def cost(self, dataset: str, mechanism: Sequence[float], delta: float) -> float:
+        """Epsilon that releasing a result of ``mechanism`` now would add to what the dataset has
+        spent: what :meth:`debit` would record for it (reservations do not change it)."""
+        record = self._store.read(lambda tx: tx.get(SPENT, dataset))
+        spent = record["rdp"] if record else []
+        total = _accountant.add_curves(spent, _accountant.rdp_curve([mechanism]))
+        return _accountant.epsilon(total, delta) - _accountant.epsilon(spent, delta)
+
     def committed(self, dataset: str, delta: float, extra: Sequence[float] | None = None,
                   exclude: str | None = None) -> float:
         """Epsilon spent plus what the dataset's reserved tasks (but ``exclude``) would add, and

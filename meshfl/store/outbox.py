@@ -113,22 +113,23 @@ class Outbox:
 
         return self._store.read(get)
 
-    def pending(self, dest: str | None = None) -> list[OutboxItem]:
+    def pending(self, dest: str | None = None, *, buffers: bool = True) -> list[OutboxItem]:
         """Messages to send and not yet acknowledged, oldest first, optionally only those for
-        `dest` (held ones are left out)."""
-        return self._list(lambda record: not record.get("held") and (dest is None or record["dest"] == dest))
+        `dest` (held ones are left out). ``buffers=False`` leaves their buffers out (empty
+        lists): what a listing needs, without copying every kept model out of the store."""
+        return self._list(lambda record: not record.get("held") and (dest is None or record["dest"] == dest), buffers)
 
-    def held(self) -> list[OutboxItem]:
-        """Held messages, oldest first."""
-        return self._list(lambda record: bool(record.get("held")))
+    def held(self, *, buffers: bool = True) -> list[OutboxItem]:
+        """Held messages, oldest first (``buffers``: as for :meth:`pending`)."""
+        return self._list(lambda record: bool(record.get("held")), buffers)
 
-    def _list(self, wanted) -> list[OutboxItem]:
+    def _list(self, wanted, buffers: bool) -> list[OutboxItem]:
         def scan(tx: Tx) -> list[OutboxItem]:
             items = []
             for _, msg_id in tx.items(self._order):
                 record = tx.get(self._records, msg_id)
                 if wanted(record):
-                    items.append(self._item(tx, msg_id, record))
+                    items.append(self._item(tx, msg_id, record, buffers))
             return items
 
         return self._store.read(scan)
@@ -136,9 +137,9 @@ class Outbox:
     def __len__(self) -> int:
         return self._store.read(lambda tx: tx.count(self._records))
 
-    def _item(self, tx: Tx, msg_id: str, record: dict) -> OutboxItem:
-        keys = [_buffer_key(record["seq"], i) for i in range(record["buffers"])]
-        buffers = [tx.get_bytes(self._buffers, key) for key in keys]
+    def _item(self, tx: Tx, msg_id: str, record: dict, with_buffers: bool = True) -> OutboxItem:
+        count = record["buffers"] if with_buffers else 0
+        buffers = [tx.get_bytes(self._buffers, _buffer_key(record["seq"], i)) for i in range(count)]
         return OutboxItem(msg_id, record["dest"], record["envelope"], buffers, record["created"],
                           bool(record.get("held")))
 
