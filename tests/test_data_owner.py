@@ -227,10 +227,16 @@ def test_the_cli_sets_and_shows_policies_and_node_status_names_the_protections(m
     status = orjson.loads(_meshfl("node", "status", "--home", home, "--json").stdout)
     assert status["policies"]["blobs"]["policy"]["review"] is True
     assert status["sandbox"]["network"] == "namespace" and status["sandbox"]["memory_cap"]
+    out = _meshfl("dataset", "policy", "blobs", "--home", home, "--min-cell", "25", "--exact-extremes", "--json")
+    assert orjson.loads(out.stdout)["policy"]["min_cell"] == 25 and mesh.nodes[1].gate.policy("blobs").exact_extremes
+    assert "suppressed below 25 records; extremes exact" in _meshfl("dataset", "show", "blobs", "--home", home).stdout
+    _meshfl("dataset", "policy", "blobs", "--home", home, "--default-min-cell", "--coarse-extremes")
+    assert mesh.nodes[1].gate.policy("blobs").min_cell is None
     assert _meshfl("dataset", "policy", "blobs", "--home", home, "--reset").returncode == 0
     assert _meshfl("dataset", "policy", "nope", "--home", home).returncode == 1
     audit = [r for r in mesh.nodes[1].audit.records() if r.event.startswith("policy.")]
-    assert audit[-2].fields["by"] == "dr. jones" and audit[-1].event == "policy.reset"
+    assert audit[-4].fields["by"] == "dr. jones" and audit[-2].fields["policy"]["min_cell"] is None
+    assert audit[-1].event == "policy.reset"
 
 
 def test_dp_refuses_an_aggregator_that_sends_tensors_of_its_own(mesh):

@@ -67,9 +67,10 @@ class PeakRss:
         self._thread.join()
 
 
-def setup(root: Path, k: int, mutual: bool = False):
+def setup(root: Path, k: int, mutual: bool = False, prepare=None):
     """A researcher home and ``k`` started node processes; ``mutual``: nodes trust each other too
-    (secure aggregation seals shares node to node)."""
+    (secure aggregation seals shares node to node); ``prepare(i, home)``: more set-up of node i's
+    home before it starts."""
     listen = f"ipc://{root}/researcher.sock"
     r_home = Home.init(root / "researcher", "researcher", "bench", listen=listen, dead_after=60.0)
     source = plan_source(DeltaPlan)
@@ -85,6 +86,8 @@ def setup(root: Path, k: int, mutual: bool = False):
             plans = PlanRegistry(home.store, home.audit)
             plans.submit(source)
             plans.approve(plan_hash(source))
+            if prepare is not None:
+                prepare(i, home)
         paths.append(path)
     if mutual:
         homes = [Home.open(p) for p in paths]

@@ -35,3 +35,20 @@ class BreastCancerPlan(TorchTrainingPlan):
         # runs on the node, before its train/test split; the researcher applies it too when it
         # scores the global model on its own held-out patients
         return torch.log1p(x.clamp_min(0)), y
+
+
+class ScaledPlan(TorchTrainingPlan):
+    """Logistic regression on features the nodes standardise first (`analyze.py`).
+
+    No log1p and no BatchNorm: plain SGD on these features only works once every node has scaled
+    them the same way, with the global mean and standard deviation that federated analytics
+    computed (`Experiment(..., preprocess=[Standardize()])`).
+    """
+
+    task = "classification"
+
+    def init_model(self, features: int = 30) -> nn.Module:
+        return nn.Linear(features, 2)
+
+    def init_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=lr)

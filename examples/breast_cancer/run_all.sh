@@ -4,6 +4,8 @@
 #   2. train.py (the researcher) submits the plan and waits for the operators;
 #   3. each operator reviews the pending plan and approves its hash with the CLI;
 #   4. train.py trains 10 FedAvg rounds and prints the history;
+#   4b. analyze.py: federated statistics (in the clear and under secure aggregation), then a
+#       second plan, approved the same way, trained on features standardised with them;
 #   5. the nodes are stopped (SIGTERM), their audit logs verified, and WORK is removed.
 #
 #   bash run_all.sh [WORK]     (default ./work; KEEP=1 keeps the homes and logs afterwards)
@@ -40,34 +42,43 @@ trap finish EXIT
 # 1. set up and start the nodes
 bash "$HERE/setup_nodes.sh" "$WORK"
 
-# 2. the researcher: submits the plan, then waits for approval before training
+# 3. (used twice) each operator: find the pending plan, check its hash against the one the
+#    researcher's script sent (here: the file it wrote; in real life, an e-mail), review, approve.
+approve_pending() {
+    for site in "${SITES[@]}"; do
+        home="$WORK/$site/home"
+        digest=""
+        for ((t = 0; t < 1200; t++)); do
+            if [[ -s "$WORK/lab/plan.sha256" ]]; then
+                expected="$(cat "$WORK/lab/plan.sha256")"
+                pending="$($MESHFL plan list --home "$home" --status pending --json)"
+                if [[ "$pending" == *"\"$expected\""* ]]; then
+                    digest="$expected"
+                    break
+                fi
+            fi
+            kill -0 "$TRAIN_PID" 2>/dev/null || { echo "run_all.sh: the researcher's script exited early" >&2; exit 1; }
+            sleep 0.25
+        done
+        [[ -n "$digest" ]] || { echo "run_all.sh: no pending plan reached $site" >&2; exit 1; }
+        echo "== operator of $site reviews the plan:"
+        $MESHFL plan show "$digest" --home "$home" | sed -n '1,16p'  # details, then the start of the source
+        $MESHFL plan approve "$digest" --home "$home" --by "operator of $site"
+    done
+}
+
+# 2. the researcher: submits the plan, then waits for approval before training (4.)
 "$PYTHON" "$HERE/train.py" --work "$WORK" &
 TRAIN_PID=$!
+approve_pending
+wait "$TRAIN_PID"
+TRAIN_PID=""
 
-# 3. each operator: find the pending plan, check its hash against the one the researcher sent
-#    (here: the file train.py wrote; in real life, an e-mail), review it, approve it.
-for site in "${SITES[@]}"; do
-    home="$WORK/$site/home"
-    digest=""
-    for ((t = 0; t < 1200; t++)); do
-        if [[ -s "$WORK/lab/plan.sha256" ]]; then
-            expected="$(cat "$WORK/lab/plan.sha256")"
-            pending="$($MESHFL plan list --home "$home" --status pending --json)"
-            if [[ "$pending" == *"\"$expected\""* ]]; then
-                digest="$expected"
-                break
-            fi
-        fi
-        kill -0 "$TRAIN_PID" 2>/dev/null || { echo "run_all.sh: train.py exited early" >&2; exit 1; }
-        sleep 0.25
-    done
-    [[ -n "$digest" ]] || { echo "run_all.sh: no pending plan reached $site" >&2; exit 1; }
-    echo "== operator of $site reviews the plan:"
-    $MESHFL plan show "$digest" --home "$home" | sed -n '1,16p'  # details, then the start of the source
-    $MESHFL plan approve "$digest" --home "$home" --by "operator of $site"
-done
-
-# 4. training
+# 4b. analytics, then training on federated-standardised features: a second plan to approve
+rm -f "$WORK/lab/plan.sha256"
+"$PYTHON" "$HERE/analyze.py" --work "$WORK" &
+TRAIN_PID=$!
+approve_pending
 wait "$TRAIN_PID"
 TRAIN_PID=""
 

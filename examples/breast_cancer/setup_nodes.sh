@@ -66,6 +66,13 @@ for i in "${!SITES[@]}"; do
     $MESHFL dataset list --home "$home"
 done
 
+echo "== the hospitals trust each other's keys (secure aggregation seals shares node to node)"
+for site in "${SITES[@]}"; do
+    for other in "${SITES[@]}"; do
+        [[ "$site" == "$other" ]] || $MESHFL peer trust --home "$WORK/$site/home" --key "$(card_of "$WORK/$other/home")" >/dev/null
+    done
+done
+
 echo "== starting the nodes"
 for site in "${SITES[@]}"; do
     # -v: info-level log. The node dials the researcher and keeps retrying until it answers.

@@ -46,13 +46,13 @@ def held_out_scorer(path: Path):
     return evaluate, len(y)
 
 
-def wait_for_approval(researcher: Researcher, nodes: list[str], digest: str, timeout: float) -> None:
-    """Poll every node until its operator approved the plan; fail if one rejects it."""
+def wait_for_approval(researcher: Researcher, nodes: list[str], plan, timeout: float) -> None:
+    """Poll every node until its operator approved ``plan``; fail if one rejects it."""
     waiting = set(nodes)
     deadline = time.monotonic() + timeout
     while waiting:
         for node in sorted(waiting):
-            status = researcher.plan_status(node, BreastCancerPlan)["status"]
+            status = researcher.plan_status(node, plan)["status"]
             if status == "approved":
                 print(f"  {researcher.node_name(node)}: approved", flush=True)
                 waiting.discard(node)
@@ -100,7 +100,7 @@ def main() -> None:
             print(f"  meshfl plan show {digest[:16]} --home {home}")
             print(f"  meshfl plan approve {digest[:16]} --home {home}")
         print("waiting for approvals ...", flush=True)
-        wait_for_approval(researcher, nodes, digest, args.approval_timeout)
+        wait_for_approval(researcher, nodes, BreastCancerPlan, args.approval_timeout)
 
         # 3. Federated training: every round, each node trains 2 epochs on its share, FedAvg
         #    averages the models (weighted by samples), and we score the result on test.csv.

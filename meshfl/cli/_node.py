@@ -216,11 +216,17 @@ def dataset_remove(home: Path, name: str, as_json: bool) -> None:
 @click.option("--no-budget", is_flag=True, help="Remove the privacy budget.")
 @click.option("--review/--auto-release", default=None,
               help="Hold results for your review (`meshfl result ...`) before they leave.")
+@click.option("--min-cell", type=click.IntRange(min=1),
+              help="Analytics: suppress a released cell (bin, count, group) of fewer records than this.")
+@click.option("--default-min-cell", is_flag=True, help="Analytics: cells suppressed below minimum_samples again.")
+@click.option("--exact-extremes/--coarse-extremes", default=None,
+              help="Analytics: release exact minima and maxima (default: rounded outward to a coarse grid).")
 @click.option("--reset", is_flag=True, help="Back to the default policy.")
 @click.option("--by", default="operator", show_default=True, help="Who decides, for the audit log.")
 @json_option
 def dataset_policy(home: Path, name: str, researchers, any_researcher, kinds, min_participants, require_secagg,
-                   require_dp, min_noise, epsilon, delta, no_budget, review, reset, by, as_json) -> None:
+                   require_dp, min_noise, epsilon, delta, no_budget, review, min_cell, default_min_cell,
+                   exact_extremes, reset, by, as_json) -> None:
     """Show or change what dataset NAME may be used for (each change is audited).
 
     Without options, shows the policy in force. Options change only the rules they name.
@@ -236,13 +242,18 @@ def dataset_policy(home: Path, name: str, researchers, any_researcher, kinds, mi
         changes["kinds"] = [k.strip() for k in kinds.split(",") if k.strip()]
     for key, value in (("min_participants", min_participants), ("require_secagg", require_secagg),
                        ("require_dp", require_dp), ("min_noise", min_noise), ("epsilon", epsilon),
-                       ("delta", delta), ("review", review)):
+                       ("delta", delta), ("review", review), ("min_cell", min_cell),
+                       ("exact_extremes", exact_extremes)):
         if value is not None:
             changes[key] = value
     if no_budget:
         if epsilon is not None:
             raise UserError("give --budget or --no-budget, not both")
         changes["epsilon"] = None
+    if default_min_cell:
+        if min_cell is not None:
+            raise UserError("give --min-cell or --default-min-cell, not both")
+        changes["min_cell"] = None
     with open_home(home, role="node") as h:
         DatasetRegistry(h.store).get(name)  # a clear error for an unknown dataset
         table_ = PolicyTable(h.store, h.audit)
