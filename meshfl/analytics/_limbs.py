@@ -3,10 +3,10 @@
 Masks cancel only in modular integer sums, and statistics need more than the model updates' 32
 bits: a count of a million and a sum of squares of 10^14 must add up to 1e-9 of themselves. A
 value ``v`` becomes the integer ``V = round(v * 2**64)`` (one rounding per node, of its own sum:
-at most 2**-65 off), written as three 64-bit words: two 32-bit limbs and a signed top word,
-``V = w0 + w1 * 2**32 + w2 * 2**64``. The masked sums of K nodes' words cannot carry out of a
-lower word (K * 2**32 < 2**63), and the top word's sum stays in range while ``|v| <= 2**53``
-per node (the node refuses larger values: ``stats_range``), so the researcher rebuilds each
+at most 2**-65 off), written as four 64-bit words: three 32-bit limbs and a signed top word,
+``V = w0 + w1 * 2**32 + w2 * 2**64 + w3 * 2**96``. The masked sums of K nodes' words cannot carry
+out of a lower word (K * 2**32 < 2**63), and the top word's sum stays in range while
+``|v| <= 2**85`` per node (the node refuses larger values: ``stats_range``), so the researcher rebuilds each
 total exactly and divides by ``2**64`` once. Counts are exact, sums exact to K * 2**-65.
 """
 
