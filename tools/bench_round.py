@@ -6,7 +6,9 @@ plan that returns the received model plus a small delta (no real training: this 
 framework). In the same run, K plain-pyzmq DEALER processes echo the same bytes as 1 MB
 copy=False frames under CURVE (tools/bench_wire.py's raw side); meshfl and raw rounds alternate,
 so machine noise hits both alike. Prints JSON: median round time of each and their ratio, the
-researcher's peak RSS above its baseline in model sizes, and the fixed cost of a small round.
+researcher's peak RSS above its baseline in model sizes, and the fixed cost of a small round;
+with each series' quartiles and extremes, and those of the per-round ratio (each meshfl round
+over the raw round trip right after it), since one median hides how noisy these machines are.
 
 Right after the small case, the same round runs as tools/bench_floor.py: a lean script that does
 only the durable work the design requires (a synced commit of each task, of its result and of
@@ -109,6 +111,13 @@ def setup(root: Path, k: int, mutual: bool = False, prepare=None):
     return root / "researcher", nodes
 
 
+def spread(values: list[float]) -> dict:
+    """Quartiles and extremes: one median hides how noisy these machines are."""
+    q1, q2, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return {"min": round(min(values), 4), "p25": round(q1, 4), "median": round(q2, 4), "p75": round(q3, 4),
+            "max": round(max(values), 4)}
+
+
 def run_case(params: int, k: int, rounds: int, root: Path) -> dict:
     r_path, nodes = setup(root, k)
     raw = None
@@ -148,6 +157,10 @@ def run_case(params: int, k: int, rounds: int, root: Path) -> dict:
             "meshfl_median_round_s": round(statistics.median(mesh_times), 4),
             "raw_pyzmq_median_round_s": round(statistics.median(raw_times), 4),
             "ratio_meshfl_over_raw": round(statistics.median(mesh_times) / statistics.median(raw_times), 3),
+            # each meshfl round over the raw round trip right after it: the ratio's own spread
+            "ratio_meshfl_over_raw_spread": spread([m / r for m, r in zip(mesh_times, raw_times)]),
+            "meshfl_round_s_spread": spread(mesh_times),
+            "raw_round_s_spread": spread(raw_times),
             "researcher_rss_baseline_mb": round(base),
             "researcher_peak_rss_above_baseline_mb": round(peak.peak - base),
             "researcher_peak_above_baseline_in_models": round((peak.peak - base) / model_mb, 2) if model_mb else None,
@@ -176,10 +189,10 @@ def main() -> None:
     ap.add_argument("--params", type=float, default=5e7, help="P for the large case (default 5e7)")
     ap.add_argument("--small-params", type=float, default=1e5, help="P for the fixed-cost case (default 1e5)")
     ap.add_argument("--nodes", type=int, default=8, help="K node processes (default 8)")
-    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per case, after one warm-up")
+    ap.add_argument("--rounds", type=int, default=9, help="timed rounds of the large case (the small one: 20)")
     args = ap.parse_args()
     out = {"benchmark": "round", "curve": True, "cases": []}
-    for params, rounds in ((int(args.small_params), max(args.rounds, 10)), (int(args.params), args.rounds)):
+    for params, rounds in ((int(args.small_params), max(args.rounds, 20)), (int(args.params), args.rounds)):
         root = Path(tempfile.mkdtemp(prefix="meshfl-bench-round-"))
         try:
             out["cases"].append(run_case(params, args.nodes, rounds, root))
@@ -187,9 +200,13 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
     small, large = out["cases"]
     floor = run_floor(int(args.small_params), args.nodes, small["rounds_timed"])
-    small.update(floor, ratio_meshfl_over_floor=round(small["meshfl_median_round_s"] / floor["floor_median_round_s"], 3))
+    small.update(floor, ratio_meshfl_over_floor=round(small["meshfl_median_round_s"] / floor["floor_median_round_s"], 3),
+                 floor_round_s_spread=spread(floor["floor_round_times_s"]))
     out["summary"] = {
         "ratio_at_large_P": large["ratio_meshfl_over_raw"],
+        "ratio_at_large_P_p25_p75": [large["ratio_meshfl_over_raw_spread"]["p25"],
+                                     large["ratio_meshfl_over_raw_spread"]["p75"]],
+        "ratio_small_over_floor": small["ratio_meshfl_over_floor"],
         "small_round_ms": round(small["meshfl_median_round_s"] * 1000, 2),
         "small_round_floor_ms": round(floor["floor_median_round_s"] * 1000, 2),
         "researcher_peak_above_baseline_in_models": large["researcher_peak_above_baseline_in_models"],
