@@ -70,6 +70,15 @@ def test_every_command_has_help():
                 assert param.help, (path, param.name)
 
 
+def test_commands_that_read_the_home_start_without_torch(tmp_path):
+    """`import meshfl.cli` leaves torch (most of a second to import) to the commands that train."""
+    Home.init(tmp_path / "n", "node", "n").close()
+    probe = ("import sys; from meshfl.cli import main; sys.argv = ['meshfl', 'dataset', 'list', '--home', sys.argv[1]]\n"
+             "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch was imported'")
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "n")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "no datasets" in out.stdout, out.stderr
+
+
 def test_version():
     assert run("--version").output.strip() == f"meshfl {meshfl.__version__}"
 

@@ -10,16 +10,19 @@ from __future__ import annotations
 import csv
 import logging
 import re
+import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..errors import DatasetError
 from ..store import AuditLog, Store
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +199,14 @@ def _array_facts(x: Any, y: Any, target: str | None = None) -> dict:
     return facts
 
 
+def _is_tensor(value: Any) -> bool:
+    """Whether ``value`` is a torch tensor, without importing torch (the CLI starts without it)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def _kind(array: Any) -> str:
-    floating = array.dtype.is_floating_point if isinstance(array, torch.Tensor) else array.dtype.kind == "f"
+    floating = array.dtype.is_floating_point if _is_tensor(array) else array.dtype.kind == "f"
     return "float" if floating else "int"
 
 
@@ -205,7 +214,7 @@ def _check_numeric(array: Any, what: str) -> None:
     if isinstance(array, np.ndarray):
         ok = array.dtype.kind in "biuf"
     else:
-        ok = isinstance(array, torch.Tensor) and not array.is_complex()
+        ok = _is_tensor(array) and not array.is_complex()
     if not ok:
         raise DatasetError(f"the {what} are not a numeric array", code="bad_format")
 
@@ -224,6 +233,7 @@ def _xy_keys(keys: list[str], target: str | None) -> tuple[str, str | None]:
 
 
 def _torch_load(path: Path) -> dict:
+    import torch
     # weights_only: tensors and plain containers only, never arbitrary pickled objects.
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
@@ -318,6 +328,7 @@ def load_dataset(record: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _load_csv(path: Path, record: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    import torch
     header, columns = _read_csv(path)
     target = record.get("target")
     dtypes = {name: _column_dtype(values) for name, values in zip(header, columns)}
@@ -360,6 +371,7 @@ def _load_torch(path: Path, record: dict) -> tuple[torch.Tensor, torch.Tensor | 
 
 
 def _load_images(path: Path, record: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    import torch
     try:
         from PIL import Image
     except ImportError:
@@ -453,11 +465,13 @@ _LOAD = {"csv": _load_csv, "npy": _load_npy, "npz": _load_npz, "torch": _load_to
 
 
 def _features(x: Any) -> torch.Tensor:
+    import torch
     tensor = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
     return tensor.to(torch.float32).contiguous()
 
 
 def _labels(y: Any) -> torch.Tensor:
+    import torch
     tensor = y if isinstance(y, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(y))
     if tensor.dtype == torch.bool or not tensor.is_floating_point():
         return tensor.to(torch.int64)
