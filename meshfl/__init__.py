@@ -33,6 +33,7 @@ _LAZY = {
     "OneHot": "meshfl.analytics",
     "Node": "meshfl.node",
     "TorchTrainingPlan": "meshfl.plans",
+    "SKLearnTrainingPlan": "meshfl.plans",
     "FedAvg": "meshfl.aggregate",
     "FedProx": "meshfl.aggregate",
     "FedAvgM": "meshfl.aggregate",

@@ -17,12 +17,27 @@ class MissingDependency(MeshflError):
     code = "missing_dependency"
 
 
+#: The extra that installs each optional package a plan's own source may import.
+EXTRA_OF = {"sklearn": "sklearn", "opacus": "dp", "matplotlib": "plot"}
+
+
+def _missing(module: str, extra: str) -> MissingDependency:
+    return MissingDependency(
+        f"this needs the optional package {module.split('.')[0]!r}: pip install 'meshfl[{extra}]'",
+        details={"extra": extra, "module": module},
+    )
+
+
+def missing_extra(exc: ModuleNotFoundError) -> Exception:
+    """What to raise for code (a plan's source) that failed to import ``exc.name``: the coded
+    error naming the extra when an extra provides it, else the import error itself."""
+    top = (exc.name or "").split(".")[0]
+    return _missing(exc.name, EXTRA_OF[top]) if top in EXTRA_OF else exc
+
+
 def require(module: str, extra: str) -> ModuleType:
     """``import module``, or :class:`MissingDependency` naming ``pip install meshfl[extra]``."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise MissingDependency(
-            f"this needs the optional package {module.split('.')[0]!r}: pip install 'meshfl[{extra}]'",
-            details={"extra": extra, "module": module},
-        ) from None
+        raise _missing(module, extra) from None

@@ -42,7 +42,7 @@ def test_outside_an_allocation_the_launcher_says_how_to_run_it():
 def test_approve_takes_the_hash_the_researcher_will_send():
     plan = plan_from_file(f"{HELPERS / 'plans.py'}:TinyPlan")
     assert plan["name"] == "TinyPlan" and plan["hash"] == plan_hash(plan_source(TinyPlan))
-    with pytest.raises(LaunchError, match="no TorchTrainingPlan subclass"):
+    with pytest.raises(LaunchError, match="no training plan class"):
         plan_from_file(f"{HELPERS / 'plans.py'}:NoSuchPlan")
     with pytest.raises(LaunchError, match="FILE.py:CLASS"):
         plan_from_file("TinyPlan")

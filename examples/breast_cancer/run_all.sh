@@ -6,6 +6,7 @@
 #   4. train.py trains 10 FedAvg rounds and prints the history;
 #   4b. analyze.py: federated statistics (in the clear and under secure aggregation), then a
 #       second plan, approved the same way, trained on features standardised with them;
+#   4c. train_sklearn.py: a scikit-learn SGDClassifier plan, approved the same way, federated;
 #   5. the nodes are stopped (SIGTERM), their audit logs verified, and WORK is removed.
 #
 #   bash run_all.sh [WORK]     (default ./work; KEEP=1 keeps the homes and logs afterwards)
@@ -77,6 +78,14 @@ TRAIN_PID=""
 # 4b. analytics, then training on federated-standardised features: a second plan to approve
 rm -f "$WORK/lab/plan.sha256"
 "$PYTHON" "$HERE/analyze.py" --work "$WORK" &
+TRAIN_PID=$!
+approve_pending
+wait "$TRAIN_PID"
+TRAIN_PID=""
+
+# 4c. a scikit-learn plan: a third plan to approve
+rm -f "$WORK/lab/plan.sha256"
+"$PYTHON" "$HERE/train_sklearn.py" --work "$WORK" &
 TRAIN_PID=$!
 approve_pending
 wait "$TRAIN_PID"

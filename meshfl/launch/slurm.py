@@ -125,7 +125,7 @@ def plan_from_file(ref: str) -> dict:
     The file is imported (as ``multiprocessing`` imports a script: keep an experiment in it under
     ``if __name__ == "__main__":``)."""
     from ..node._plans import canonical_source, plan_hash
-    from ..plans import TorchTrainingPlan, plan_source
+    from ..plans import TrainingPlan, plan_source
 
     path_text, _, class_name = ref.rpartition(":")
     path = Path(path_text).expanduser()
@@ -143,8 +143,8 @@ def plan_from_file(ref: str) -> dict:
     finally:
         sys.path.pop(0)
     cls = getattr(module, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, TorchTrainingPlan)):
-        raise LaunchError(f"{path} defines no TorchTrainingPlan subclass {class_name!r}", code="bad_launch")
+    if not (isinstance(cls, type) and issubclass(cls, TrainingPlan)):
+        raise LaunchError(f"{path} defines no training plan class {class_name!r}", code="bad_launch")
     source = canonical_source(plan_source(cls))
     return {"name": class_name, "hash": plan_hash(source), "source": source}
 

@@ -27,7 +27,7 @@ import torch
 from .._extras import require
 from ..aggregate._scaffold import SLOT
 from ..errors import MeshflError
-from ..plans import DEFAULT_TRAINING_ARGS, TorchTrainingPlan, load_plan_class, local_keys
+from ..plans import DEFAULT_TRAINING_ARGS, TorchTrainingPlan, TrainingPlan, load_plan_class, local_keys
 from ..store.blobs import read_pack, update_pack, write_pack
 from . import _sandbox
 from ._datasets import feature_names, load_dataset, load_table
@@ -101,7 +101,7 @@ def default_train(plan: TorchTrainingPlan, model, train, args: dict, device: tor
     return {"train_loss": total / max(steps, 1), "steps": steps}
 
 
-def _model(plan: TorchTrainingPlan, job: dict, device: torch.device):
+def _model(plan: TrainingPlan, job: dict, device: torch.device):
     """The plan's model, built once per (plan, model args, device) and reused by later rounds:
     every task overwrites all of its state, and building a big model costs fresh memory."""
     key = (job["plan_hash"], orjson.dumps(job["model_args"], option=orjson.OPT_SORT_KEYS), device.type)
@@ -167,7 +167,7 @@ class _Scaffold:
         return slots, kept
 
 
-def _local_start(plan: TorchTrainingPlan, job: dict, local: set[str], kept: dict, seed: int) -> dict:
+def _local_start(plan: TrainingPlan, job: dict, local: set[str], kept: dict, seed: int) -> dict:
     """The personalised layers this task starts from: the node's own from earlier rounds, else
     fresh from ``init_model`` under the task's seed (the cached model may hold another experiment's)."""
     if all(f"local/{k}" in kept for k in local):
@@ -186,7 +186,7 @@ def _prepare(job: dict):
         _plans[key] = load_plan_class(job["plan_source"], job["plan_class"], f"meshfl_plan_{key[:16]}")
     plan = _plans[key]()
     args = {**DEFAULT_TRAINING_ARGS, **job["training_args"]}
-    device = _device(args, job.get("allow_cuda", True))
+    device = _device(args, job.get("allow_cuda", True) and plan.uses_cuda)
     _seed(int(args["seed"]), device)
     record = job["dataset"]
     steps = job.get("preprocess") or []
@@ -199,7 +199,7 @@ def _prepare(job: dict):
         _data.clear()  # keep one dataset in memory at a time
         _data[data_key] = _on_device(plan.preprocess(x, y), device)  # moved once, kept there
     x, y = _data[data_key]
-    train, test = plan.split(x, y, float(args["test_fraction"]), int(args["seed"]))
+    train, test = plan.split(x, y, float(args["test_fraction"]), int(args.get("split_seed", args["seed"])))
     return plan, args, device, train, test
 
 

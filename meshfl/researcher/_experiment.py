@@ -33,7 +33,7 @@ import torch
 
 from ..aggregate import Aggregator, FedAvg, make_aggregator
 from ..errors import ConfigError, MeshflError
-from ..plans import DEFAULT_TRAINING_ARGS, TorchTrainingPlan, load_plan_class, local_keys, plan_source
+from ..plans import DEFAULT_TRAINING_ARGS, SKLearnTrainingPlan, TrainingPlan, load_plan_class, local_keys, plan_source
 from ..privacy import DPSpec
 from ..protocol import chunk_plan
 from ..store import Store, Table
@@ -82,13 +82,26 @@ class _Stream:
         return len(self.received) == len(self.chunks)
 
 
+def _check_sklearn_options(exp: "Experiment") -> None:
+    """What a scikit-learn plan cannot do: its estimators compute no per-sample gradients
+    (DP-SGD) and no gradients at all (SCAFFOLD's corrections). Client-level DP works: the node
+    clips and noises the update, whatever trained it."""
+    if exp.dp is not None and exp.dp["mode"] == "sample":
+        raise ConfigError("DP-SGD needs a torch plan; a scikit-learn plan can use client-level DP "
+                          "(dp=ClientDP(...))", code="dp_incompatible")
+    if type(exp.aggregator).round_tensors is not Aggregator.round_tensors:
+        raise ConfigError(f"{type(exp.aggregator).__name__} corrects gradients, which a scikit-learn "
+                          f"estimator does not expose: use FedAvg or the FedOpt family",
+                          code="bad_plan")
+
+
 class Experiment:
     """Federated training of ``plan`` over the nodes whose datasets carry ``tags``."""
 
     def __init__(
         self,
         researcher: Researcher,
-        plan: type[TorchTrainingPlan] | str,
+        plan: type[TrainingPlan] | str,
         tags: list[str],
         rounds: int,
         model_args: dict | None = None,
@@ -157,6 +170,8 @@ class Experiment:
         self._blobs = BlobStore(home.path / "blobs")
         self._audit = home.audit
         cls = load_plan_class(self.plan_source, self.plan_class, f"meshfl_plan_local_{self.id}")
+        if issubclass(cls, SKLearnTrainingPlan):
+            _check_sklearn_options(self)
         self.model: torch.nn.Module = cls().init_model(**self.model_args)
         self.global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         try:  # personalised layers: they stay on the nodes, so never travel nor aggregate
@@ -362,7 +377,10 @@ class Experiment:
         nodes = self._select_nodes()
         if len(nodes) < self.min_nodes:
             raise RoundFailed(f"round {rnd}: {len(nodes)} nodes hold data tagged {self.tags}, need {self.min_nodes}")
-        args = {**self.training_args, "seed": int(self.training_args.get("seed") or 0) + rnd}
+        # A fresh seed each round (shuffles, dropout), one split for the whole experiment: a node's
+        # test samples are never trained on in another round.
+        base = int(self.training_args.get("seed") or 0)
+        args = {**self.training_args, "seed": base + rnd, "split_seed": base}
         args.update(self.aggregator.training_args())
         failed: dict[str, dict] = {}
         secure = None

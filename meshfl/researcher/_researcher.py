@@ -100,7 +100,7 @@ class Researcher:
         return found
 
     def plan_status(self, node: str, plan, timeout: float = 10.0) -> dict:
-        """Ask a node whether it approved ``plan`` (a TorchTrainingPlan subclass or its source)."""
+        """Ask a node whether it approved ``plan`` (a training plan class or its source)."""
         from ..node._plans import plan_hash
 
         source = plan if isinstance(plan, str) else plan_source(plan)
