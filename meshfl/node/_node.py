@@ -501,7 +501,7 @@ class Node:
         finally:
             cancelled = self._running_task["cancelled"]
             self._running_task = None
-            shutil.rmtree(self.home.path / "scratch" / task.id, ignore_errors=True)
+            self._drop_scratch(task.id)
         if cancelled:
             result = {"ok": False, "error": TaskFailed("the researcher cancelled the experiment", code="cancelled").to_wire()}
         fields["ok"] = bool(result.get("ok"))
@@ -586,7 +586,7 @@ class Node:
             fields.update(ok=False, error={"code": "internal", "message": "the node failed to answer this query"})
         finally:
             self._running_task = None
-            shutil.rmtree(self.home.path / "scratch" / task.id, ignore_errors=True)
+            self._drop_scratch(task.id)
         held, fields = self.release.finish(task, fields, {"type": mtype},
                                            {"suppressed": fields.get("suppressed"), "rows": fields.get("rows")})
         if not fields["ok"]:
@@ -614,9 +614,21 @@ class Node:
     def _scratch(self, task_id: str) -> str:
         """A fresh folder the task's plan may write in (removed after the task)."""
         path = self.home.path / "scratch" / task_id
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(mode=0o700, parents=True)
+        try:
+            path.mkdir(mode=0o700, parents=True)
+        except FileExistsError:  # left by a crash during that task: start it clean
+            shutil.rmtree(path)
+            path.mkdir(mode=0o700)
         return str(path)
+
+    def _drop_scratch(self, task_id: str) -> None:
+        path = self.home.path / "scratch" / task_id
+        try:
+            os.rmdir(path)  # the common case: the plan wrote nothing there
+        except FileNotFoundError:
+            pass
+        except OSError:
+            shutil.rmtree(path, ignore_errors=True)
 
     def _client_dp(self, task_id: str, payload: dict, result: dict) -> dict | None:
         """Clip and noise the trained change here, in the node process, where no plan code runs.

@@ -9,6 +9,7 @@ appended to the audit chain.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import logging
 import re
@@ -39,6 +40,7 @@ def canonical_source(source: str) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
+@functools.lru_cache(maxsize=64)  # every request of a round carries the same source
 def plan_hash(source: str) -> str:
     return hashlib.sha256(canonical_source(source).encode("utf-8")).hexdigest()
 
