@@ -18,7 +18,6 @@ No record leaves a hospital: only sums of them do.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ from meshfl.errors import MeshflError
 
 from plan import ScaledPlan
 from prepare_data import split
-from train import TAGS, load_test_set, wait_for_approval
+from train import TAGS, example_args, load_test_set, wait_for_approval
 
 TRAINING_ARGS = {"epochs": 2, "batch_size": 16, "lr": 0.05, "test_fraction": 0.0}
 
@@ -102,11 +101,7 @@ def train_standardised(researcher: Researcher, work: Path, rounds: int, approval
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("work"), help="the folder setup_nodes.sh made")
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--approval-timeout", type=float, default=600.0, help="seconds to wait for operators")
-    args = parser.parse_args()
+    args = example_args(__doc__.splitlines()[0], rounds=8)
     work = args.work.absolute()
     researcher = Researcher(work / "lab" / "home").start()
     try:

@@ -65,12 +65,17 @@ def wait_for_approval(researcher: Researcher, nodes: list[str], plan, timeout: f
             time.sleep(0.5)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Train the breast-cancer model across three hospitals.")
+def example_args(description: str, rounds: int) -> argparse.Namespace:
+    """The options every researcher script of this example takes."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--work", type=Path, default=Path("work"), help="the folder setup_nodes.sh made")
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--approval-timeout", type=float, default=600.0, help="seconds to wait for operators")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = example_args("Train the breast-cancer model across three hospitals.", rounds=10)
     work = args.work.absolute()
     evaluate, n_test = held_out_scorer(work / "lab" / "data" / "test.csv")
 

@@ -11,9 +11,7 @@ the global estimator on its own held-out patients with plain scikit-learn.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 from meshfl import Experiment, Researcher, Standardize
 from meshfl.analytics import preprocess
@@ -21,15 +19,11 @@ from meshfl.errors import MeshflError
 
 from prepare_data import split
 from sklearn_plan import SGDLogisticPlan
-from train import TAGS, load_test_set, wait_for_approval
+from train import TAGS, example_args, load_test_set, wait_for_approval
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("work"), help="the folder setup_nodes.sh made")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--approval-timeout", type=float, default=600.0, help="seconds to wait for operators")
-    args = parser.parse_args()
+    args = example_args(__doc__.splitlines()[0], rounds=10)
     work = args.work.absolute()
     columns, _, _ = split()
     x_test, y_test = load_test_set(work / "lab" / "data" / "test.csv")

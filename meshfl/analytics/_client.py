@@ -25,7 +25,6 @@ import torch
 
 from ..errors import MeshflError
 from ..researcher._secure import SecureRound
-from ..secagg import VECTOR
 from ..wire import Message
 from . import _combine, _limbs
 from ._combine import Answer, ColumnStats, Histogram, Quantile

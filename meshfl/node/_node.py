@@ -39,7 +39,7 @@ from ..store import Outbox, TaskQueue
 from ..store.blobs import BlobStore
 from ..transport import Peer
 from ..wire import DTYPE_NAMES, Message
-from ._datasets import DatasetRegistry, public_view
+from ._datasets import DatasetRegistry
 from ._executor import Executor, TaskFailed
 from ._masked import MaskedResults
 from ._plans import APPROVED, PlanError, PlanRegistry, plan_hash, review_commands
