@@ -58,7 +58,8 @@ def test_two_researchers_train_on_the_same_nodes_at_once_and_each_sees_only_its_
     assert sorted(histories) == ["researcher", "researcher1"]
     for history in histories.values():
         assert [h["round"] for h in history] == [1, 2] and set(history[-1]["nodes"]) == {"node0", "node1"}
-    tasks = {name: {info["task"] for h in history for info in h["nodes"].values()} for name, history in histories.items()}
+    tasks = {name: {info["task"] for h in history for info in h["nodes"].values()}
+             for name, history in histories.items()}
     assert not tasks["researcher"] & tasks["researcher1"]
     for node in mesh.nodes:
         for task in node.queue.list():
@@ -137,4 +138,5 @@ def test_one_researchers_backlog_does_not_starve_another(mesh):
     assert all(m.fields["ok"] for m in results)
     assert claimed == [ids[0], "bob-1.t1", *ids[1:]]
     for m in results:
-        (bob if m.fields["task_id"] == "bob-1.t1" else alice).send(node, Message("result.ack", {"task_id": m.fields["task_id"]}))
+        sender = bob if m.fields["task_id"] == "bob-1.t1" else alice
+        sender.send(node, Message("result.ack", {"task_id": m.fields["task_id"]}))

@@ -73,7 +73,8 @@ def peer_discover(home: Path, timeout: float, interfaces: tuple[str, ...], as_js
             click.echo(r["warning"], err=True)
 
 
-def trusted_discovery(home, name: str, confirmed: str, timeout: float, interfaces: list[str]) -> tuple[PeerCard, str | None]:
+def trusted_discovery(home, name: str, confirmed: str, timeout: float,
+                      interfaces: list[str]) -> tuple[PeerCard, str | None]:
     """The card and endpoint announced for ``name``, if its key has the ``confirmed``
     fingerprint (else a coded LanError); a key other than the one pinned for the name is refused."""
     fp = lan.fingerprint(confirmed)

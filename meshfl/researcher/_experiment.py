@@ -373,15 +373,16 @@ class Experiment:
         failed: dict[str, dict] = {}
         secure = None
         sent = self._begin_aggregation()  # the model's shared tensors and the aggregator's own
+        round_id = f"{self.id}.{self._run_tag}.r{rnd}.a{self.attempt}"
         if self.secagg:
             try:  # the aggregator's tensors (SCAFFOLD's c) are no parameters: the wide 64-bit ring,
                 # as their changes are not bounded by a parameter's clip
-                secure = SecureTrainingRound(self.researcher, f"{self.id}.{self._run_tag}.r{rnd}.a{self.attempt}", nodes, sent,
+                secure = SecureTrainingRound(self.researcher, round_id, nodes, sent,
                                              self._parameters(), max(self._holders[n] for n in nodes), self.secagg)
                 secure.start()
             except MeshflError as exc:
                 raise RoundFailed(f"round {rnd}: {exc.message}", details=self._failure_details(failed, [])) from None
-        tasks = {f"{self.id}.{self._run_tag}.r{rnd}.a{self.attempt}.{n}": n for n in nodes}
+        tasks = {f"{round_id}.{n}": n for n in nodes}
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.researcher._route(tasks, inbox)
         if secure is None:
