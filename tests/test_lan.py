@@ -89,8 +89,13 @@ def test_without_zeroconf_discovery_names_the_lan_extra(monkeypatch, tmp_path):
     with pytest.raises(MissingDependency) as info:
         lan.discover(0.1)
     assert info.value.code == "missing_dependency" and "meshfl[lan]" in info.value.message
-    result = CliRunner().invoke(main, ["peer", "discover", "--home", str(tmp_path / "node"), "--timeout", "0.1"])
+    home = ["--home", str(tmp_path / "node")]
+    result = CliRunner().invoke(main, ["peer", "discover", *home, "--timeout", "0.1"])
     assert result.exit_code == 1 and "meshfl[lan]" in result.stderr
+    for args, said in ((["peer", "trust", *home], "--key"),  # neither a key nor a discovered peer
+                       (["peer", "trust", *home, "--discovered", "lab"], "--fingerprint")):  # never unconfirmed
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and said in result.stderr
 
 
 def _cli(*args, ok=True):
