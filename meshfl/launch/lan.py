@@ -168,6 +168,10 @@ class Announcer:
             addresses=[socket.inet_aton(a) for a in addresses], properties=encode(card, role, record_endpoint))
         try:
             self._zc.register_service(self.info)
+        except zeroconf.NonUniqueNameException:
+            self._zc.close()
+            raise LanError(f"{card.name} ({card.peer_id}) is announced on this LAN already (another "
+                           f"`meshfl peer announce` of this home?)", code="already_announced") from None
         except BaseException:
             self._zc.close()
             raise
