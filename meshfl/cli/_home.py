@@ -85,17 +85,39 @@ def peer_id(home: Path, as_json: bool) -> None:
 
 @peer.command("trust")
 @home_option
-@click.option("--key", "key", required=True, metavar="CARDTEXT",
+@click.option("--key", "key", metavar="CARDTEXT",
               help="The other peer's public key, as `meshfl peer id` prints it (meshfl1:...).")
+@click.option("--discovered", metavar="NAME",
+              help="Instead of --key: the peer of this name announcing itself on the LAN "
+                   "(`meshfl peer discover`); needs --fingerprint.")
+@click.option("--fingerprint", metavar="PEER_ID",
+              help="With --discovered: the peer id its operator reads out to you (`meshfl peer id` on "
+                   "its host). The announced key is trusted only if it has this fingerprint.")
+@click.option("--timeout", type=float, default=5.0, show_default=True,
+              help="With --discovered: how long to listen for the announcement, in seconds.")
+@click.option("--interface", "interfaces", multiple=True, metavar="ADDRESS",
+              help="With --discovered: listen on this local address only (repeatable; default all).")
 @click.option("--name", help="What to call the peer here (default: the name in its key).")
 @click.option("--endpoint", metavar="ENDPOINT",
               help="Where to reach the peer, e.g. tcp://host:5555. A node needs this for each "
-                   "researcher it dials; a researcher needs none for its nodes.")
+                   "researcher it dials (with --discovered: the announced one unless given); a "
+                   "researcher needs none for its nodes.")
 @json_option
-def peer_trust(home: Path, key: str, name: str | None, endpoint: str | None, as_json: bool) -> None:
+def peer_trust(home: Path, key: str | None, discovered: str | None, fingerprint: str | None, timeout: float,
+               interfaces: tuple[str, ...], name: str | None, endpoint: str | None, as_json: bool) -> None:
     """Trust another peer's key (again, to change its name or endpoint)."""
-    card = PeerCard.from_text(key)
+    if (key is None) == (discovered is None):
+        raise UserError("give the peer's key (--key) or a discovered peer's name (--discovered NAME)")
     with open_home(home) as h:
+        if key is not None:
+            card = PeerCard.from_text(key)
+        else:
+            if fingerprint is None:
+                raise UserError("--discovered needs --fingerprint: the peer id its operator reads out to you")
+            from ._lan import trusted_discovery
+
+            card, announced = trusted_discovery(h, discovered, fingerprint, timeout, list(interfaces))
+            endpoint = endpoint or announced
         entry = h.trust(card, endpoint=endpoint, name=name)
     info = _public(entry)
     if as_json:

@@ -221,7 +221,7 @@ class Node:
         task_id = f["task_id"]
         if not _TASK_ID.match(task_id):
             raise MeshflError("task ids are 1-120 characters of A-Z a-z 0-9 . _ -", code="bad_field")
-        existing = self.queue.get(task_id)
+        existing = self._own_task(task_id, msg.sender)
         if existing is not None:  # a re-sent request: answer it again, never run it twice
             if self.outbox.get(task_id) is not None:
                 self._deliver(task_id)
@@ -249,7 +249,7 @@ class Node:
                 payload["privacy"] = {"mechanism": list(grant.mechanism)}
                 if grant.policy.epsilon is not None:
                     self.ledger.reserve(task_id, dataset, grant.mechanism)
-            self.queue.push(payload, task_id=task_id)
+            self.queue.push(payload, task_id=task_id, lane=msg.sender)  # lanes: fair between researchers
             self.audit.append(
                 "task.accepted", task=task_id, researcher=msg.sender, experiment=f["experiment"],
                 round=f["round"], plan=grant.plan_hash, dataset=dataset, dp=payload["dp"],
@@ -277,6 +277,15 @@ class Node:
             raise refusal from None
         self._wake.set()
         return Message("train.accepted", {"task_id": task_id, "state": "pending"})
+
+    def _own_task(self, task_id: str, researcher: str):
+        """The task ``task_id`` if ``researcher`` sent it, None if there is none; another
+        researcher's task of that id is refused (each researcher sees only its own tasks)."""
+        task = self.queue.get(task_id)
+        if task is not None and task.payload.get("researcher") != researcher:
+            self.audit.append("task.refused", task=task_id, researcher=researcher, reason="task_conflict")
+            raise MeshflError(f"task id {task_id} is taken on {self.name}: choose another", code="task_conflict")
+        return task
 
     def _admit(self, request: Request, datasets: list[dict]):
         """The first of ``datasets`` the gate admits ``request`` to, and the grant; else the first
@@ -309,7 +318,7 @@ class Node:
         task_id = f["task_id"]
         if not _TASK_ID.match(task_id):
             raise MeshflError("task ids are 1-120 characters of A-Z a-z 0-9 . _ -", code="bad_field")
-        existing = self.queue.get(task_id)
+        existing = self._own_task(task_id, msg.sender)
         if existing is not None:
             if self.outbox.get(task_id) is not None:
                 self._deliver(task_id)
@@ -340,7 +349,7 @@ class Node:
             dataset, _ = self._admit(request, found)
             analytics.check_columns(ops, self.datasets.get(dataset))
             payload["dataset"] = dataset
-            self.queue.push(payload, task_id=task_id)
+            self.queue.push(payload, task_id=task_id, lane=msg.sender)
             self.audit.append("task.accepted", task=task_id, researcher=msg.sender, kind=f["purpose"],
                               analysis=f["analysis"], dataset=dataset, **payload["audit"], secagg=secure)
             if secure:
@@ -372,9 +381,15 @@ class Node:
         return None
 
     def _on_result_ack(self, msg: Message) -> None:
+        """Forget an acknowledged result; a repeated ack is answered by nothing, another
+        researcher's result is refused (``unknown_task``, as a pull of it is)."""
         task_id = msg.fields["task_id"]
         if self.home.store.atomic(lambda tx: self._acknowledge(task_id, msg.sender)):
             self._discard_result(task_id)
+            return None
+        item = self.outbox.get(task_id)
+        if item is not None and item.dest != msg.sender:
+            raise MeshflError(f"no result {task_id} waits for you here", code="unknown_task")
         return None
 
     def _acknowledge(self, task_id: str, researcher: str) -> bool:
@@ -385,10 +400,16 @@ class Node:
         return acked
 
     def _on_task_cancel(self, msg: Message) -> Message:
+        """Cancel the sender's tasks of an experiment; an experiment of which the sender has no
+        task here is ``unknown_experiment`` (whether or not another researcher has one of that id)."""
         experiment = msg.fields["experiment"]
+        mine = [t for t in self.queue.list() if t.payload.get("experiment", t.payload.get("analysis")) == experiment
+                and t.payload.get("researcher") == msg.sender]
+        if not mine:
+            raise MeshflError(f"you have no experiment {experiment} on {self.name}", code="unknown_experiment")
         count = 0
-        for task in self.queue.list("pending"):
-            if task.payload.get("experiment") == experiment and task.payload.get("researcher") == msg.sender:
+        for task in mine:
+            if task.state == "pending":
                 count += self.queue.cancel(task.id)
                 self.ledger.unreserve(task.id)
                 self.blobs.delete(task.id)

@@ -156,6 +156,9 @@ class Experiment:
         self.progress = progress
         self.on_round = on_round
         self.id = experiment_id or f"exp-{os.urandom(4).hex()}"
+        # In this run's task and round ids: two researchers who chose one experiment id (or one
+        # researcher running it again) never meet the same task id on a node they share.
+        self._run_tag = os.urandom(3).hex()
         self.history = History(experiment=self.id)
         if tensorboard is not None:
             TensorBoardLog.check()  # a missing extra fails now, not after the first round
@@ -345,6 +348,9 @@ class Experiment:
                 reply = self.researcher.peer.call(node, Message("task.cancel", {"experiment": self.id}), 10)
                 out[node] = reply.fields["count"]
             except MeshflError as exc:
+                if exc.code == "unknown_experiment":  # it never had a task of this experiment
+                    out[node] = 0
+                    continue
                 log.warning("cancel on %s failed: %s", self.researcher.node_name(node), exc)
         self._audit.append("experiment.cancelled", experiment=self.id)
         return out
@@ -385,15 +391,16 @@ class Experiment:
         failed: dict[str, dict] = {}
         secure = None
         sent = self._begin_aggregation()  # the model's shared tensors and the aggregator's own
+        round_id = f"{self.id}.{self._run_tag}.r{rnd}.a{self.attempt}"
         if self.secagg:
             try:  # the aggregator's tensors (SCAFFOLD's c) are no parameters: the wide 64-bit ring,
                 # as their changes are not bounded by a parameter's clip
-                secure = SecureTrainingRound(self.researcher, f"{self.id}.r{rnd}.a{self.attempt}", nodes, sent,
+                secure = SecureTrainingRound(self.researcher, round_id, nodes, sent,
                                              self._parameters(), max(self._holders[n] for n in nodes), self.secagg)
                 secure.start()
             except MeshflError as exc:
                 raise RoundFailed(f"round {rnd}: {exc.message}", details=self._failure_details(failed, [])) from None
-        tasks = {f"{self.id}.r{rnd}.a{self.attempt}.{n}": n for n in nodes}
+        tasks = {f"{round_id}.{n}": n for n in nodes}
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.researcher._route(tasks, inbox)
         if secure is None:

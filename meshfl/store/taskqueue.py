@@ -1,9 +1,13 @@
-"""A durable FIFO of tasks: pending -> running -> done | failed, or pending -> cancelled.
+"""A durable queue of tasks: pending -> running -> done | failed, or pending -> cancelled.
 
-Three tables per queue `name`: ``name`` (task id -> task record), ``name.order`` (sequence
-number -> task id, every task, in push order) and ``name.pending`` (the same for pending tasks
-only, so ``claim`` never scans finished work). Each state change is one transaction, so after a
-crash every task is wholly in one state, listed in both indexes it belongs to.
+Tasks belong to lanes (a node's lane is the researcher that sent the task). ``claim`` serves the
+lanes round-robin, each lane first in first out, so one lane's backlog never starves another
+(:func:`next_lane`). Tables per queue `name`: ``name`` (task id -> task record), ``name.order``
+(sequence number -> task id, every task, in push order), ``name.pending`` (the same for pending
+tasks only, so ``claim`` never scans finished work), ``name.lane`` (lane + 0x1f + sequence number
+-> task id, pending tasks), ``name.lanes`` (lane + 0x1f -> its pending count) and ``name.meta`` (the
+lane served last). Each state change is one transaction, so after a crash every task is wholly
+in one state, listed in every index it belongs to, and the round-robin resumes where it was.
 """
 
 from __future__ import annotations
@@ -33,39 +37,60 @@ class Task:
     attempts: int
     created: float
     updated: float
+    lane: str = ""
+
+
+_SEP = "\x1f"  # between a lane and a sequence number in the lane index; lanes hold no control characters
+
+
+def next_lane(lanes: list[str], last: str | None) -> str | None:
+    """The lane to serve next: the first of the sorted ``lanes`` (those with pending tasks) after
+    ``last``, the lane served last, wrapping around; None when no lane has work."""
+    if not lanes:
+        return None
+    ordered = sorted(lanes)
+    if last is None:
+        return ordered[0]
+    return next((lane for lane in ordered if lane > last), ordered[0])
 
 
 class TaskQueue:
     def __init__(self, store: Store, name: str = "tasks"):
         self._store = store
         self._tasks, self._order, self._pending = name, f"{name}.order", f"{name}.pending"
+        self._lane, self._lanes, self._meta = f"{name}.lane", f"{name}.lanes", f"{name}.meta"
 
-    def push(self, payload: dict, task_id: str | None = None) -> str:
-        """Add a pending task; pushing an id that already exists changes nothing."""
+    def push(self, payload: dict, task_id: str | None = None, *, lane: str = "") -> str:
+        """Add a pending task to ``lane``; pushing an id that already exists changes nothing."""
         task_id = uuid.uuid4().hex if task_id is None else task_id
+        if not isinstance(lane, str) or any(c < " " for c in lane) or len(lane) > 200:
+            raise StoreError("a lane is a string of at most 200 characters, no control characters", code="bad_key")
 
         def push(tx: Tx) -> None:
             if tx.has(self._tasks, task_id):
                 return
             now = time.time()
             seq = next_seq(tx, self._order)
-            self._save(tx, Task(task_id, seq, PENDING, payload, None, None, 0, now, now))
+            task = Task(task_id, seq, PENDING, payload, None, None, 0, now, now, lane)
+            self._save(tx, task)
             tx.put(self._order, seq_key(seq), task_id)
-            tx.put(self._pending, seq_key(seq), task_id)
+            self._enqueue(tx, task)
 
         self._store.atomic(push)
         return task_id
 
     def claim(self) -> Task | None:
-        """Mark the oldest pending task running and return it; None when nothing is pending."""
+        """Mark the oldest pending task of the next lane (round-robin) running and return it;
+        None when nothing is pending."""
 
         def claim(tx: Tx) -> Task | None:
-            first = tx.items(self._pending, limit=1)
-            if not first:
+            lane = next_lane([key[:-1] for key in tx.keys(self._lanes)], tx.get(self._meta, "last"))
+            if lane is None:
                 return None
-            key, task_id = first[0]
-            tx.delete(self._pending, key)
+            ((_, task_id),) = tx.items(self._lane, lane + _SEP, limit=1)
             task = self._load(tx, task_id)
+            self._dequeue(tx, task)
+            tx.put(self._meta, "last", lane)
             return self._save(tx, task, state=RUNNING, attempts=task.attempts + 1)
 
         return self._store.atomic(claim)
@@ -83,7 +108,7 @@ class TaskQueue:
             task = self._load(tx, task_id, missing_ok=True)
             if task is None or task.state != PENDING:
                 return False
-            tx.delete(self._pending, seq_key(task.seq))
+            self._dequeue(tx, task)
             self._save(tx, task, state=CANCELLED)
             return True
 
@@ -98,11 +123,17 @@ class TaskQueue:
 
         def recover(tx: Tx) -> list[Task]:
             recovered = []
-            for task in self._all(tx):
+            tasks = self._all(tx)
+            if tx.count(self._lane) != tx.count(self._pending):  # a queue written before lanes
+                for task in tasks:
+                    if task.state == PENDING:
+                        self._dequeue(tx, task)
+                        self._enqueue(tx, task)
+            for task in tasks:
                 if task.state != RUNNING:
                     continue
                 if requeue:
-                    tx.put(self._pending, seq_key(task.seq), task.id)
+                    self._enqueue(tx, task)
                     recovered.append(self._save(tx, task, state=PENDING))
                 else:
                     error = {"code": "interrupted", "message": "its process stopped mid-task"}
@@ -178,6 +209,24 @@ class TaskQueue:
             return self._save(tx, task, state=state, **changes)
 
         return self._store.atomic(finish)
+
+    def _enqueue(self, tx: Tx, task: Task) -> None:
+        """List a pending task in the pending and lane indexes."""
+        tx.put(self._pending, seq_key(task.seq), task.id)
+        tx.put(self._lane, task.lane + _SEP + seq_key(task.seq), task.id)
+        key = task.lane + _SEP  # never empty, as a key must not be
+        tx.put(self._lanes, key, tx.get(self._lanes, key, 0) + 1)
+
+    def _dequeue(self, tx: Tx, task: Task) -> None:
+        """Take a task out of the pending and lane indexes (what of it is there)."""
+        tx.delete(self._pending, seq_key(task.seq))
+        if tx.delete(self._lane, task.lane + _SEP + seq_key(task.seq)):
+            key = task.lane + _SEP
+            left = tx.get(self._lanes, key, 1) - 1
+            if left > 0:
+                tx.put(self._lanes, key, left)
+            else:
+                tx.delete(self._lanes, key)
 
     def _all(self, tx: Tx) -> list[Task]:
         return [self._load(tx, task_id) for _, task_id in tx.items(self._order)]

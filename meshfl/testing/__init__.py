@@ -134,7 +134,9 @@ class PeerMesh:
 
 class FederatedMesh:
     """A researcher and ``n_nodes`` nodes in this process, with temporary homes and mutual trust
-    (researcher and nodes, and nodes among themselves, as secure aggregation needs)."""
+    (researcher and nodes, and nodes among themselves, as secure aggregation needs).
+    ``researchers=2`` or more: several researchers, each trusted by every node (``self.researchers``;
+    ``self.researcher`` is the first)."""
 
     def __init__(
         self,
@@ -147,6 +149,7 @@ class FederatedMesh:
         root: str | Path | None = None,
         heartbeat: float = 0.5,
         dead_after: float = 5.0,
+        researchers: int = 1,
     ) -> None:
         if transport not in ("ipc", "tcp"):
             raise ConfigError("a federated mesh runs CURVE: transport must be ipc or tcp")
@@ -156,7 +159,9 @@ class FederatedMesh:
         self._root_given = root
         self.root: Path | None = None
         self._timing = {"heartbeat": heartbeat, "dead_after": dead_after}
+        self.n_researchers = max(1, int(researchers))
         self.researcher = None
+        self.researchers: list = []
         self.nodes: list = []
 
     def start(self) -> "FederatedMesh":
@@ -166,8 +171,10 @@ class FederatedMesh:
 
         self.root = Path(self._root_given or tempfile.mkdtemp(prefix="meshfl-fed-"))
         try:
-            listen = f"ipc://{self.root}/researcher.sock" if self.transport == "ipc" else "tcp://127.0.0.1:0"
-            r_home = Home.init(self.root / "researcher", "researcher", "researcher", listen=listen, **self._timing)
+            names = ["researcher"] + [f"researcher{i}" for i in range(1, self.n_researchers)]
+            r_homes = [Home.init(self.root / name, "researcher", name, **self._timing, listen=(
+                f"ipc://{self.root}/{name}.sock" if self.transport == "ipc" else "tcp://127.0.0.1:0"))
+                for name in names]
             node_homes = [
                 Home.init(self.root / name, "node", name, dev=self.dev, **self._timing, **self.node_config)
                 for name in self.names
@@ -176,13 +183,17 @@ class FederatedMesh:
                 for other in node_homes:
                     if other is not home:
                         home.trust(other.identity.card)
-            self.researcher = Researcher(r_home).start()
+            for r_home in r_homes:
+                self.researchers.append(Researcher(r_home).start())
+            self.researcher = self.researchers[0]
             for home in node_homes:
-                r_home.trust(home.identity.card)
-                self.researcher.peer.trust(home.identity.card)
-                home.trust(r_home.identity.card, self.researcher.endpoint)
+                for researcher in self.researchers:
+                    researcher.home.trust(home.identity.card)
+                    researcher.peer.trust(home.identity.card)
+                    home.trust(researcher.home.identity.card, researcher.endpoint)
                 self.nodes.append(Node(home).start())
-            self.researcher.wait_for_nodes(len(self.nodes), timeout=30)
+            for researcher in self.researchers:
+                researcher.wait_for_nodes(len(self.nodes), timeout=30)
         except BaseException:
             self.close()
             raise
@@ -203,9 +214,10 @@ class FederatedMesh:
         for node in self.nodes:
             node.stop()
         self.nodes.clear()
-        if self.researcher is not None:
-            self.researcher.close()
-            self.researcher = None
+        for researcher in self.researchers:
+            researcher.close()
+        self.researchers.clear()
+        self.researcher = None
         if self.root is not None and self._root_given is None:
             shutil.rmtree(self.root, ignore_errors=True)
         self.root = None
