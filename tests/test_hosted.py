@@ -1,0 +1,290 @@
+"""Hosted models: a host with real CURVE over ipc, light clients in this process (meshfl/hosted)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import zmq
+
+from helpers.hosted import blobs, clients, make_host_home
+from helpers.plans import AddOnePlan, TinyPlan
+from meshfl.errors import ConfigError, RemoteError, RequestTimeout
+from meshfl.hosted import Backoff, Client, Host
+from meshfl.wire import Message
+
+
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.term()
+
+
+@pytest.fixture
+def host(tmp_path):
+    h = Host(make_host_home(tmp_path)).start()
+    yield h
+    h.close()
+
+
+def _close(cs):
+    for c in cs:
+        c.close()
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def _ticket(client, model="m"):
+    answer = client.request(model)
+    assert not isinstance(answer, Backoff), answer
+    return answer.fields
+
+
+def _diff(host, model="m", fill=0.5, **changes):
+    out = {k: torch.full_like(v, fill) for k, v in host.model(model).items()}
+    out.update(changes)
+    return out
+
+
+def test_a_cycle_averages_sample_weighted_diffs_into_the_next_version(host, ctx):
+    host.add_model("m", AddOnePlan, server={"max_clients": 3, "cycle_length": 30})
+    v0 = host.model("m")
+    cs = clients(host, 3, AddOnePlan, context=ctx)
+    try:
+        acks = [c.train_once("m", {"device": "cpu"}) for c in cs]
+        assert [a["duplicate"] for a in acks] == [False] * 3
+        assert host.wait_version("m", 1, timeout=10)
+        v1 = host.model("m")
+        for k in v0:  # AddOnePlan adds 1 to every parameter: any weighted mean of the diffs is +1
+            torch.testing.assert_close(v1[k], v0[k] + 1)
+        [version] = [r for r in host.versions("m") if r["version"] == 1]
+        assert version["diffs"] == 3 and version["clients"] == 3
+        assert version["samples"] == sum(a["samples"] for a in acks)
+        assert version["staleness"] == {"0": 3}
+        assert "test_accuracy" in version["metrics"]
+
+        pulls = []
+        real_pull = cs[0].pull
+        cs[0].pull = lambda *a, **k: pulls.append(a) or real_pull(*a, **k)
+        first = _ticket(cs[0])
+        assert first["version"] == 1 and not first["current"]  # its cached copy is version 0
+        cs[0].pull("m", 1)
+        assert _ticket(cs[0])["current"]  # the same ticket; its cache now holds version 1
+        assert cs[0].train_once("m")["version"] == 1
+        assert len(pulls) == 1  # downloaded once, not again for training
+    finally:
+        _close(cs)
+
+
+def test_weights_are_sample_counts(host, ctx):
+    host.add_model("m", TinyPlan, server={"max_clients": 2, "cycle_length": 30})
+    v0 = host.model("m")
+    a, b = clients(host, 2, TinyPlan, context=ctx)
+    try:
+        ta, tb = _ticket(a), _ticket(b)
+        a.push("m", ta["ticket"], 0, _diff(host, fill=1.0), samples=30)
+        b.push("m", tb["ticket"], 0, _diff(host, fill=-1.0), samples=10)
+        assert host.wait_version("m", 1, timeout=10)
+        for k, t in host.model("m").items():
+            torch.testing.assert_close(t, v0[k] + (30 * 1.0 - 10 * 1.0) / 40)
+    finally:
+        _close([a, b])
+
+
+def test_a_full_cycle_answers_backoff_not_an_error(host, ctx):
+    host.add_model("m", TinyPlan, server={"max_clients": 2, "min_clients": 2, "cycle_length": 30})
+    cs = clients(host, 3, TinyPlan, context=ctx)
+    try:
+        first = _ticket(cs[0])
+        assert _ticket(cs[0])["ticket"] == first["ticket"]  # asking again is harmless
+        _ticket(cs[1])
+        full = cs[2].request("m")
+        assert isinstance(full, Backoff) and full.reason == "cycle_full" and 0 < full.retry_in <= 30
+        cs[0].push("m", first["ticket"], 0, _diff(host), 5)
+        sent = cs[0].request("m")
+        assert isinstance(sent, Backoff) and sent.reason == "already_sent"
+    finally:
+        _close(cs)
+
+
+def _code(exc_info) -> str:
+    return exc_info.value.code
+
+
+def test_bad_diffs_get_coded_errors_and_leave_the_model_untouched(host, ctx):
+    host.add_model("m", TinyPlan, server={"max_clients": 3, "cycle_length": 30, "goal": 2})
+    v0 = host.model("m")
+    c, other, stranger = clients(host, 3, TinyPlan, context=ctx)
+    try:
+        t = _ticket(c)
+        ticket = t["ticket"]
+        cases = {
+            "bad_shape": _diff(host, weight=torch.zeros(1, 4)),
+            "bad_dtype": _diff(host, weight=torch.zeros(2, 4, dtype=torch.float16)),
+            "non_finite": _diff(host, bias=torch.tensor([0.0, float("nan")])),
+            "oversize": _diff(host, weight=torch.zeros(200, 4)),
+        }
+        for code, diff in cases.items():
+            with pytest.raises(RemoteError) as exc:
+                c.push("m", ticket, 0, diff, 5)
+            assert _code(exc) == code, code
+        missing = _diff(host)
+        del missing["bias"]
+        with pytest.raises(RemoteError) as exc:
+            c.push("m", ticket, 0, missing, 5)
+        assert _code(exc) == "bad_diff"
+        inf = _diff(host, weight=torch.full((2, 4), float("inf")))
+        with pytest.raises(RemoteError) as exc:
+            c.push("m", ticket, 0, inf, 5)
+        assert _code(exc) == "non_finite"
+        with pytest.raises(RemoteError) as exc:
+            c.push("m", ticket, 7, _diff(host), 5)
+        assert _code(exc) == "unknown_version"
+        with pytest.raises(RemoteError) as exc:
+            c.push("m", ticket, 0, _diff(host), 0)
+        assert _code(exc) == "bad_samples"
+        with pytest.raises(RemoteError) as exc:  # never asked to train
+            stranger.push("m", "0123456789abcdef", 0, _diff(host), 5)
+        assert _code(exc) == "not_accepted"
+        with pytest.raises(RemoteError) as exc:
+            c.call(Message("hosted.request", {"model": "nope"}))
+        assert _code(exc) == "unknown_model"
+        assert host.status("m")[0]["open"]["diffs"] == 0
+
+        ack = c.push("m", ticket, 0, _diff(host), 5, diff_id="d1")
+        assert ack.fields["duplicate"] is False
+        again = c.push("m", ticket, 0, _diff(host), 5, diff_id="d1")  # its ack was lost: sent again
+        assert again.fields["duplicate"] is True
+        with pytest.raises(RemoteError) as exc:
+            c.push("m", ticket, 0, _diff(host, fill=9.0), 5, diff_id="d2")
+        assert _code(exc) == "duplicate_diff"
+        assert host.status("m")[0]["open"]["diffs"] == 1  # counted once
+        assert host.model("m").keys() == v0.keys()
+        for k in v0:
+            torch.testing.assert_close(host.model("m")[k], v0[k])  # no version yet: untouched
+        t2 = _ticket(other)
+        other.push("m", t2["ticket"], 0, _diff(host), 5)
+        assert host.wait_version("m", 1, timeout=10)
+        for k in v0:
+            torch.testing.assert_close(host.model("m")[k], v0[k] + 0.5)
+        with pytest.raises(RemoteError) as exc:  # a ticket of a cycle that closed
+            other.push("m", t2["ticket"], 0, _diff(host), 5, diff_id="late")
+        assert _code(exc) == "duplicate_diff"
+    finally:
+        _close([c, other, stranger])
+
+
+def test_a_ticket_of_a_closed_cycle_is_stale(host, ctx):
+    host.add_model("m", TinyPlan, server={"max_clients": 2, "goal": 1, "cycle_length": 30})
+    a, b = clients(host, 2, TinyPlan, context=ctx)
+    try:
+        ta, tb = _ticket(a), _ticket(b)
+        a.push("m", ta["ticket"], 0, _diff(host), 5)
+        assert host.wait_version("m", 1, timeout=10)
+        with pytest.raises(RemoteError) as exc:
+            b.push("m", tb["ticket"], 0, _diff(host), 5)
+        assert _code(exc) == "stale_version"
+    finally:
+        _close([a, b])
+
+
+def test_the_deadline_frees_the_slots_of_clients_that_vanished(host, ctx):
+    host.add_model("m", TinyPlan, server={"max_clients": 2, "min_clients": 2, "cycle_length": 0.5})
+    gone, stays, late = clients(host, 3, TinyPlan, context=ctx)
+    try:
+        tg, ts = _ticket(gone), _ticket(stays)
+        stays.push("m", ts["ticket"], 0, _diff(host), 5)
+        assert isinstance(late.request("m"), Backoff)
+        wait_for(lambda: host.home.store.read(lambda tx: tx.get("hosted.cycles", "m"))["extended"] >= 1)
+        tl = _ticket(late)  # the vanished client's slot is free again
+        with pytest.raises(RemoteError) as exc:
+            gone.push("m", tg["ticket"], 0, _diff(host), 5)
+        assert _code(exc) == "not_accepted"
+        late.push("m", tl["ticket"], 0, _diff(host), 5)
+        assert host.wait_version("m", 1, timeout=10)
+        assert host.versions("m")[-1]["diffs"] == 2  # the diff sent before the extension is kept
+    finally:
+        _close([gone, stays, late])
+
+
+def test_a_restarted_host_keeps_accepted_diffs_and_counts_them_once(tmp_path, ctx):
+    home = make_host_home(tmp_path)
+    host = Host(home).start()
+    host.add_model("m", TinyPlan, server={"max_clients": 3, "cycle_length": 60})
+    v0 = host.model("m")
+    cs = clients(host, 3, TinyPlan, context=ctx)
+    try:
+        t = [_ticket(c) for c in cs]
+        cs[0].push("m", t[0]["ticket"], 0, _diff(host, fill=1.0), 10, diff_id="a")
+        cs[1].push("m", t[1]["ticket"], 0, _diff(host, fill=2.0), 30, diff_id="b")
+        host.close()
+        host = Host(home).start()
+        assert host.status("m")[0]["open"]["diffs"] == 2
+        assert cs[1].push("m", t[1]["ticket"], 0, _diff(host, fill=2.0), 30, diff_id="b").fields["duplicate"]
+        cs[2].push("m", t[2]["ticket"], 0, _diff(host, fill=-1.0), 20, diff_id="c")
+        assert host.wait_version("m", 1, timeout=10)
+        for k, v in host.model("m").items():
+            torch.testing.assert_close(v, v0[k] + (10 * 1.0 + 30 * 2.0 - 20 * 1.0) / 60)
+        assert [r["version"] for r in host.versions("m")] == [0, 1]
+    finally:
+        _close(cs)
+        host.close()
+
+
+def test_a_server_optimizer_steps_on_the_average(host, ctx):
+    host.add_model("m", TinyPlan, server={"max_clients": 1, "aggregator": {"name": "fedopt", "server_lr": 0.5}})
+    v0 = host.model("m")
+    [c] = clients(host, 1, TinyPlan, context=ctx)
+    try:
+        c.push("m", _ticket(c)["ticket"], 0, _diff(host, fill=1.0), 5)
+        assert host.wait_version("m", 1, timeout=10)
+        for k, v in host.model("m").items():
+            torch.testing.assert_close(v, v0[k] + 0.5)
+    finally:
+        c.close()
+
+
+def test_an_unenrolled_or_revoked_key_gets_nothing(host, ctx):
+    host.add_model("m", TinyPlan)
+    [outsider] = clients(host, 1, TinyPlan, context=ctx, enroll=False, timeout=1.0)
+    [member] = clients(host, 1, TinyPlan, context=ctx, timeout=1.0)
+    try:
+        with pytest.raises(RequestTimeout):
+            outsider.request("m")
+        assert not isinstance(member.request("m"), Backoff)
+        assert host.revoke_client(member.peer_id)
+        with pytest.raises(RequestTimeout):
+            member.request("m")
+    finally:
+        _close([outsider, member])
+
+
+def test_a_client_runs_only_a_plan_it_approved(host, ctx):
+    host.add_model("m", TinyPlan)
+    [c] = clients(host, 1, AddOnePlan, context=ctx)  # it approved another plan
+    try:
+        with pytest.raises(Exception) as exc:
+            c.train_once("m")
+        assert exc.value.code == "plan_not_approved"
+    finally:
+        c.close()
+
+
+def test_bad_server_configs_are_refused(host):
+    for server, code in (({"mode": "sideways"}, "bad_config"), ({"min_clients": 5, "max_clients": 2}, "bad_config"),
+                         ({"aggregator": "krum"}, "bad_config"), ({"mode": "async", "secure_aggregation": True},
+                                                                  "secagg_async")):
+        with pytest.raises(ConfigError) as exc:
+            host.add_model("m", TinyPlan, server=server)
+        assert exc.value.code == code
+    host.add_model("m", TinyPlan)
+    with pytest.raises(Exception) as exc:
+        host.add_model("m", TinyPlan)
+    assert exc.value.code == "model_exists"
