@@ -288,3 +288,50 @@ def test_bad_server_configs_are_refused(host):
     with pytest.raises(Exception) as exc:
         host.add_model("m", TinyPlan)
     assert exc.value.code == "model_exists"
+
+
+def test_fedbuff_buffers_diffs_and_discounts_stale_ones(host, ctx):
+    host.add_model("m", TinyPlan, server={"mode": "async", "buffer": 2, "max_staleness": 1, "max_clients": 10})
+    v0 = host.model("m")
+    a, b, c, d, e = clients(host, 5, TinyPlan, context=ctx)
+    try:
+        ta, tb, tc, te = _ticket(a), _ticket(b), _ticket(c), _ticket(e)
+        assert ta["version"] == tc["version"] == 0
+        a.push("m", ta["ticket"], 0, _diff(host, fill=1.0), 10)
+        b.push("m", tb["ticket"], 0, _diff(host, fill=3.0), 10)
+        assert host.wait_version("m", 1, timeout=10)
+        v1 = host.model("m")
+        for k in v0:
+            torch.testing.assert_close(v1[k], v0[k] + 2.0)
+        td = _ticket(d)
+        assert td["version"] == 1
+        c.push("m", tc["ticket"], 0, _diff(host, fill=1.0), 10)  # one version old: weighs 10 / sqrt(2)
+        d.push("m", td["ticket"], 1, _diff(host, fill=-1.0), 10)
+        assert host.wait_version("m", 2, timeout=10)
+        w = 10 / 2 ** 0.5
+        for k, v in host.model("m").items():
+            torch.testing.assert_close(v, v1[k] + (w * 1.0 - 10 * 1.0) / (w + 10))
+        assert host.versions("m")[-1]["staleness"] == {"0": 1, "1": 1}
+        with pytest.raises(RemoteError) as exc:  # two versions old, max_staleness is 1
+            e.push("m", te["ticket"], 0, _diff(host), 10)
+        assert _code(exc) == "stale_version"
+        fresh = _ticket(e)  # asking again gives a ticket on the current version
+        assert fresh["version"] == 2 and fresh["ticket"] != te["ticket"]
+    finally:
+        _close([a, b, c, d, e])
+
+
+def test_fedbuff_trains_end_to_end_with_light_clients(host, ctx):
+    host.add_model("m", TinyPlan, server={"mode": "async", "buffer": 3, "max_staleness": 4},
+                   training_args={"epochs": 2, "lr": 0.05})
+    cs = clients(host, 6, TinyPlan, context=ctx)
+    try:
+        for _ in range(2):
+            for c in cs:
+                assert not isinstance(c.train_once("m"), Backoff)
+        assert host.wait_version("m", 4, timeout=10)
+        history = host.versions("m")
+        assert sum(r["diffs"] for r in history) == 12
+        assert history[-1]["metrics"]["test_accuracy"] > 0.5
+    finally:
+        _close(cs)
