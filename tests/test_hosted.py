@@ -335,3 +335,67 @@ def test_fedbuff_trains_end_to_end_with_light_clients(host, ctx):
         assert history[-1]["metrics"]["test_accuracy"] > 0.5
     finally:
         _close(cs)
+
+
+def test_enrollment_tokens_are_limited_revocable_and_audited(tmp_path, ctx):
+    from meshfl.crypto import Identity
+    from meshfl.hosted import enroll
+    from meshfl.hosted._enroll import create_token, revoke_token, tokens
+
+    host = Host(make_host_home(tmp_path), enroll_listen=f"ipc://{tmp_path}/enroll.sock").start()
+    try:
+        host.add_model("m", TinyPlan)
+        token = create_token(host.home, uses=2, label="ward 3")
+        ids = [Identity.generate(f"d{i}") for i in range(4)]
+        ep = host.enroll_server.endpoint
+        assert enroll(ep, host.card, token, ids[0], context=ctx)["new"]
+        with pytest.raises(RemoteError) as exc:  # someone else's card, over its own key
+            _enroll_as(ctx, ep, host.card, token, ids[1], ids[2].card)
+        assert exc.value.code == "bad_card"
+        assert enroll(ep, host.card, token, ids[1], context=ctx)["new"]
+        with pytest.raises(RemoteError) as exc:
+            enroll(ep, host.card, token, ids[2], context=ctx)
+        assert exc.value.code == "token_used_up"
+        with pytest.raises(RemoteError) as exc:
+            enroll(ep, host.card, token.split(".")[0] + ".00", ids[2], context=ctx)
+        assert exc.value.code == "bad_token"
+        other = create_token(host.home, uses=5)
+        assert revoke_token(host.home, other.split(".")[0])
+        with pytest.raises(RemoteError) as exc:
+            enroll(ep, host.card, other, ids[3], context=ctx)
+        assert exc.value.code == "token_revoked"
+        [used, revoked] = sorted(tokens(host.home), key=lambda t: t["revoked"])
+        assert used["uses"] == 2 and used["uses_left"] == 0 and revoked["revoked"]
+        kinds = [r.event for r in host.home.audit.records()]
+        assert kinds.count("hosted.token.create") == 2 and "hosted.token.revoke" in kinds
+        assert kinds.count("hosted.enroll") == 2
+        member = Client(host.endpoint, host.card, identity=ids[0], data=blobs(30, 0), plans=[TinyPlan], context=ctx)
+        outsider = Client(host.endpoint, host.card, identity=ids[2], data=blobs(30, 0), plans=[TinyPlan],
+                          context=ctx, timeout=1.0)
+        try:
+            assert not isinstance(member.train_once("m"), Backoff)
+            with pytest.raises(RequestTimeout):
+                outsider.request("m")
+        finally:
+            _close([member, outsider])
+    finally:
+        host.close()
+
+
+def _enroll_as(ctx, endpoint, host_card, token, keys, card):
+    """Send ``card`` for enrollment over a link made with another identity's ``keys``."""
+    from meshfl.hosted._enroll import ENROLL_LIMITS
+    from meshfl.wire import decode, encode
+
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.curve_secretkey, sock.curve_publickey = keys.link_secret_z85, keys.link_public_z85
+    sock.curve_serverkey = host_card.link_key_z85
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart(encode(Message("hosted.enroll", {"token": token, "card": card.to_text()})))
+        assert sock.poll(10000)
+        reply = decode(sock.recv_multipart(), ENROLL_LIMITS)
+    finally:
+        sock.close(0)
+    raise RemoteError.from_wire(reply.fields)

@@ -7,6 +7,7 @@ LMDB; ``Client`` is the light participant (one DEALER, no store). See docs/resea
 
 from ._client import Backoff, Client
 from ._config import ServerConfig, staleness_weight
+from ._enroll import create_token, enroll, revoke_token
 from ._host import Host
 
-__all__ = ["Backoff", "Client", "Host", "ServerConfig", "staleness_weight"]
+__all__ = ["Backoff", "Client", "Host", "ServerConfig", "create_token", "enroll", "revoke_token", "staleness_weight"]

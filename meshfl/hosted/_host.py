@@ -36,7 +36,7 @@ from ..transport import Peer
 from ..wire import DEFAULT_LIMITS, DTYPE_NAMES, Message, TensorMap
 from . import _wire  # noqa: F401  (declares the hosted messages)
 from ._config import ServerConfig, check_model_name, staleness_weight
-from ._state import (CLIENTS, CYCLES, DIFFS, MODELS, TICKETS, VERSIONS, HostStore, diff_blob, diff_key, model_blob,
+from ._state import (CLIENTS, bump, generation, CYCLES, DIFFS, MODELS, TICKETS, VERSIONS, HostStore, diff_blob, diff_key, model_blob,
                      state_blob, tensors_hash, version_key)
 
 log = logging.getLogger("meshfl.hosted")
@@ -88,7 +88,7 @@ class Host:
     """Hosts models for clients. ``Host(home)`` opens a researcher home (``meshfl init --role researcher``)."""
 
     def __init__(self, home: str | Path | Home, *, listen: str | None = None, peer_options: dict | None = None,
-                 max_message_bytes: int = 1 << 30) -> None:
+                 max_message_bytes: int = 1 << 30, enroll_listen: str | None = None) -> None:
         self.home = home if isinstance(home, Home) else Home.open(home)
         if self.home.config.role != "researcher":
             raise ConfigError(f"a host runs on a researcher home; {self.home.path} is a {self.home.config.role} home",
@@ -109,6 +109,9 @@ class Host:
         self._stop = threading.Event()
         self._timer = threading.Thread(target=self._timer_main, name=f"meshfl-host-{self.name}", daemon=True)
         self._started = False
+        self._generation = -1
+        self._enroll_listen = enroll_listen
+        self.enroll_server = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Host":
@@ -117,9 +120,11 @@ class Host:
                 self._load(record)
             self._clean_packs()
         self.peer.start()
-        for row in self.home.store.read(lambda tx: tx.items(CLIENTS)):
-            if row[1].get("card") and not row[1].get("revoked"):
-                self.peer.trust(PeerCard.from_text(row[1]["card"]))
+        self._sync()
+        if self._enroll_listen:
+            from ._enroll import EnrollServer
+
+            self.enroll_server = EnrollServer(self, self._enroll_listen)
         self._timer.start()
         self._started = True
         log.info("[%s] host listening on %s with %d model(s)", self.name, self.peer.endpoint, len(self._live))
@@ -129,6 +134,8 @@ class Host:
         self._stop.set()
         if self._timer.is_alive():
             self._timer.join()
+        if self.enroll_server is not None:
+            self.enroll_server.close()
         self.peer.close()
         self.home.close()
 
@@ -150,86 +157,35 @@ class Host:
     def enroll(self, cards: Iterable[PeerCard], via: str = "python") -> int:
         """Trust clients' cards (bulk: one transaction, one audit record); returns how many are new."""
         cards = list(cards)
-        now = time.time()
-
-        def write(tx) -> int:
-            new = 0
-            for card in cards:
-                old = tx.get(CLIENTS, card.peer_id)
-                if old is None or old.get("revoked"):
-                    new += 1
-                tx.put(CLIENTS, card.peer_id, {**(old or {}), "card": card.to_text(), "name": card.name,
-                                              "enrolled": now, "via": via, "revoked": False})
-            self.home.audit.append("hosted.enroll", count=len(cards), new=new, via=via)
-            return new
-
-        new = self.home.store.atomic(write)
+        new = enroll_cards(self.home, cards, via)
         for card in cards:
             self.peer.trust(card)
         return new
 
-    def revoke_client(self, peer_id: str) -> bool:
-        def write(tx) -> bool:
-            old = tx.get(CLIENTS, peer_id)
-            if old is None or old.get("revoked"):
-                return False
-            tx.put(CLIENTS, peer_id, {**old, "revoked": True, "revoked_at": time.time()})
-            self.home.audit.append("hosted.revoke", peer_id=peer_id)
-            return True
+    def redeem(self, token: str, card: PeerCard) -> bool:
+        """Enroll ``card`` with one use of an enrollment token (see :mod:`meshfl.hosted._enroll`)."""
+        from ._enroll import redeem
 
-        done = self.home.store.atomic(write)
+        new = redeem(self.home, token, card)
+        self.peer.trust(card)
+        log.info("[%s] enrolled %s (%s) with a token", self.name, card.peer_id, card.name)
+        return new
+
+    def revoke_client(self, peer_id: str) -> bool:
+        """Cut an enrolled client off at once (its link closes; what it sends is dropped)."""
+        done = revoke_in(self.home, peer_id)
         self.peer.revoke(peer_id)
         return done
 
     # ------------------------------------------------------------------ models
-    def add_model(self, name: str, plan, *, model_args: dict | None = None, training_args: dict | None = None,
-                  server: dict | ServerConfig | None = None, plan_class: str | None = None,
-                  initial: Mapping[str, torch.Tensor] | None = None, seed: int = 0) -> dict:
-        """Host ``plan`` (a TorchTrainingPlan subclass, or its source with ``plan_class``) as ``name``.
-
-        Version 0 is ``initial`` or the plan's ``init_model(**model_args)`` under ``seed``.
-        ``training_args`` reach every client; ``server`` is a :class:`ServerConfig` or its dict.
-        """
-        from ..node._plans import plan_hash
-
-        check_model_name(name)
-        source = plan if isinstance(plan, str) else plan_source(plan)
-        cls_name = plan_class or (None if isinstance(plan, str) else plan.__name__)
-        if not cls_name:
-            raise ConfigError("plan_class is needed with a plan's source", code="bad_config")
-        config = server if isinstance(server, ServerConfig) else ServerConfig.from_dict(server)
-        model_args = dict(model_args or {})
-        training_args = {**DEFAULT_TRAINING_ARGS, **(training_args or {})}
-        plan_cls = load_plan_class(source, cls_name, f"meshfl_hosted_{name}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            module = plan_cls().init_model(**model_args)
-        state = {k: v.detach().cpu().clone().contiguous() for k, v in (initial or module.state_dict()).items()}
-        parameters = [k for k, p in module.named_parameters() if p.requires_grad]
-        agg = make_aggregator(config.aggregator)
-        record = {"name": name, "plan_source": source, "plan_class": cls_name, "plan_hash": plan_hash(source),
-                  "model_args": model_args, "training_args": training_args, "server": config.to_dict(),
-                  "parameters": parameters, "version": 0, "created": time.time(), "aggregator": agg.config()}
-        digest = tensors_hash(state)
+    def add_model(self, name: str, plan, **kw: Any) -> dict:
+        """Host ``plan`` as ``name`` (see :func:`create_model`) and serve it at once."""
         with self._lock:
-            if name in self._live or self.home.store.read(lambda tx: tx.has(MODELS, name)):
+            if name in self._live:
                 raise HostedError(f"a model named {name!r} is hosted already", code="model_exists")
-            self.state.blobs.write(model_blob(name, 0), state)
-            now = time.time()
-            cycle = self._new_cycle(0, 0, now, config)
-
-            def write(tx) -> None:
-                tx.put(MODELS, name, record)
-                tx.put(VERSIONS, version_key(name, 0), {"version": 0, "hash": digest, "created": now, "diffs": 0,
-                                                        "clients": 0, "samples": 0, "staleness": {}, "metrics": {}})
-                tx.put(CYCLES, name, cycle)
-                self.home.audit.append("hosted.add_model", model=name, plan_hash=record["plan_hash"],
-                                       mode=config.mode, version_hash=digest)
-
-            self.home.store.atomic(write)
-            self._load(record)
-        log.info("[%s] hosting %s (%s mode, plan %s)", self.name, name, config.mode, record["plan_hash"][:12])
-        return {"name": name, "version": 0, "version_hash": digest, "plan_hash": record["plan_hash"]}
+            out = create_model(self.home, self.state, name, plan, **kw)
+            self._load(self.home.store.read(lambda tx: tx.get(MODELS, name)))
+        return out
 
     def model(self, name: str, version: int | None = None) -> dict[str, torch.Tensor]:
         """The tensors of a version (default: the current one), as copies."""
@@ -320,11 +276,6 @@ class Host:
             log.info("[%s] removed %d pack(s) left by an earlier run", self.name, removed)
 
     # ------------------------------------------------------------------ cycles
-    @staticmethod
-    def _new_cycle(number: int, version: int, now: float, config: ServerConfig) -> dict:
-        return {"cycle": number, "version": version, "opened": now,
-                "deadline": now + config.cycle_length if config.mode == "cycle" else None, "extended": 0}
-
     def _deadline_in(self, live: _Live) -> float:
         deadline = live.cycle.get("deadline")
         return max(0.0, deadline - time.time()) if deadline else 0.0
@@ -334,8 +285,30 @@ class Host:
             return ticket["cycle"] == live.cycle["cycle"] and ticket.get("epoch", 0) == live.cycle["extended"]
         return live.version - ticket["version"] <= live.config.max_staleness
 
+    def _sync(self) -> None:
+        """Take up what was changed beside this process (``meshfl host add-model``, ``enroll``,
+        ``revoke``): new models, newly trusted and revoked clients."""
+        gen, models, rows = self.home.store.read(lambda tx: (generation(tx), tx.keys(MODELS), tx.items(CLIENTS)))
+        with self._lock:
+            for name in models:
+                if name not in self._live:
+                    self._load(self.home.store.read(lambda tx: tx.get(MODELS, name)))
+        trusted = {e.card.peer_id for e in self.peer.trust_table.entries()}
+        for peer_id, row in rows:
+            if row.get("revoked"):
+                if peer_id in trusted:
+                    self.peer.revoke(peer_id)
+            elif peer_id not in trusted and row.get("card"):
+                self.peer.trust(PeerCard.from_text(row["card"]))
+        self._generation = gen
+
     def _timer_main(self) -> None:
         while not self._stop.wait(0.1):
+            if self.home.store.read(generation) != self._generation:
+                try:
+                    self._sync()
+                except Exception:
+                    log.exception("[%s] reloading models and clients failed", self.name)
             with self._lock:
                 for live in list(self._live.values()):
                     if live.config.mode == "cycle" and time.time() >= live.cycle["deadline"]:
@@ -373,7 +346,7 @@ class Host:
                    "clients": len(live.clients), "samples": live.samples, "staleness": dict(live.staleness),
                    "metrics": {k: live.metric_sums[k] / live.metric_weights[k] for k in live.metric_sums}}
         record = {**live.record, "version": v}
-        cycle = self._new_cycle(old_cycle + 1, v, now, live.config)
+        cycle = _new_cycle(old_cycle + 1, v, now, live.config)
         diffs = self.state.diffs(name, old_cycle)
 
         def write(tx) -> None:
@@ -565,6 +538,108 @@ class Host:
             d = diff[n]
             update[n] = d if g.dtype == torch.bool else torch.add(g, d.reshape(g.shape), out=live.scratch[n])
         live.agg.add(update, rec["weight"], f"{rec['client']}/{rec['ticket']}")
+
+
+def create_model(home: Home, state: HostStore, name: str, plan, *, model_args: dict | None = None,
+                 training_args: dict | None = None, server: dict | ServerConfig | None = None,
+                 plan_class: str | None = None, initial: Mapping[str, torch.Tensor] | None = None,
+                 seed: int = 0) -> dict:
+    """Add ``plan`` (a TorchTrainingPlan subclass, or its source with ``plan_class``) as model ``name``.
+
+    Version 0 is ``initial`` or the plan's ``init_model(**model_args)`` under ``seed``;
+    ``training_args`` reach every client; ``server`` is a :class:`ServerConfig` or its dict.
+    Works on a home whose host is not running (``meshfl host add-model``); a running host picks
+    the model up within a second.
+    """
+    from ..node._plans import plan_hash
+
+    check_model_name(name)
+    source = plan if isinstance(plan, str) else plan_source(plan)
+    cls_name = plan_class or (None if isinstance(plan, str) else plan.__name__)
+    if not cls_name:
+        raise ConfigError("plan_class is needed with a plan's source", code="bad_config")
+    config = server if isinstance(server, ServerConfig) else ServerConfig.from_dict(server)
+    model_args = dict(model_args or {})
+    training_args = {**DEFAULT_TRAINING_ARGS, **(training_args or {})}
+    try:
+        plan_cls = load_plan_class(source, cls_name, f"meshfl_hosted_{name}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = plan_cls().init_model(**model_args)
+    except Exception as exc:
+        raise ConfigError(f"the plan cannot build its model: {type(exc).__name__}: {exc}", code="bad_plan") from None
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in (initial or module.state_dict()).items()}
+    parameters = [k for k, p in module.named_parameters() if p.requires_grad]
+    agg = make_aggregator(config.aggregator)
+    record = {"name": name, "plan_source": source, "plan_class": cls_name, "plan_hash": plan_hash(source),
+              "model_args": model_args, "training_args": training_args, "server": config.to_dict(),
+              "parameters": parameters, "version": 0, "created": time.time(), "aggregator": agg.config()}
+    digest = tensors_hash(tensors)
+    if home.store.read(lambda tx: tx.has(MODELS, name)):
+        raise HostedError(f"a model named {name!r} is hosted already", code="model_exists")
+    state.blobs.write(model_blob(name, 0), tensors)
+    now = time.time()
+    cycle = _new_cycle(0, 0, now, config)
+
+    def write(tx) -> None:
+        if tx.has(MODELS, name):
+            raise HostedError(f"a model named {name!r} is hosted already", code="model_exists")
+        tx.put(MODELS, name, record)
+        tx.put(VERSIONS, version_key(name, 0), {"version": 0, "hash": digest, "created": now, "diffs": 0,
+                                                "clients": 0, "samples": 0, "staleness": {}, "metrics": {}})
+        tx.put(CYCLES, name, cycle)
+        bump(tx)
+        home.audit.append("hosted.add_model", model=name, plan_hash=record["plan_hash"], mode=config.mode,
+                          version_hash=digest)
+
+    home.store.atomic(write)
+    log.info("[%s] hosting %s (%s mode, plan %s)", home.config.name, name, config.mode, record["plan_hash"][:12])
+    return {"name": name, "version": 0, "version_hash": digest, "plan_hash": record["plan_hash"]}
+
+
+def enroll_cards(home: Home, cards: Iterable[PeerCard], via: str) -> int:
+    """Trust clients' cards in one transaction with one audit record; returns how many are new."""
+    cards = list(cards)
+
+    def write(tx) -> int:
+        return enroll_in(tx, home, cards, via)
+
+    return home.store.atomic(write)
+
+
+def enroll_in(tx, home: Home, cards: list, via: str) -> int:
+    """:func:`enroll_cards` inside a transaction (a token's redemption adds its own records)."""
+    now, new = time.time(), 0
+    for card in cards:
+        if card.peer_id == home.identity.peer_id:
+            raise ConfigError("a host does not enroll its own key", code="self_trust")
+        old = tx.get(CLIENTS, card.peer_id)
+        if old is None or old.get("revoked"):
+            new += 1
+        tx.put(CLIENTS, card.peer_id, {**(old or {}), "card": card.to_text(), "name": card.name, "enrolled": now,
+                                       "via": via, "revoked": False})
+    bump(tx)
+    home.audit.append("hosted.enroll", count=len(cards), new=new, via=via,
+                      peer_ids=[c.peer_id for c in cards][:20])
+    return new
+
+
+def revoke_in(home: Home, peer_id: str) -> bool:
+    def write(tx) -> bool:
+        old = tx.get(CLIENTS, peer_id)
+        if old is None or old.get("revoked"):
+            return False
+        tx.put(CLIENTS, peer_id, {**old, "revoked": True, "revoked_at": time.time()})
+        bump(tx)
+        home.audit.append("hosted.revoke", peer_id=peer_id)
+        return True
+
+    return home.store.atomic(write)
+
+
+def _new_cycle(number: int, version: int, now: float, config: ServerConfig) -> dict:
+    return {"cycle": number, "version": version, "opened": now,
+            "deadline": now + config.cycle_length if config.mode == "cycle" else None, "extended": 0}
 
 
 def _metrics(metrics: dict) -> dict:

@@ -8,6 +8,8 @@ Tables (keys ``name/...`` group one model's records)::
     hosted.tickets   name/<client> -> the client's latest ticket: cycle, version, open/done/expired
     hosted.diffs     name/<cycle>/<client>/<ticket> -> an accepted diff of the open cycle (its tensors: a pack)
     hosted.clients   client -> card, how enrolled, diffs sent, last seen
+    hosted.tokens    token id -> secret's hash, uses left, expiry, revoked (enrollment tokens)
+    hosted.meta      generation: bumped by changes made beside a running host, which it then reloads
 
 Durability (SIGKILL at any instant): an accepted diff's pack is written first, then its record
 and its ticket's ``done`` state commit in one transaction, and only then is it acknowledged and
@@ -33,8 +35,18 @@ from ..store._codec import SEQ_DIGITS, seq_key
 from ..store.blobs import BlobStore
 from ..wire import DTYPE_NAMES
 
-MODELS, VERSIONS, CYCLES, TICKETS, DIFFS, CLIENTS = (
-    "hosted.models", "hosted.versions", "hosted.cycles", "hosted.tickets", "hosted.diffs", "hosted.clients")
+MODELS, VERSIONS, CYCLES, TICKETS, DIFFS, CLIENTS, TOKENS, META = (
+    "hosted.models", "hosted.versions", "hosted.cycles", "hosted.tickets", "hosted.diffs", "hosted.clients",
+    "hosted.tokens", "hosted.meta")
+
+
+def bump(tx) -> None:
+    """Count a change made beside the running host (a model added, clients enrolled or revoked)."""
+    tx.put(META, "generation", tx.get(META, "generation", 0) + 1)
+
+
+def generation(tx) -> int:
+    return tx.get(META, "generation", 0)
 
 
 def version_key(name: str, version: int) -> str:
@@ -74,7 +86,7 @@ class HostStore:
     def __init__(self, store: Store, folder: Path) -> None:
         self.store = store
         self.blobs = BlobStore(folder)
-        for table in (MODELS, VERSIONS, CYCLES, TICKETS, DIFFS, CLIENTS):
+        for table in (MODELS, VERSIONS, CYCLES, TICKETS, DIFFS, CLIENTS, TOKENS, META):
             store.table(table)
 
     def models(self) -> list[dict]:
