@@ -399,3 +399,51 @@ def _enroll_as(ctx, endpoint, host_card, token, keys, card):
     finally:
         sock.close(0)
     raise RemoteError.from_wire(reply.fields)
+
+
+def test_a_client_killed_before_its_ack_resends_and_is_counted_once(host, ctx):
+    from meshfl.wire import encode
+
+    host.add_model("m", TinyPlan, server={"max_clients": 2})
+    [c] = clients(host, 1, TinyPlan, context=ctx)
+    try:
+        t = _ticket(c)
+        msg = Message("hosted.diff", {"model": "m", "ticket": t["ticket"], "diff_id": "x1", "version": 0,
+                                      "samples": 5, "metrics": {}}, _diff(host), sender=c.peer_id)
+        sock = c._socket()
+        sock.send_multipart(encode(msg))
+        c._hang_up()  # gone before the ack came back
+        wait_for(lambda: host.status("m")[0]["open"]["diffs"] == 1)
+        again = Client(host.endpoint, host.card, identity=c.identity, data=blobs(20, 1), plans=[TinyPlan],
+                       context=ctx)  # the same device, restarted
+        try:
+            assert again.push("m", t["ticket"], 0, _diff(host), 5, diff_id="x1").fields["duplicate"]
+            assert isinstance(again.request("m"), Backoff)
+        finally:
+            again.close()
+        assert host.status("m")[0]["open"]["diffs"] == 1
+    finally:
+        c.close()
+
+
+def test_a_flood_of_requests_gets_backoff_and_the_host_stays_responsive(host, ctx):
+    from meshfl.wire import decode, encode
+
+    host.add_model("m", TinyPlan, server={"max_clients": 1, "cycle_length": 60})
+    member, *flood = clients(host, 21, TinyPlan, context=ctx)
+    try:
+        _ticket(member)
+        for c in flood:
+            sock = c._socket()
+            for _ in range(10):
+                sock.send_multipart(encode(Message("hosted.request", {"model": "m"}, sender=c.peer_id)))
+        assert host.status("m")[0]["open"]["accepted"] == 1
+        assert isinstance(member.request("m"), Message)  # answered at once, flood or not
+        reasons = set()
+        for c in flood:
+            for _ in range(10):
+                assert c._sock.poll(10000)
+                reasons.add(decode(c._sock.recv_multipart()).fields.get("reason"))
+        assert reasons == {"cycle_full"}
+    finally:
+        _close([member, *flood])
