@@ -31,7 +31,6 @@ from ..crypto import PeerCard
 from ..errors import ConfigError, HostedError, MeshflError
 from ..home import Home
 from ..plans import DEFAULT_TRAINING_ARGS, load_plan_class, plan_source
-from ..store._codec import seq_key
 from ..transport import Peer
 from ..wire import DEFAULT_LIMITS, DTYPE_NAMES, Message, TensorMap
 from . import _wire  # noqa: F401  (declares the hosted messages)
@@ -659,4 +658,4 @@ def _small(capabilities: dict) -> dict:
     return {str(k)[:32]: v for k, v in list(capabilities.items())[:16] if isinstance(v, (str, int, float, bool))}
 
 
-__all__ = ["Host", "seq_key"]
+__all__ = ["Host", "create_model", "enroll_cards"]
