@@ -13,6 +13,7 @@ A client's exchange with a host, for one model:
 
 from __future__ import annotations
 
+from .. import protocol  # noqa: F401  (ping and pong, which every peer answers)
 from ..wire import declare
 
 declare("hosted.request", required={"model": "str"}, optional={"capabilities": "dict", "cached": "str"})
