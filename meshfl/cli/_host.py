@@ -144,7 +144,7 @@ def host_status(home: Path, name: str | None, as_json: bool) -> None:
 @host.command("enroll")
 @home_option
 @click.option("--cards", "cards_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), required=True,
-              help="A file of client cards (`meshfl peer card` output), one a line; # starts a comment.")
+              help="A file of client cards (the key `meshfl peer id` prints), one a line; # starts a comment.")
 @json_option
 def host_enroll(home: Path, cards_file: Path, as_json: bool) -> None:
     """Enroll many clients at once (one transaction, one audit record)."""
