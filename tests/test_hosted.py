@@ -447,3 +447,27 @@ def test_a_flood_of_requests_gets_backoff_and_the_host_stays_responsive(host, ct
         assert reasons == {"cycle_full"}
     finally:
         _close([member, *flood])
+
+
+def test_transfers_beyond_the_limit_wait_their_turn(tmp_path, ctx):
+    from meshfl.wire import decode, encode
+
+    host = Host(make_host_home(tmp_path), max_transfers=1).start()
+    try:
+        host.add_model("m", TinyPlan)
+        a, b = clients(host, 2, TinyPlan, context=ctx)
+        try:
+            assert a.call(Message("hosted.pull", {"model": "m", "version": 0})).type == "hosted.model"
+            sock = b._socket()  # a's transfer has not ended: b's pull waits in the queue
+            sock.send_multipart(encode(Message("hosted.pull", {"model": "m", "version": 0}, sender=b.peer_id)))
+            wait_for(lambda: host._transfers.queued == 1)
+            a._send(Message("hosted.pulled", {"model": "m"}))
+            assert sock.poll(10000)
+            assert decode(sock.recv_multipart()).type == "hosted.model"
+            assert host._transfers.in_flight == 1 and host._transfers.queued == 0
+            assert b.train_once("m")["duplicate"] is False  # b holds the slot: its own push goes on
+            assert a.train_once("m")["duplicate"] is False
+        finally:
+            _close([a, b])
+    finally:
+        host.close()

@@ -101,6 +101,11 @@ class Client:
         self.close()
 
     # ------------------------------------------------------------------ one request
+    def _send(self, msg: Message) -> None:
+        """A one-way message."""
+        msg.sender = self.peer_id
+        self._socket().send_multipart(encode(msg, DEFAULT_FRAME_BYTES), copy=False)
+
     def call(self, msg: Message, timeout: float | None = None) -> Message:
         """Send ``msg`` and wait for its reply; an error reply raises RemoteError with its code."""
         msg.sender = self.peer_id
@@ -144,6 +149,7 @@ class Client:
             raise HostedError("the host changed the model's plan", code="plan_not_approved")
         entry.update(hash=f["version_hash"], version=f["version"],
                      tensors={k: reply.tensors[k].clone() for k in reply.tensors})
+        self._send(Message("hosted.pulled", {"model": model}))  # frees the host's transfer slot
         self._cache[model] = entry
         return entry
 
@@ -155,6 +161,7 @@ class Client:
                   "metrics": metrics or {}}
         for attempt in range(retries + 1):
             try:
+                self.call(Message("hosted.push", {"model": model, "ticket": ticket}))  # a transfer slot
                 return self.call(Message("hosted.diff", fields, diff))
             except RequestTimeout:
                 if attempt == retries:

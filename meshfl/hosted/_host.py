@@ -16,6 +16,8 @@ peer's dispatcher thread runs requests, a timer thread closes cycles at their de
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import logging
 import math
 import os
@@ -35,7 +37,8 @@ from ..transport import Peer
 from ..wire import DEFAULT_LIMITS, DTYPE_NAMES, Message, TensorMap
 from . import _wire  # noqa: F401  (declares the hosted messages)
 from ._config import ServerConfig, check_model_name, staleness_weight
-from ._state import (CLIENTS, bump, generation, CYCLES, DIFFS, MODELS, TICKETS, VERSIONS, HostStore, diff_blob, diff_key, model_blob,
+from ._flow import Transfers
+from ._state import (CLIENTS, CYCLES, DIFFS, META, MODELS, TICKETS, VERSIONS, bump, generation, HostStore, diff_blob, diff_key, model_blob,
                      state_blob, tensors_hash, version_key)
 
 log = logging.getLogger("meshfl.hosted")
@@ -55,7 +58,8 @@ class _Live:
         self.layout = {k: (DTYPE_NAMES[t.dtype], tuple(t.shape)) for k, t in glob.items()}
         self.nbytes = sum(t.numel() * t.element_size() for t in glob.values())
         self.scratch = {k: torch.empty_like(t) for k, t in glob.items()}
-        self.open: dict[str, str] = {}  # client -> open ticket of this cycle (async: any open one)
+        self.capabilities: dict[str, dict] = {}  # what accepted clients said they can do, for the diff records
+        self.open: dict[str, str] = {}  # client -> its ticket for this cycle (async: this version), not yet used
         self.reset_summary()
 
     def reset_summary(self) -> None:
@@ -87,7 +91,8 @@ class Host:
     """Hosts models for clients. ``Host(home)`` opens a researcher home (``meshfl init --role researcher``)."""
 
     def __init__(self, home: str | Path | Home, *, listen: str | None = None, peer_options: dict | None = None,
-                 max_message_bytes: int = 1 << 30, enroll_listen: str | None = None) -> None:
+                 max_message_bytes: int = 1 << 30, enroll_listen: str | None = None, max_transfers: int = 4,
+                 transfer_timeout: float = 60.0) -> None:
         self.home = home if isinstance(home, Home) else Home.open(home)
         if self.home.config.role != "researcher":
             raise ConfigError(f"a host runs on a researcher home; {self.home.path} is a {self.home.config.role} home",
@@ -110,10 +115,12 @@ class Host:
         self._started = False
         self._generation = -1
         self._enroll_listen = enroll_listen
+        self._transfers = Transfers(max_transfers, transfer_timeout)
         self.enroll_server = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Host":
+        self._ticket_key = bytes.fromhex(self.home.store.atomic(_ticket_key))
         with self._lock:
             for record in self.state.models():
                 self._load(record)
@@ -256,9 +263,6 @@ class Host:
                         len(dropped))
             self.home.store.atomic(lambda tx: [tx.delete(DIFFS, diff_key(name, cycle["cycle"], r["client"], r["ticket"]))
                                                for r in dropped])
-        for client, ticket in self.state.tickets(name).items():
-            if ticket["state"] == "open" and self._ticket_live(live, ticket):
-                live.open[client] = ticket["ticket"]
         self._live[name] = live
         if live.diffs and live.diffs >= live.config.close_at:
             self._publish(live)  # the host died between the last diff and its version
@@ -279,10 +283,13 @@ class Host:
         deadline = live.cycle.get("deadline")
         return max(0.0, deadline - time.time()) if deadline else 0.0
 
-    def _ticket_live(self, live: _Live, ticket: dict) -> bool:
-        if live.config.mode == "cycle":
-            return ticket["cycle"] == live.cycle["cycle"] and ticket.get("epoch", 0) == live.cycle["extended"]
-        return live.version - ticket["version"] <= live.config.max_staleness
+    def _ticket(self, live: _Live, client: str, version: int) -> str:
+        """A client's ticket: a MAC over what it was accepted for (cycle mode: this cycle and its
+        extension; async: the version), so handing one out costs no write and it survives a restart."""
+        c = live.cycle
+        what = f"{live.record['name']}|{client}|{version}" + (
+            f"|{c['cycle']}|{c['extended']}" if live.config.mode == "cycle" else "")
+        return hmac.new(self._ticket_key, what.encode(), hashlib.sha256).hexdigest()[:32]
 
     def _sync(self) -> None:
         """Take up what was changed beside this process (``meshfl host add-model``, ``enroll``,
@@ -303,6 +310,8 @@ class Host:
 
     def _timer_main(self) -> None:
         while not self._stop.wait(0.1):
+            if self._transfers.in_flight:
+                self._end_transfer(None)  # slots of clients that vanished mid-transfer
             if self.home.store.read(generation) != self._generation:
                 try:
                     self._sync()
@@ -367,11 +376,7 @@ class Host:
         live.glob = self.state.blobs.read(model_blob(name, v))
         live.agg.begin(live.glob, record["parameters"])
         live.reset_summary()
-        if live.config.mode == "cycle":
-            live.open = {}
-        else:
-            tickets = self.state.tickets(name)
-            live.open = {c: t for c, t in live.open.items() if self._ticket_live(live, tickets[c])}
+        live.open, live.capabilities = {}, {}  # cycle mode: a new cycle; async: a ticket is for one version
         self._cond.notify_all()
         log.info("[%s] %s version %d from %d diff(s) of %d client(s)", self.name, name, v, summary["diffs"],
                  summary["clients"])
@@ -381,43 +386,53 @@ class Host:
         if msg.type == "hosted.request":
             return self._on_request(msg)
         if msg.type == "hosted.pull":
-            return self._on_pull(msg)
+            with self._lock:
+                return self._transfers.admit(msg, self._on_pull)
+        if msg.type == "hosted.pulled":
+            self._end_transfer(msg.sender)
+            return None
+        if msg.type == "hosted.push":
+            with self._lock:
+                return self._transfers.admit(msg, lambda m: m.reply("hosted.go", {"model": m.fields["model"]}))
         if msg.type == "hosted.diff":
-            return self._on_diff(msg)
+            try:
+                return self._on_diff(msg)
+            finally:
+                self._end_transfer(msg.sender)
         if msg.type == "hosted.status":
             return msg.reply("hosted.info", {"models": self.status(msg.fields.get("model"))})
         if msg.type == "ping":
             return Message("pong", {"name": self.name, "peer_id": self.peer.peer_id, "role": "host", "version": "1"})
         raise MeshflError(f"a host does not handle {msg.type!r}", code="unknown_type")
 
+    def _end_transfer(self, client: str | None) -> None:
+        with self._lock:
+            started = self._transfers.release(client) if client else self._transfers.expire()
+        for request, reply in started:
+            self.peer.reply(request, reply)
+
     def _on_request(self, msg: Message) -> Message:
         client, name = msg.sender, msg.fields["model"]
         with self._lock:
             live = self._get(name)
             cfg = live.config
-            ticket = self.home.store.read(lambda tx: tx.get(TICKETS, f"{name}/{client}"))
-            if ticket is not None and ticket["state"] == "open" and self._ticket_live(live, ticket) \
-                    and (cfg.mode == "cycle" or ticket["version"] == live.version):
-                return self._accepted(msg, live, ticket)
-            if cfg.mode == "cycle":
-                if ticket is not None and ticket["state"] == "done" and ticket["cycle"] == live.cycle["cycle"]:
-                    return self._backoff(msg, live, "already_sent")
-                if len(live.open) + live.diffs >= cfg.max_clients:
-                    return self._backoff(msg, live, "cycle_full")
-            elif len(live.open) >= cfg.max_clients and client not in live.open:
-                return self._backoff(msg, live, "busy")
-            ticket = {"ticket": os.urandom(8).hex(), "cycle": live.cycle["cycle"], "version": live.version,
-                      "epoch": live.cycle["extended"], "state": "open", "at": time.time(),
-                      "capabilities": _small(msg.fields.get("capabilities") or {})}
-            self.home.store.atomic(lambda tx: tx.put(TICKETS, f"{name}/{client}", ticket))
-            live.open[client] = ticket["ticket"]
+            done = self.home.store.read(lambda tx: tx.get(TICKETS, f"{name}/{client}"))
+            ticket = self._ticket(live, client, live.version)
+            if done is not None and done["ticket"] == ticket:
+                return self._backoff(msg, live, "already_sent")
+            if client not in live.open:
+                busy = len(live.open) + (live.diffs if cfg.mode == "cycle" else 0)
+                if busy >= cfg.max_clients:
+                    return self._backoff(msg, live, "cycle_full" if cfg.mode == "cycle" else "busy")
+                live.open[client] = ticket
+            live.capabilities[client] = _small(msg.fields.get("capabilities") or {})
             return self._accepted(msg, live, ticket)
 
-    def _accepted(self, msg: Message, live: _Live, ticket: dict) -> Message:
-        digest = self._version_hash(live, ticket["version"])
+    def _accepted(self, msg: Message, live: _Live, ticket: str) -> Message:
+        digest = self._version_hash(live, live.version)
         return msg.reply("hosted.accepted", {
-            "model": live.record["name"], "ticket": ticket["ticket"], "cycle": ticket["cycle"],
-            "version": ticket["version"], "version_hash": digest, "plan_hash": live.record["plan_hash"],
+            "model": live.record["name"], "ticket": ticket, "cycle": live.cycle["cycle"],
+            "version": live.version, "version_hash": digest, "plan_hash": live.record["plan_hash"],
             "training_args": live.record["training_args"], "current": msg.fields.get("cached") == digest,
             "deadline_in": self._deadline_in(live) if live.config.mode == "cycle" else 0.0})
 
@@ -453,26 +468,28 @@ class Host:
         with self._lock:
             live = self._get(name)
             cfg = live.config
-            ticket = self.home.store.read(lambda tx: tx.get(TICKETS, f"{name}/{client}"))
-            if ticket is None or ticket["ticket"] != f["ticket"]:
-                raise HostedError("no open ticket of this client matches that diff: ask to train first",
-                                  code="not_accepted")
-            if ticket["state"] == "done":
-                if ticket.get("diff_id") == diff_id:  # a re-sent diff whose ack was lost
-                    return msg.reply("hosted.ack", {"model": name, "diff_id": diff_id, "cycle": ticket["cycle"],
+            done = self.home.store.read(lambda tx: tx.get(TICKETS, f"{name}/{client}"))
+            if done is not None and done["ticket"] == f["ticket"]:
+                if done["diff_id"] == diff_id:  # a re-sent diff whose ack was lost
+                    return msg.reply("hosted.ack", {"model": name, "diff_id": diff_id, "cycle": done["cycle"],
                                                     "duplicate": True})
                 raise HostedError("this client already sent a diff on this ticket", code="duplicate_diff")
-            if f["version"] != ticket["version"]:
-                raise HostedError(f"the ticket is for version {ticket['version']}, the diff says {f['version']}",
+            version = f["version"]
+            if version > live.version or version < 0:
+                raise HostedError(f"{name!r} has no version {version} (it is at {live.version})",
                                   code="unknown_version")
-            if not self._ticket_live(live, ticket):
-                if cfg.mode == "cycle" and ticket["cycle"] == live.cycle["cycle"]:
-                    raise HostedError("the ticket's slot was freed at the cycle's deadline: ask to train again",
-                                      code="not_accepted")
-                raise HostedError(f"the diff is for version {ticket['version']}, the model is at {live.version}"
+            tau = live.version - version
+            if cfg.mode == "cycle" and tau or tau > cfg.max_staleness:
+                raise HostedError(f"the diff is for version {version}, the model is at {live.version}"
                                   + (f" (max_staleness {cfg.max_staleness})" if cfg.mode == "async" else
                                      ": its cycle closed"), code="stale_version")
-            tau = live.version - ticket["version"]
+            if not hmac.compare_digest(f["ticket"], self._ticket(live, client, version)):
+                raise HostedError("no ticket of this client for this cycle matches that diff (never asked, or its "
+                                  "slot was freed at the deadline): ask to train first", code="not_accepted")
+            if done is not None and (done["version"] >= version if cfg.mode == "async" else
+                                     done["cycle"] == live.cycle["cycle"]):
+                raise HostedError("this client already sent a diff for this version", code="duplicate_diff")
+            ticket = {"ticket": f["ticket"], "version": version}
             samples = f["samples"]
             if samples <= 0:
                 raise HostedError(f"samples must be > 0, got {samples}", code="bad_samples")
@@ -481,13 +498,14 @@ class Host:
             weight = samples * (staleness_weight(tau) if cfg.mode == "async" else 1.0)
             cycle = live.cycle["cycle"]
             rec = {"client": client, "ticket": ticket["ticket"], "diff_id": diff_id, "base": ticket["version"],
-                   "tau": tau, "samples": samples, "weight": weight, "metrics": metrics, "at": time.time()}
+                   "tau": tau, "samples": samples, "weight": weight, "metrics": metrics, "at": time.time(),
+                   "capabilities": live.capabilities.pop(client, {})}
             self.state.blobs.write(diff_blob(name, cycle, ticket["ticket"]), msg.tensors)
-            done = {**ticket, "state": "done", "diff_id": diff_id, "cycle": cycle}
+            used = {"ticket": f["ticket"], "diff_id": diff_id, "cycle": cycle, "version": version}
 
             def write(tx) -> None:
                 tx.put(DIFFS, diff_key(name, cycle, client, ticket["ticket"]), rec)
-                tx.put(TICKETS, f"{name}/{client}", done)
+                tx.put(TICKETS, f"{name}/{client}", used)
                 seen = tx.get(CLIENTS, client) or {}
                 tx.put(CLIENTS, client, {**seen, "diffs": seen.get("diffs", 0) + 1, "last": rec["at"]})
 
@@ -639,6 +657,15 @@ def revoke_in(home: Home, peer_id: str) -> bool:
 def _new_cycle(number: int, version: int, now: float, config: ServerConfig) -> dict:
     return {"cycle": number, "version": version, "opened": now,
             "deadline": now + config.cycle_length if config.mode == "cycle" else None, "extended": 0}
+
+
+def _ticket_key(tx) -> str:
+    """The host's secret for ticket MACs, made once and kept in its store."""
+    key = tx.get(META, "ticket_key")
+    if key is None:
+        key = os.urandom(32).hex()
+        tx.put(META, "ticket_key", key)
+    return key
 
 
 def _metrics(metrics: dict) -> dict:

@@ -5,20 +5,25 @@ Tables (keys ``name/...`` group one model's records)::
     hosted.models    name -> plan, model args, training args, server config, current version
     hosted.versions  name/<version> -> hash, when, and what made it (diffs, clients, staleness, metrics)
     hosted.cycles    name -> the open cycle (or async buffer): number, version, deadline
-    hosted.tickets   name/<client> -> the client's latest ticket: cycle, version, open/done/expired
+    hosted.tickets   name/<client> -> the last ticket the client used: its diff id, cycle, version
     hosted.diffs     name/<cycle>/<client>/<ticket> -> an accepted diff of the open cycle (its tensors: a pack)
     hosted.clients   client -> card, how enrolled, diffs sent, last seen
     hosted.tokens    token id -> secret's hash, uses left, expiry, revoked (enrollment tokens)
     hosted.meta      generation: bumped by changes made beside a running host, which it then reloads
 
+Tickets are MACs (the host's secret over model, client, version and cycle), so accepting a
+client writes nothing and its ticket is still good after a restart; a restarted host has only
+forgotten how many clients it had accepted into the open cycle, so that cycle may accept up to
+``max_clients`` more.
+
 Durability (SIGKILL at any instant): an accepted diff's pack is written first, then its record
-and its ticket's ``done`` state commit in one transaction, and only then is it acknowledged and
+and its ticket's use commit in one transaction, and only then is it acknowledged and
 folded into the in-memory running sum. Publishing a version writes its pack first, then commits
 the version record, the model's new version and the next cycle while deleting the cycle's diff
 records, in one transaction; packs left behind are removed at the next start. A restarted host
 rebuilds the running sum from the open cycle's stored diffs, so no acknowledged diff is lost and
 none is applied twice (a closed cycle's diffs no longer exist; a re-sent one matches its
-ticket's ``done`` record and is acknowledged without being counted).
+ticket's use and is acknowledged without being counted).
 """
 
 from __future__ import annotations
