@@ -544,9 +544,11 @@ class Host:
         for n in sorted(names):
             if not live.glob[n].is_floating_point():
                 continue
-            views = (v for _, v in tensors.pieces(n)) if isinstance(tensors, TensorMap) else [tensors[n]]
-            if not all(bool(torch.isfinite(v).all()) for v in views):
-                raise HostedError(f"tensor {n!r} holds NaN or infinity", code="non_finite", details={"tensor": n})
+            views = [v for _, v in tensors.pieces(n)] if isinstance(tensors, TensorMap) else [tensors[n]]
+            for v in views:  # a sum is NaN or infinite if any element is: one pass, no temporary tensor
+                if not bool(torch.isfinite(v.sum(dtype=torch.float64))) and not bool(torch.isfinite(v).all()):
+                    raise HostedError(f"tensor {n!r} holds NaN or infinity", code="non_finite",
+                                      details={"tensor": n})
 
     def _fold(self, live: _Live, diff: Mapping, rec: dict) -> None:
         """Add ``global + diff`` (bool tensors: the diff is the value) to the aggregator."""
