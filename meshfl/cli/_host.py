@@ -67,7 +67,8 @@ def host_start(home: Path, listen: str | None, enroll_listen: str | None) -> Non
 @click.option("--class", "plan_class", required=True, help="The plan's class name in that file.")
 @click.option("--model-args", help="JSON object passed to init_model().")
 @click.option("--training-args", help="JSON object of training arguments sent to every client.")
-@click.option("--mode", type=click.Choice(["cycle", "async"]), default="cycle", show_default=True)
+@click.option("--mode", type=click.Choice(["cycle", "async"]), default="cycle", show_default=True,
+              help="cycle: synchronous cycles; async: FedBuff (a version every --buffer diffs).")
 @click.option("--cycle-length", type=float, help="Seconds a cycle stays open (cycle mode).")
 @click.option("--min-clients", type=int, help="Diffs a cycle needs at its deadline.")
 @click.option("--max-clients", type=int, help="Clients a cycle accepts (async: training at once).")
@@ -207,6 +208,7 @@ def token_create(home: Path, uses: int, expires: float | None, label: str, as_js
 @home_option
 @json_option
 def token_list(home: Path, as_json: bool) -> None:
+    """List enrollment tokens: uses, uses left, expiry, revoked (never their secrets)."""
     from ..hosted._enroll import tokens
 
     with open_home(home, role="researcher") as h:
@@ -222,6 +224,7 @@ def token_list(home: Path, as_json: bool) -> None:
 @home_option
 @click.argument("token_id")
 def token_revoke(home: Path, token_id: str) -> None:
+    """Stop a token's further uses (clients it enrolled stay enrolled)."""
     from ..hosted._enroll import revoke_token
 
     with open_home(home, role="researcher") as h:
