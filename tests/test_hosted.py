@@ -471,3 +471,20 @@ def test_transfers_beyond_the_limit_wait_their_turn(tmp_path, ctx):
             _close([a, b])
     finally:
         host.close()
+
+
+def test_a_researcher_hosts_a_model_beside_its_experiments(tmp_path, ctx):
+    from meshfl.researcher import Researcher
+
+    with Researcher(make_host_home(tmp_path)) as researcher:
+        host = researcher.host("m", TinyPlan, listen=f"ipc://{tmp_path}/hosted.sock", server={"max_clients": 1})
+        try:
+            [c] = clients(host, 1, TinyPlan, context=ctx)
+            try:
+                assert c.train_once("m")["duplicate"] is False
+                assert host.wait_version("m", 1, timeout=10)
+            finally:
+                c.close()
+        finally:
+            host.close()
+        assert not researcher.home.store.closed  # the host left the researcher's home open

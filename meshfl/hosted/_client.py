@@ -15,6 +15,7 @@ approved: a local class whose source hashes to the host's plan (``plans=[MyPlan]
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -215,7 +216,8 @@ class Client:
         state = net.state_dict()
         diff = {k: (state[k].detach().cpu() if v.dtype == torch.bool else state[k].detach().cpu() - v)
                 for k, v in start.items()}
-        return diff, int(train[0].shape[0]), {k: float(v) for k, v in metrics.items()}
+        metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        return diff, int(train[0].shape[0]), metrics
 
     def _plan(self, digest: str, source: str | None, cls_name: str | None) -> type:
         if digest in self._plans and self._plans[digest] is not None:

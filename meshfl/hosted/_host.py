@@ -92,7 +92,8 @@ class Host:
 
     def __init__(self, home: str | Path | Home, *, listen: str | None = None, peer_options: dict | None = None,
                  max_message_bytes: int = 1 << 30, enroll_listen: str | None = None, max_transfers: int = 4,
-                 transfer_timeout: float = 60.0) -> None:
+                 transfer_timeout: float = 15.0) -> None:
+        self._own_home = not isinstance(home, Home)  # a Home handed in stays open after close()
         self.home = home if isinstance(home, Home) else Home.open(home)
         if self.home.config.role != "researcher":
             raise ConfigError(f"a host runs on a researcher home; {self.home.path} is a {self.home.config.role} home",
@@ -143,7 +144,8 @@ class Host:
         if self.enroll_server is not None:
             self.enroll_server.close()
         self.peer.close()
-        self.home.close()
+        if self._own_home:
+            self.home.close()
 
     def __enter__(self) -> "Host":
         return self.start()
