@@ -118,7 +118,8 @@ def part1(args, root: Path) -> dict:
         # the first use of each code path costs (libtorch's pages, allocator pools), not models
         create_model(h, state, "warm", WidePlan, model_args={"inputs": inputs},
                      server={"max_clients": args.procs, "cycle_length": 3600})
-    host = subprocess.Popen([sys.executable, "-m", "meshfl.cli", "host", "start", "--home", str(home)],
+    host = subprocess.Popen([sys.executable, "-m", "meshfl.cli", "host", "start", "--home", str(home),
+                             "--max-transfers", str(args.max_transfers)],
                             stdout=subprocess.PIPE, text=True, env=ENV)
     endpoint = wait_line(host, "host listening on").split()[-1]
     card = str(home / "keys" / "identity.card")
@@ -159,7 +160,8 @@ def part1(args, root: Path) -> dict:
         server.wait(timeout=60)
         go.unlink()
     peak = max(samples, default=base)
-    return {"clients": args.clients, "procs": args.procs, "params": inputs * 100 + 100, "model_bytes": model_bytes,
+    return {"clients": args.clients, "procs": args.procs, "max_transfers": args.max_transfers,
+            "params": inputs * 100 + 100, "model_bytes": model_bytes,
             "host_cycle_s": round(hosted, 3), "raw_s": round(raw["raw"], 3),
             "raw_curve_s": round(raw["raw-curve"], 3), "ratio_over_raw": round(hosted / raw["raw"], 2),
             "ratio_over_raw_curve": round(hosted / raw["raw-curve"], 2),
@@ -356,6 +358,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--procs", type=int, default=2)
     p.add_argument("--params", type=int, default=100_000)
+    p.add_argument("--max-transfers", type=int, default=2, help="the host's transfers in flight")
     p.add_argument("--race-clients", type=int, default=50)
     p.add_argument("--delay", type=float, default=0.02, help="training time of the fastest race client (s)")
     p.add_argument("--buffer", type=int, default=10)

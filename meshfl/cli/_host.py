@@ -40,7 +40,9 @@ def _json_arg(text: str | None, what: str) -> dict:
 @click.option("--listen", metavar="ENDPOINT", help="Where clients connect (default: the home's listen).")
 @click.option("--enroll-listen", metavar="ENDPOINT",
               help="Also accept enrollment tokens here (any key may connect, only to redeem a token).")
-def host_start(home: Path, listen: str | None, enroll_listen: str | None) -> None:
+@click.option("--max-transfers", type=click.IntRange(1), default=2, show_default=True,
+              help="Model-sized pulls and pushes in flight at once (others wait their turn): bounds host memory.")
+def host_start(home: Path, listen: str | None, enroll_listen: str | None, max_transfers: int) -> None:
     """Serve the home's hosted models until Ctrl-C (SIGINT) or SIGTERM."""
     from ..hosted import Host
 
@@ -49,7 +51,7 @@ def host_start(home: Path, listen: str | None, enroll_listen: str | None) -> Non
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    h = Host(home, listen=listen, enroll_listen=enroll_listen).start()
+    h = Host(home, listen=listen, enroll_listen=enroll_listen, max_transfers=max_transfers).start()
     try:
         click.echo(f"host listening on {h.endpoint}")
         if h.enroll_server is not None:

@@ -91,7 +91,7 @@ class Host:
     """Hosts models for clients. ``Host(home)`` opens a researcher home (``meshfl init --role researcher``)."""
 
     def __init__(self, home: str | Path | Home, *, listen: str | None = None, peer_options: dict | None = None,
-                 max_message_bytes: int = 1 << 30, enroll_listen: str | None = None, max_transfers: int = 4,
+                 max_message_bytes: int = 1 << 30, enroll_listen: str | None = None, max_transfers: int = 2,
                  transfer_timeout: float = 15.0) -> None:
         self._own_home = not isinstance(home, Home)  # a Home handed in stays open after close()
         self.home = home if isinstance(home, Home) else Home.open(home)
