@@ -380,6 +380,10 @@ def test_enrollment_tokens_are_limited_revocable_and_audited(tmp_path, ctx):
                 outsider.request("m")
         finally:
             _close([member, outsider])
+        host.revoke_client(ids[0].peer_id)
+        with pytest.raises(RemoteError) as exc:  # a revoked key does not let itself back in
+            enroll(ep, host.card, create_token(host.home), ids[0], context=ctx)
+        assert exc.value.code == "key_revoked"
     finally:
         host.close()
 

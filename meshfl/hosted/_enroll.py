@@ -7,7 +7,8 @@ by its card, the link is encrypted) that admits any key but understands one mess
 ``hosted.enroll`` (token + the client's signed card), and answers ``hosted.enrolled`` or a coded
 error. A token is ``<id>.<secret>``; the host stores only the secret's SHA-256, its uses left
 and expiry; redeeming it, enrolling the card and the audit record are one transaction. Revoking
-a token stops further uses; clients it enrolled stay enrolled until revoked themselves.
+a token stops further uses; clients it enrolled stay enrolled until revoked themselves, and a
+revoked key cannot enroll itself again with a token (``key_revoked``): only the operator can.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..home import Home
 from ..wire import Limits, Message, decode, encode, error_message, peek_id
 from ..wire import declare
 from ..transport._zap import ZAP_ENDPOINT
-from ._state import TOKENS
+from ._state import CLIENTS, TOKENS
 
 log = logging.getLogger("meshfl.hosted")
 
@@ -93,6 +94,8 @@ def redeem(home: Home, token: str, card: PeerCard) -> bool:
             raise HostedError("this enrollment token expired", code="token_expired")
         if rec["uses_left"] <= 0:
             raise HostedError("this enrollment token has no uses left", code="token_used_up")
+        if (tx.get(CLIENTS, card.peer_id) or {}).get("revoked"):
+            raise HostedError("this key was revoked: only the host's operator can enroll it again", code="key_revoked")
         tx.put(TOKENS, tid, {**rec, "uses_left": rec["uses_left"] - 1, "uses": rec["uses"] + 1})
         return enroll_in(tx, home, [card], f"token:{tid}") > 0
 

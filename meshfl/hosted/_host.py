@@ -1,9 +1,10 @@
 """Host: a peer that hosts named, versioned models which many clients train (design §9).
 
 It binds a ROUTER like a researcher (a :class:`~meshfl.transport.Peer`, CURVE, only enrolled keys
-get in) and answers three requests per model: a client asks to train (``hosted.request``: a
+get in) and answers three exchanges per model: a client asks to train (``hosted.request``: a
 ticket, or backoff), pulls the current version when its cached copy is stale (``hosted.pull``)
-and pushes its diff (``hosted.diff``). Diffs are folded into the model's aggregator as they come
+and pushes its diff (``hosted.push``, then ``hosted.diff``); model-sized transfers wait their
+turn (:mod:`meshfl.hosted._flow`). Diffs are folded into the model's aggregator as they come
 (``update = global + diff``, weighted by samples - times ``1/sqrt(1+tau)`` in async mode), so a
 host holds about three models of memory per hosted model whatever the number of clients: the
 global, the aggregator's sum and one scratch buffer. Every diff is checked whole before anything
@@ -38,8 +39,8 @@ from ..wire import DEFAULT_LIMITS, DTYPE_NAMES, Message, TensorMap
 from . import _wire  # noqa: F401  (declares the hosted messages)
 from ._config import ServerConfig, check_model_name, staleness_weight
 from ._flow import Transfers
-from ._state import (CLIENTS, CYCLES, DIFFS, META, MODELS, TICKETS, VERSIONS, bump, generation, HostStore, diff_blob, diff_key, model_blob,
-                     state_blob, tensors_hash, version_key)
+from ._state import (CLIENTS, CYCLES, DIFFS, META, MODELS, TICKETS, VERSIONS, HostStore, bump, diff_blob, diff_key,
+                     generation, model_blob, state_blob, tensors_hash, version_key)
 
 log = logging.getLogger("meshfl.hosted")
 
@@ -95,13 +96,15 @@ class Host:
                  transfer_timeout: float = 15.0) -> None:
         self._own_home = not isinstance(home, Home)  # a Home handed in stays open after close()
         self.home = home if isinstance(home, Home) else Home.open(home)
-        if self.home.config.role != "researcher":
-            raise ConfigError(f"a host runs on a researcher home; {self.home.path} is a {self.home.config.role} home",
-                              code="wrong_role")
         cfg = self.home.config
         endpoint = listen or cfg.listen
-        if not endpoint:
-            raise ConfigError("a host needs a listen endpoint (meshfl init --listen, or listen=...)")
+        problem = (f"a host runs on a researcher home; {self.home.path} is a {cfg.role} home"
+                   if cfg.role != "researcher" else
+                   None if endpoint else "a host needs a listen endpoint (meshfl init --listen, or listen=...)")
+        if problem:
+            if self._own_home:
+                self.home.close()
+            raise ConfigError(problem, code="wrong_role" if cfg.role != "researcher" else "config")
         options = {"heartbeat": cfg.heartbeat, "dead_after": cfg.dead_after,
                    "limits": dataclasses.replace(DEFAULT_LIMITS, max_message_bytes=max_message_bytes),
                    **(peer_options or {})}
@@ -121,17 +124,21 @@ class Host:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Host":
-        self._ticket_key = bytes.fromhex(self.home.store.atomic(_ticket_key))
-        with self._lock:
-            for record in self.state.models():
-                self._load(record)
-            self._clean_packs()
-        self.peer.start()
-        self._sync()
-        if self._enroll_listen:
-            from ._enroll import EnrollServer
+        try:
+            self._ticket_key = bytes.fromhex(self.home.store.atomic(_ticket_key))
+            with self._lock:
+                for record in self.state.models():
+                    self._load(record)
+                self._clean_packs()
+            self.peer.start()
+            self._sync()
+            if self._enroll_listen:
+                from ._enroll import EnrollServer
 
-            self.enroll_server = EnrollServer(self, self._enroll_listen)
+                self.enroll_server = EnrollServer(self, self._enroll_listen)
+        except BaseException:
+            self.close()  # nothing half-started is left behind (the home is closed if we opened it)
+            raise
         self._timer.start()
         self._started = True
         log.info("[%s] host listening on %s with %d model(s)", self.name, self.peer.endpoint, len(self._live))
