@@ -120,7 +120,7 @@ def part1(args, root: Path) -> dict:
                      server={"max_clients": args.procs, "cycle_length": 3600})
     host = subprocess.Popen([sys.executable, "-m", "meshfl.cli", "host", "start", "--home", str(home),
                              "--max-transfers", str(args.max_transfers)],
-                            stdout=subprocess.PIPE, text=True, env=ENV)
+                            stdout=subprocess.PIPE, stderr=open(root / "host.log", "ab"), text=True, env=ENV)
     endpoint = wait_line(host, "host listening on").split()[-1]
     card = str(home / "keys" / "identity.card")
 
