@@ -32,6 +32,8 @@ _LAZY = {
     "ImputeMean": "meshfl.analytics",
     "OneHot": "meshfl.analytics",
     "Node": "meshfl.node",
+    "Host": "meshfl.hosted",
+    "Client": "meshfl.hosted",
     "TorchTrainingPlan": "meshfl.plans",
     "SKLearnTrainingPlan": "meshfl.plans",
     "FedAvg": "meshfl.aggregate",

@@ -133,3 +133,14 @@ class LaunchError(MeshflError):
     """
 
     code = "launch"
+
+
+class HostedError(MeshflError):
+    """A hosted-model request the host refuses; the model is left untouched (meshfl/hosted).
+
+    Codes: ``unknown_model``, ``unknown_version``, ``stale_version``, ``not_accepted``,
+    ``duplicate_diff``, ``bad_shape``, ``bad_dtype``, ``bad_diff``, ``non_finite``, ``oversize``,
+    ``bad_samples``, ``secagg_async``, ``plan_not_approved``, ``model_exists``.
+    """
+
+    code = "hosted"

@@ -112,6 +112,22 @@ class Researcher:
         fields = {"source": source, "name": name or getattr(plan, "__name__", "")}
         return self.peer.call(node, Message("plan.submit", fields), timeout).fields
 
+    def host(self, name: str, plan, *, listen: str, enroll_listen: str | None = None, **model: object):
+        """Host ``plan`` as model ``name`` for light clients (meshfl/hosted), on this home, at
+        ``listen`` (the host is a peer of its own beside this one). ``model``: what
+        :meth:`meshfl.hosted.Host.add_model` takes; an existing model of that name is served as it is.
+        Returns the started :class:`~meshfl.hosted.Host`; close it before this researcher."""
+        from ..hosted import Host
+
+        host = Host(self.home, listen=listen, enroll_listen=enroll_listen).start()
+        try:
+            if not any(m["name"] == name for m in host.status()):
+                host.add_model(name, plan, **model)
+        except BaseException:
+            host.close()
+            raise
+        return host
+
     # ------------------------------------------------------------------ experiment plumbing
     def _route(self, task_ids, inbox: queue.SimpleQueue | None) -> None:
         with self._routes_lock:

@@ -1,0 +1,699 @@
+"""Host: a peer that hosts named, versioned models which many clients train (design §9).
+
+It binds a ROUTER like a researcher (a :class:`~meshfl.transport.Peer`, CURVE, only enrolled keys
+get in) and answers three exchanges per model: a client asks to train (``hosted.request``: a
+ticket, or backoff), pulls the current version when its cached copy is stale (``hosted.pull``)
+and pushes its diff (``hosted.push``, then ``hosted.diff``); model-sized transfers wait their
+turn (:mod:`meshfl.hosted._flow`). Diffs are folded into the model's aggregator as they come
+(``update = global + diff``, weighted by samples - times ``1/sqrt(1+tau)`` in async mode), so a
+host holds about three models of memory per hosted model whatever the number of clients: the
+global, the aggregator's sum and one scratch buffer. Every diff is checked whole before anything
+is written; a refused one (coded :class:`~meshfl.errors.HostedError`) leaves the model untouched.
+
+Durability and restart: see :mod:`meshfl.hosted._state`. One lock serialises state changes: the
+peer's dispatcher thread runs requests, a timer thread closes cycles at their deadline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import logging
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from ..aggregate import make_aggregator
+from ..crypto import PeerCard
+from ..errors import ConfigError, HostedError, MeshflError
+from ..home import Home
+from ..plans import DEFAULT_TRAINING_ARGS, load_plan_class, plan_source
+from ..transport import Peer
+from ..wire import DEFAULT_LIMITS, DTYPE_NAMES, Message, TensorMap
+from . import _wire  # noqa: F401  (declares the hosted messages)
+from ._config import ServerConfig, check_model_name, staleness_weight
+from ._flow import Transfers
+from ._state import (CLIENTS, CYCLES, DIFFS, META, MODELS, TICKETS, VERSIONS, HostStore, bump, diff_blob, diff_key,
+                     generation, model_blob, state_blob, tensors_hash, version_key)
+
+log = logging.getLogger("meshfl.hosted")
+
+MAX_METRICS = 32
+
+
+class _Live:
+    """One hosted model in memory: its record, global tensors, aggregator and open cycle."""
+
+    def __init__(self, record: dict, cycle: dict, glob: dict, agg) -> None:
+        self.record = record
+        self.config = ServerConfig.from_dict(record["server"])
+        self.cycle = cycle
+        self.glob = glob
+        self.agg = agg
+        self.layout = {k: (DTYPE_NAMES[t.dtype], tuple(t.shape)) for k, t in glob.items()}
+        self.nbytes = sum(t.numel() * t.element_size() for t in glob.values())
+        self.scratch = {k: torch.empty_like(t) for k, t in glob.items()}
+        self.capabilities: dict[str, dict] = {}  # what accepted clients said they can do, for the diff records
+        self.open: dict[str, str] = {}  # client -> its ticket for this cycle (async: this version), not yet used
+        self.reset_summary()
+
+    def reset_summary(self) -> None:
+        self.diffs = 0
+        self.clients: set[str] = set()
+        self.samples = 0
+        self.weight = 0.0
+        self.staleness: dict[str, int] = {}
+        self.metric_sums: dict[str, float] = {}
+        self.metric_weights: dict[str, float] = {}
+
+    def count(self, client: str, rec: dict) -> None:
+        self.diffs += 1
+        self.clients.add(client)
+        self.samples += rec["samples"]
+        self.weight += rec["weight"]
+        tau = str(rec["tau"])
+        self.staleness[tau] = self.staleness.get(tau, 0) + 1
+        for k, v in rec.get("metrics", {}).items():
+            self.metric_sums[k] = self.metric_sums.get(k, 0.0) + v * rec["samples"]
+            self.metric_weights[k] = self.metric_weights.get(k, 0.0) + rec["samples"]
+
+    @property
+    def version(self) -> int:
+        return self.record["version"]
+
+
+class Host:
+    """Hosts models for clients. ``Host(home)`` opens a researcher home (``meshfl init --role researcher``)."""
+
+    def __init__(self, home: str | Path | Home, *, listen: str | None = None, peer_options: dict | None = None,
+                 max_message_bytes: int = 1 << 30, enroll_listen: str | None = None, max_transfers: int = 2,
+                 transfer_timeout: float = 15.0) -> None:
+        self._own_home = not isinstance(home, Home)  # a Home handed in stays open after close()
+        self.home = home if isinstance(home, Home) else Home.open(home)
+        cfg = self.home.config
+        endpoint = listen or cfg.listen
+        problem = (f"a host runs on a researcher home; {self.home.path} is a {cfg.role} home"
+                   if cfg.role != "researcher" else
+                   None if endpoint else "a host needs a listen endpoint (meshfl init --listen, or listen=...)")
+        if problem:
+            if self._own_home:
+                self.home.close()
+            raise ConfigError(problem, code="wrong_role" if cfg.role != "researcher" else "config")
+        options = {"heartbeat": cfg.heartbeat, "dead_after": cfg.dead_after,
+                   "limits": dataclasses.replace(DEFAULT_LIMITS, max_message_bytes=max_message_bytes),
+                   **(peer_options or {})}
+        self.peer = Peer(self.home.identity, listen=endpoint, handler=self._handle, **options)
+        self.name = cfg.name
+        self.state = HostStore(self.home.store, self.home.path / "hosted")
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)  # notified when a model gets a new version
+        self._live: dict[str, _Live] = {}
+        self._stop = threading.Event()
+        self._timer = threading.Thread(target=self._timer_main, name=f"meshfl-host-{self.name}", daemon=True)
+        self._started = False
+        self._generation = -1
+        self._enroll_listen = enroll_listen
+        self._transfers = Transfers(max_transfers, transfer_timeout)
+        self.enroll_server = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "Host":
+        try:
+            self._ticket_key = bytes.fromhex(self.home.store.atomic(_ticket_key))
+            with self._lock:
+                for record in self.state.models():
+                    self._load(record)
+                self._clean_packs()
+            self.peer.start()
+            self._sync()
+            if self._enroll_listen:
+                from ._enroll import EnrollServer
+
+                self.enroll_server = EnrollServer(self, self._enroll_listen)
+        except BaseException:
+            self.close()  # nothing half-started is left behind (the home is closed if we opened it)
+            raise
+        self._timer.start()
+        self._started = True
+        log.info("[%s] host listening on %s with %d model(s)", self.name, self.peer.endpoint, len(self._live))
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._timer.is_alive():
+            self._timer.join()
+        if self.enroll_server is not None:
+            self.enroll_server.close()
+        self.peer.close()
+        if self._own_home:
+            self.home.close()
+
+    def __enter__(self) -> "Host":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def endpoint(self) -> str:
+        return self.peer.endpoint
+
+    @property
+    def card(self) -> PeerCard:
+        return self.home.identity.card
+
+    # ------------------------------------------------------------------ enrollment
+    def enroll(self, cards: Iterable[PeerCard], via: str = "python") -> int:
+        """Trust clients' cards (bulk: one transaction, one audit record); returns how many are new."""
+        cards = list(cards)
+        new = enroll_cards(self.home, cards, via)
+        for card in cards:
+            self.peer.trust(card)
+        return new
+
+    def redeem(self, token: str, card: PeerCard) -> bool:
+        """Enroll ``card`` with one use of an enrollment token (see :mod:`meshfl.hosted._enroll`)."""
+        from ._enroll import redeem
+
+        new = redeem(self.home, token, card)
+        self.peer.trust(card)
+        log.info("[%s] enrolled %s (%s) with a token", self.name, card.peer_id, card.name)
+        return new
+
+    def revoke_client(self, peer_id: str) -> bool:
+        """Cut an enrolled client off at once (its link closes; what it sends is dropped)."""
+        done = revoke_in(self.home, peer_id)
+        self.peer.revoke(peer_id)
+        return done
+
+    # ------------------------------------------------------------------ models
+    def add_model(self, name: str, plan, **kw: Any) -> dict:
+        """Host ``plan`` as ``name`` (see :func:`create_model`) and serve it at once."""
+        with self._lock:
+            if name in self._live:
+                raise HostedError(f"a model named {name!r} is hosted already", code="model_exists")
+            out = create_model(self.home, self.state, name, plan, **kw)
+            self._load(self.home.store.read(lambda tx: tx.get(MODELS, name)))
+        return out
+
+    def model(self, name: str, version: int | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of a version (default: the current one), as copies."""
+        live = self._get(name)
+        v = live.version if version is None else version
+        if not self.state.blobs.exists(model_blob(name, v)):
+            raise HostedError(f"version {v} of {name!r} is not kept", code="unknown_version")
+        return {k: t.clone() for k, t in self.state.blobs.read(model_blob(name, v)).items()}
+
+    def versions(self, name: str) -> list[dict]:
+        """Per version: hash, when, diffs, clients, samples, staleness distribution, client metrics."""
+        self._get(name)
+        return self.state.versions(name)
+
+    def status(self, name: str | None = None) -> list[dict]:
+        """Each model (or ``name``): mode, current version, the open cycle's progress, version history."""
+        with self._lock:
+            names = [name] if name else sorted(self._live)
+            return [self._status(self._get(n)) for n in names]
+
+    def _status(self, live: _Live) -> dict:
+        cfg = live.config
+        return {"name": live.record["name"], "mode": cfg.mode, "version": live.version,
+                "plan_hash": live.record["plan_hash"], "cycle": live.cycle["cycle"],
+                "open": {"accepted": len(live.open) + (live.diffs if cfg.mode == "cycle" else 0),
+                         "diffs": live.diffs, "clients": len(live.clients), "close_at": cfg.close_at,
+                         "deadline_in": self._deadline_in(live) if cfg.mode == "cycle" else None},
+                "server": cfg.to_dict(), "versions": self.state.versions(live.record["name"])}
+
+    def wait_version(self, name: str, version: int, timeout: float) -> bool:
+        """Block until ``name`` reached ``version`` (for scripts and tests); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._get(name).version < version:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    # ------------------------------------------------------------------ loading and restart
+    def _get(self, name: str) -> _Live:
+        live = self._live.get(name)
+        if live is None:
+            raise HostedError(f"no hosted model named {name!r}", code="unknown_model")
+        return live
+
+    def _load(self, record: dict) -> None:
+        name = record["name"]
+        v = record["version"]
+        glob = self.state.blobs.read(model_blob(name, v))
+        agg = make_aggregator(record["aggregator"])
+        if self.state.blobs.exists(state_blob(name, v)):
+            agg.load_state_dict({"meta": {"name": agg.name, "rounds": v},
+                                 "tensors": self.state.blobs.read(state_blob(name, v))})
+        cycle = self.home.store.read(lambda tx: tx.get(CYCLES, name))
+        live = _Live(record, cycle, glob, agg)
+        agg.begin(glob, live.record["parameters"])
+        dropped = []
+        for rec in self.state.diffs(name, cycle["cycle"]):
+            blob = diff_blob(name, cycle["cycle"], rec["ticket"])
+            if not self.state.blobs.exists(blob):  # only an OS crash loses a pack (not fsynced)
+                dropped.append(rec)
+                continue
+            self._fold(live, self.state.blobs.read(blob), rec)
+            live.count(rec["client"], rec)
+        if dropped:
+            log.warning("[%s] %s: %d diff(s) lost their tensors in a crash and are dropped", self.name, name,
+                        len(dropped))
+            self.home.store.atomic(lambda tx: [tx.delete(DIFFS, diff_key(name, cycle["cycle"], r["client"], r["ticket"]))
+                                               for r in dropped])
+        self._live[name] = live
+        if live.diffs and live.diffs >= live.config.close_at:
+            self._publish(live)  # the host died between the last diff and its version
+
+    def _clean_packs(self) -> None:
+        keep = set()
+        for name, live in self._live.items():
+            versions = [r["version"] for r in self.state.versions(name)]
+            for v in versions[-live.config.keep_versions:]:
+                keep |= {model_blob(name, v), state_blob(name, v)}
+            keep |= {diff_blob(name, live.cycle["cycle"], r["ticket"]) for r in self.state.diffs(name, live.cycle["cycle"])}
+        removed = self.state.clean_packs(keep)
+        if removed:
+            log.info("[%s] removed %d pack(s) left by an earlier run", self.name, removed)
+
+    # ------------------------------------------------------------------ cycles
+    def _deadline_in(self, live: _Live) -> float:
+        deadline = live.cycle.get("deadline")
+        return max(0.0, deadline - time.time()) if deadline else 0.0
+
+    def _ticket(self, live: _Live, client: str, version: int) -> str:
+        """A client's ticket: a MAC over what it was accepted for (cycle mode: this cycle and its
+        extension; async: the version), so handing one out costs no write and it survives a restart."""
+        c = live.cycle
+        what = f"{live.record['name']}|{client}|{version}" + (
+            f"|{c['cycle']}|{c['extended']}" if live.config.mode == "cycle" else "")
+        return hmac.new(self._ticket_key, what.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def _sync(self) -> None:
+        """Take up what was changed beside this process (``meshfl host add-model``, ``enroll``,
+        ``revoke``): new models, newly trusted and revoked clients."""
+        gen, models, rows = self.home.store.read(lambda tx: (generation(tx), tx.keys(MODELS), tx.items(CLIENTS)))
+        with self._lock:
+            for name in models:
+                if name not in self._live:
+                    self._load(self.home.store.read(lambda tx: tx.get(MODELS, name)))
+        trusted = {e.card.peer_id for e in self.peer.trust_table.entries()}
+        for peer_id, row in rows:
+            if row.get("revoked"):
+                if peer_id in trusted:
+                    self.peer.revoke(peer_id)
+            elif peer_id not in trusted and row.get("card"):
+                self.peer.trust(PeerCard.from_text(row["card"]))
+        self._generation = gen
+
+    def _timer_main(self) -> None:
+        while not self._stop.wait(0.1):
+            if self._transfers.in_flight:
+                self._end_transfer(None)  # slots of clients that vanished mid-transfer
+            if self.home.store.read(generation) != self._generation:
+                try:
+                    self._sync()
+                except Exception:
+                    log.exception("[%s] reloading models and clients failed", self.name)
+            with self._lock:
+                for live in list(self._live.values()):
+                    if live.config.mode == "cycle" and time.time() >= live.cycle["deadline"]:
+                        try:
+                            self._deadline(live)
+                        except Exception:
+                            log.exception("[%s] closing a cycle of %s failed", self.name, live.record["name"])
+
+    def _deadline(self, live: _Live) -> None:
+        if live.diffs >= live.config.min_clients:
+            self._publish(live)
+            return
+        # Too few diffs: keep those, free the slots of clients that never sent one, extend.
+        name = live.record["name"]
+        cycle = {**live.cycle, "deadline": time.time() + live.config.cycle_length, "extended": live.cycle["extended"] + 1}
+        self.home.store.atomic(lambda tx: tx.put(CYCLES, name, cycle))
+        freed = len(live.open)
+        live.cycle, live.open = cycle, {}
+        log.info("[%s] %s cycle %d: %d diff(s) of %d needed at the deadline; extended, %d slot(s) freed",
+                 self.name, name, cycle["cycle"], live.diffs, live.config.min_clients, freed)
+
+    def _publish(self, live: _Live) -> None:
+        """Close the open cycle: the aggregate becomes the next version, committed before anything else."""
+        name = live.record["name"]
+        old_cycle = live.cycle["cycle"]
+        new_state = live.agg.finish()
+        v = live.version + 1
+        digest = tensors_hash(new_state)
+        self.state.blobs.write(model_blob(name, v), new_state)
+        agg_tensors = live.agg.state_dict()["tensors"]
+        if agg_tensors:
+            self.state.blobs.write(state_blob(name, v), agg_tensors)
+        now = time.time()
+        summary = {"version": v, "hash": digest, "created": now, "cycle": old_cycle, "diffs": live.diffs,
+                   "clients": len(live.clients), "samples": live.samples, "staleness": dict(live.staleness),
+                   "metrics": {k: live.metric_sums[k] / live.metric_weights[k] for k in live.metric_sums}}
+        record = {**live.record, "version": v}
+        cycle = _new_cycle(old_cycle + 1, v, now, live.config)
+        diffs = self.state.diffs(name, old_cycle)
+
+        def write(tx) -> None:
+            tx.put(VERSIONS, version_key(name, v), summary)
+            tx.put(MODELS, name, record)
+            tx.put(CYCLES, name, cycle)
+            for rec in diffs:
+                tx.delete(DIFFS, diff_key(name, old_cycle, rec["client"], rec["ticket"]))
+            self.home.audit.append("hosted.version", model=name, version=v, hash=digest, diffs=live.diffs)
+
+        self.home.store.atomic(write)
+        for rec in diffs:
+            self.state.blobs.delete(diff_blob(name, old_cycle, rec["ticket"]))
+        gone = v - live.config.keep_versions
+        if gone >= 0:
+            self.state.blobs.delete(model_blob(name, gone))
+            self.state.blobs.delete(state_blob(name, gone))
+        live.record, live.cycle = record, cycle
+        live.glob = self.state.blobs.read(model_blob(name, v))
+        live.agg.begin(live.glob, record["parameters"])
+        live.reset_summary()
+        live.open, live.capabilities = {}, {}  # cycle mode: a new cycle; async: a ticket is for one version
+        self._cond.notify_all()
+        log.info("[%s] %s version %d from %d diff(s) of %d client(s)", self.name, name, v, summary["diffs"],
+                 summary["clients"])
+
+    # ------------------------------------------------------------------ requests
+    def _handle(self, msg: Message) -> Message | None:
+        if msg.type == "hosted.request":
+            return self._on_request(msg)
+        if msg.type == "hosted.pull":
+            with self._lock:
+                return self._transfers.admit(msg, self._on_pull)
+        if msg.type == "hosted.pulled":
+            self._end_transfer(msg.sender)
+            return None
+        if msg.type == "hosted.push":
+            with self._lock:
+                return self._transfers.admit(msg, lambda m: m.reply("hosted.go", {"model": m.fields["model"]}))
+        if msg.type == "hosted.diff":
+            try:
+                return self._on_diff(msg)
+            finally:
+                self._end_transfer(msg.sender)
+        if msg.type == "hosted.status":
+            return msg.reply("hosted.info", {"models": self.status(msg.fields.get("model"))})
+        if msg.type == "ping":
+            return Message("pong", {"name": self.name, "peer_id": self.peer.peer_id, "role": "host", "version": "1"})
+        raise MeshflError(f"a host does not handle {msg.type!r}", code="unknown_type")
+
+    def _end_transfer(self, client: str | None) -> None:
+        with self._lock:
+            started = self._transfers.release(client) if client else self._transfers.expire()
+        for request, reply in started:
+            self.peer.reply(request, reply)
+
+    def _on_request(self, msg: Message) -> Message:
+        client, name = msg.sender, msg.fields["model"]
+        with self._lock:
+            live = self._get(name)
+            cfg = live.config
+            done = self.home.store.read(lambda tx: tx.get(TICKETS, f"{name}/{client}"))
+            ticket = self._ticket(live, client, live.version)
+            if done is not None and done["ticket"] == ticket:
+                return self._backoff(msg, live, "already_sent")
+            if client not in live.open:
+                busy = len(live.open) + (live.diffs if cfg.mode == "cycle" else 0)
+                if busy >= cfg.max_clients:
+                    return self._backoff(msg, live, "cycle_full" if cfg.mode == "cycle" else "busy")
+                live.open[client] = ticket
+            live.capabilities[client] = _small(msg.fields.get("capabilities") or {})
+            return self._accepted(msg, live, ticket)
+
+    def _accepted(self, msg: Message, live: _Live, ticket: str) -> Message:
+        digest = self._version_hash(live, live.version)
+        return msg.reply("hosted.accepted", {
+            "model": live.record["name"], "ticket": ticket, "cycle": live.cycle["cycle"],
+            "version": live.version, "version_hash": digest, "plan_hash": live.record["plan_hash"],
+            "training_args": live.record["training_args"], "current": msg.fields.get("cached") == digest,
+            "deadline_in": self._deadline_in(live) if live.config.mode == "cycle" else 0.0})
+
+    def _backoff(self, msg: Message, live: _Live, reason: str) -> Message:
+        retry = self._deadline_in(live) if live.config.mode == "cycle" else 1.0
+        return msg.reply("hosted.backoff", {"model": live.record["name"], "retry_in": max(0.5, retry),
+                                            "reason": reason})
+
+    def _version_hash(self, live: _Live, version: int) -> str:
+        rec = self.home.store.read(lambda tx: tx.get(VERSIONS, version_key(live.record["name"], version)))
+        if rec is None:
+            raise HostedError(f"{live.record['name']!r} has no version {version}", code="unknown_version")
+        return rec["hash"]
+
+    def _on_pull(self, msg: Message) -> Message:
+        name, v = msg.fields["model"], msg.fields["version"]
+        with self._lock:
+            live = self._get(name)
+            digest = self._version_hash(live, v)
+            blob = model_blob(name, v)
+            if not self.state.blobs.exists(blob):
+                raise HostedError(f"version {v} of {name!r} is no longer kept", code="unknown_version")
+            tensors = live.glob if v == live.version else self.state.blobs.read(blob)
+        fields = {"model": name, "version": v, "version_hash": digest, "plan_hash": live.record["plan_hash"]}
+        if msg.fields.get("plan"):
+            fields.update(plan_source=live.record["plan_source"], plan_class=live.record["plan_class"],
+                          model_args=live.record["model_args"])
+        return msg.reply("hosted.model", fields, tensors)
+
+    def _on_diff(self, msg: Message) -> Message:
+        client, f = msg.sender, msg.fields
+        name, diff_id = f["model"], f["diff_id"]
+        with self._lock:
+            live = self._get(name)
+            cfg = live.config
+            done = self.home.store.read(lambda tx: tx.get(TICKETS, f"{name}/{client}"))
+            if done is not None and done["ticket"] == f["ticket"]:
+                if done["diff_id"] == diff_id:  # a re-sent diff whose ack was lost
+                    return msg.reply("hosted.ack", {"model": name, "diff_id": diff_id, "cycle": done["cycle"],
+                                                    "duplicate": True})
+                raise HostedError("this client already sent a diff on this ticket", code="duplicate_diff")
+            version = f["version"]
+            if version > live.version or version < 0:
+                raise HostedError(f"{name!r} has no version {version} (it is at {live.version})",
+                                  code="unknown_version")
+            tau = live.version - version
+            if cfg.mode == "cycle" and tau or tau > cfg.max_staleness:
+                raise HostedError(f"the diff is for version {version}, the model is at {live.version}"
+                                  + (f" (max_staleness {cfg.max_staleness})" if cfg.mode == "async" else
+                                     ": its cycle closed"), code="stale_version")
+            if not hmac.compare_digest(f["ticket"], self._ticket(live, client, version)):
+                raise HostedError("no ticket of this client for this cycle matches that diff (never asked, or its "
+                                  "slot was freed at the deadline): ask to train first", code="not_accepted")
+            if done is not None and (done["version"] >= version if cfg.mode == "async" else
+                                     done["cycle"] == live.cycle["cycle"]):
+                raise HostedError("this client already sent a diff for this version", code="duplicate_diff")
+            ticket = {"ticket": f["ticket"], "version": version}
+            samples = f["samples"]
+            if samples <= 0:
+                raise HostedError(f"samples must be > 0, got {samples}", code="bad_samples")
+            metrics = _metrics(f.get("metrics") or {})
+            self._check_diff(live, msg.tensors)
+            weight = samples * (staleness_weight(tau) if cfg.mode == "async" else 1.0)
+            cycle = live.cycle["cycle"]
+            rec = {"client": client, "ticket": ticket["ticket"], "diff_id": diff_id, "base": ticket["version"],
+                   "tau": tau, "samples": samples, "weight": weight, "metrics": metrics, "at": time.time(),
+                   "capabilities": live.capabilities.pop(client, {})}
+            self.state.blobs.write(diff_blob(name, cycle, ticket["ticket"]), msg.tensors)
+            used = {"ticket": f["ticket"], "diff_id": diff_id, "cycle": cycle, "version": version}
+
+            def write(tx) -> None:
+                tx.put(DIFFS, diff_key(name, cycle, client, ticket["ticket"]), rec)
+                tx.put(TICKETS, f"{name}/{client}", used)
+                seen = tx.get(CLIENTS, client) or {}
+                tx.put(CLIENTS, client, {**seen, "diffs": seen.get("diffs", 0) + 1, "last": rec["at"]})
+
+            self.home.store.atomic(write)
+            live.open.pop(client, None)
+            self._fold(live, msg.tensors, rec)
+            live.count(client, rec)
+            if live.diffs >= cfg.close_at:
+                self._publish(live)
+        return msg.reply("hosted.ack", {"model": name, "diff_id": diff_id, "cycle": cycle, "duplicate": False})
+
+    def _check_diff(self, live: _Live, tensors: Mapping) -> None:
+        """The whole diff, checked before anything is written: names, size, dtypes, shapes, finiteness."""
+        names = set(tensors)
+        spec = getattr(tensors, "spec", None)
+        total = sum(spec(n)[2] if spec else tensors[n].numel() * tensors[n].element_size() for n in names)
+        if total > min(live.config.max_diff_bytes, live.nbytes):
+            raise HostedError(f"a diff of {total} bytes is larger than the model ({live.nbytes} bytes)",
+                              code="oversize")
+        if names != set(live.layout):
+            extra, missing = sorted(names - set(live.layout)), sorted(set(live.layout) - names)
+            what = f"tensor {extra[0]!r} is not in the model" if extra else f"tensor {missing[0]!r} is missing"
+            raise HostedError(f"the diff does not match the model: {what}", code="bad_diff")
+        for n in sorted(names):
+            if spec:
+                dtype, shape, _ = spec(n)
+            else:
+                dtype, shape = tensors[n].dtype, tuple(tensors[n].shape)
+            want_dtype, want_shape = live.layout[n]
+            if DTYPE_NAMES.get(dtype) != want_dtype:
+                raise HostedError(f"tensor {n!r} is {DTYPE_NAMES.get(dtype, dtype)}, the model's is {want_dtype}",
+                                  code="bad_dtype", details={"tensor": n})
+            if tuple(shape) != want_shape:
+                raise HostedError(f"tensor {n!r} has shape {tuple(shape)}, the model's is {want_shape}",
+                                  code="bad_shape", details={"tensor": n})
+        for n in sorted(names):
+            if not live.glob[n].is_floating_point():
+                continue
+            views = [v for _, v in tensors.pieces(n)] if isinstance(tensors, TensorMap) else [tensors[n]]
+            for v in views:  # a sum is NaN or infinite if any element is: one pass, no temporary tensor
+                if not bool(torch.isfinite(v.sum(dtype=torch.float64))) and not bool(torch.isfinite(v).all()):
+                    raise HostedError(f"tensor {n!r} holds NaN or infinity", code="non_finite",
+                                      details={"tensor": n})
+
+    def _fold(self, live: _Live, diff: Mapping, rec: dict) -> None:
+        """Add ``global + diff`` (bool tensors: the diff is the value) to the aggregator."""
+        update = {}
+        for n, g in live.glob.items():
+            d = diff[n]
+            update[n] = d if g.dtype == torch.bool else torch.add(g, d.reshape(g.shape), out=live.scratch[n])
+        live.agg.add(update, rec["weight"], f"{rec['client']}/{rec['ticket']}")
+
+
+def create_model(home: Home, state: HostStore, name: str, plan, *, model_args: dict | None = None,
+                 training_args: dict | None = None, server: dict | ServerConfig | None = None,
+                 plan_class: str | None = None, initial: Mapping[str, torch.Tensor] | None = None,
+                 seed: int = 0) -> dict:
+    """Add ``plan`` (a TorchTrainingPlan subclass, or its source with ``plan_class``) as model ``name``.
+
+    Version 0 is ``initial`` or the plan's ``init_model(**model_args)`` under ``seed``;
+    ``training_args`` reach every client; ``server`` is a :class:`ServerConfig` or its dict.
+    Works on a home whose host is not running (``meshfl host add-model``); a running host picks
+    the model up within a second.
+    """
+    from ..node._plans import plan_hash
+
+    check_model_name(name)
+    source = plan if isinstance(plan, str) else plan_source(plan)
+    cls_name = plan_class or (None if isinstance(plan, str) else plan.__name__)
+    if not cls_name:
+        raise ConfigError("plan_class is needed with a plan's source", code="bad_config")
+    config = server if isinstance(server, ServerConfig) else ServerConfig.from_dict(server)
+    model_args = dict(model_args or {})
+    training_args = {**DEFAULT_TRAINING_ARGS, **(training_args or {})}
+    try:
+        plan_cls = load_plan_class(source, cls_name, f"meshfl_hosted_{name}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = plan_cls().init_model(**model_args)
+    except Exception as exc:
+        raise ConfigError(f"the plan cannot build its model: {type(exc).__name__}: {exc}", code="bad_plan") from None
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in (initial or module.state_dict()).items()}
+    parameters = [k for k, p in module.named_parameters() if p.requires_grad]
+    agg = make_aggregator(config.aggregator)
+    record = {"name": name, "plan_source": source, "plan_class": cls_name, "plan_hash": plan_hash(source),
+              "model_args": model_args, "training_args": training_args, "server": config.to_dict(),
+              "parameters": parameters, "version": 0, "created": time.time(), "aggregator": agg.config()}
+    digest = tensors_hash(tensors)
+    if home.store.read(lambda tx: tx.has(MODELS, name)):
+        raise HostedError(f"a model named {name!r} is hosted already", code="model_exists")
+    state.blobs.write(model_blob(name, 0), tensors)
+    now = time.time()
+    cycle = _new_cycle(0, 0, now, config)
+
+    def write(tx) -> None:
+        if tx.has(MODELS, name):
+            raise HostedError(f"a model named {name!r} is hosted already", code="model_exists")
+        tx.put(MODELS, name, record)
+        tx.put(VERSIONS, version_key(name, 0), {"version": 0, "hash": digest, "created": now, "diffs": 0,
+                                                "clients": 0, "samples": 0, "staleness": {}, "metrics": {}})
+        tx.put(CYCLES, name, cycle)
+        bump(tx)
+        home.audit.append("hosted.add_model", model=name, plan_hash=record["plan_hash"], mode=config.mode,
+                          version_hash=digest)
+
+    home.store.atomic(write)
+    log.info("[%s] hosting %s (%s mode, plan %s)", home.config.name, name, config.mode, record["plan_hash"][:12])
+    return {"name": name, "version": 0, "version_hash": digest, "plan_hash": record["plan_hash"]}
+
+
+def enroll_cards(home: Home, cards: Iterable[PeerCard], via: str) -> int:
+    """Trust clients' cards in one transaction with one audit record; returns how many are new."""
+    cards = list(cards)
+
+    def write(tx) -> int:
+        return enroll_in(tx, home, cards, via)
+
+    return home.store.atomic(write)
+
+
+def enroll_in(tx, home: Home, cards: list, via: str) -> int:
+    """:func:`enroll_cards` inside a transaction (a token's redemption adds its own records)."""
+    now, new = time.time(), 0
+    for card in cards:
+        if card.peer_id == home.identity.peer_id:
+            raise ConfigError("a host does not enroll its own key", code="self_trust")
+        old = tx.get(CLIENTS, card.peer_id)
+        if old is None or old.get("revoked"):
+            new += 1
+        tx.put(CLIENTS, card.peer_id, {**(old or {}), "card": card.to_text(), "name": card.name, "enrolled": now,
+                                       "via": via, "revoked": False})
+    bump(tx)
+    home.audit.append("hosted.enroll", count=len(cards), new=new, via=via,
+                      peer_ids=[c.peer_id for c in cards][:20])
+    return new
+
+
+def revoke_in(home: Home, peer_id: str) -> bool:
+    def write(tx) -> bool:
+        old = tx.get(CLIENTS, peer_id)
+        if old is None or old.get("revoked"):
+            return False
+        tx.put(CLIENTS, peer_id, {**old, "revoked": True, "revoked_at": time.time()})
+        bump(tx)
+        home.audit.append("hosted.revoke", peer_id=peer_id)
+        return True
+
+    return home.store.atomic(write)
+
+
+def _new_cycle(number: int, version: int, now: float, config: ServerConfig) -> dict:
+    return {"cycle": number, "version": version, "opened": now,
+            "deadline": now + config.cycle_length if config.mode == "cycle" else None, "extended": 0}
+
+
+def _ticket_key(tx) -> str:
+    """The host's secret for ticket MACs, made once and kept in its store."""
+    key = tx.get(META, "ticket_key")
+    if key is None:
+        key = os.urandom(32).hex()
+        tx.put(META, "ticket_key", key)
+    return key
+
+
+def _metrics(metrics: dict) -> dict:
+    if len(metrics) > MAX_METRICS:
+        raise HostedError(f"at most {MAX_METRICS} metrics", code="bad_diff")
+    out = {}
+    for k, v in metrics.items():
+        if not isinstance(k, str) or len(k) > 64 or isinstance(v, bool) or not isinstance(v, (int, float)) \
+                or not math.isfinite(v):
+            raise HostedError(f"metric {k!r} must be a finite number", code="bad_diff")
+        out[k] = float(v)
+    return out
+
+
+def _small(capabilities: dict) -> dict:
+    """What a client says it can do, kept (bounded) with its ticket."""
+    return {str(k)[:32]: v for k, v in list(capabilities.items())[:16] if isinstance(v, (str, int, float, bool))}
+
+
+__all__ = ["Host", "create_model", "enroll_cards"]

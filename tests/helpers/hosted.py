@@ -1,0 +1,38 @@
+"""Hosts and light clients for the hosted-model tests: a researcher home, enrolled in-memory clients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import zmq
+
+from meshfl.crypto import Identity
+from meshfl.home import Home
+from meshfl.hosted import Client, Host
+
+
+def blobs(n: int, seed: int, features: int = 4):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.normal(size=(n, features)) + y[:, None] * 2.0
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+
+
+def make_host_home(root: Path) -> Path:
+    path = root / "host"
+    Home.init(path, "researcher", "host", listen=f"ipc://{root}/host.sock", heartbeat=0.3, dead_after=3.0).close()
+    return path
+
+
+def clients(host: Host, n: int, plan, *, context: zmq.Context, samples: int = 40, enroll: bool = True,
+            timeout: float = 10.0, **kw) -> list[Client]:
+    out = []
+    for i in range(n):
+        ident = Identity.generate(f"c{i}")
+        out.append(Client(host.endpoint, host.card, identity=ident, data=blobs(samples + 5 * i, i), plans=[plan],
+                          context=context, timeout=timeout, **kw))
+    if enroll:
+        host.enroll([c.card for c in out])
+    return out

@@ -1,0 +1,403 @@
+#!/usr/bin/env python
+"""Hosted-model benchmark: a host process and light clients in several processes, CURVE on.
+
+Part 1, one cycle of ``--clients`` clients (each its own key and socket, ``--procs`` processes)
+on a model of ``--params`` float32: each client asks, pulls the model and pushes a diff; the
+cycle closes at the last one. Baseline: the same bytes (one small request, the model down, the
+diff up, a small ack per client) through plain pyzmq ROUTER/DEALER sockets, from the same client
+processes. ``ratio_over_raw`` = host cycle time / baseline time (goal <= 2);
+``ratio_over_raw_curve``: the same against plain sockets with CURVE on (what encryption alone costs
+is then in the baseline too);
+``host_peak_in_models`` = the host process's peak RSS during the cycle above its RSS before it,
+in model sizes (goal <= 4, whatever the number of clients).
+
+Part 2, convergence in wall time (this process: an in-process host, one thread per client): a
+non-IID split (two of four classes each) over ``--race-clients`` clients whose training takes
+``--delay`` to 10x that; synchronous cycles (every client, every cycle) and FedBuff (buffer
+``--buffer``) train the same model until the global model reaches ``--target`` accuracy on a
+held-out set. ``fedbuff_speedup`` = sync wall time / FedBuff wall time (goal >= 2).
+
+    python tools/bench_hosted.py                                  # about a minute on 2 cores
+    python tools/bench_hosted.py --clients 1000 --procs 8 --race-clients 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import numpy as np  # noqa: E402
+import zmq  # noqa: E402
+
+ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tools'}", "OMP_NUM_THREADS": "1"}
+
+
+# ---------------------------------------------------------------------------------------- part 1
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def sample_rss(pid: int, stop: threading.Event, out: list) -> None:
+    while not stop.is_set():
+        try:
+            out.append(rss(pid))
+        except OSError:
+            return
+        stop.wait(0.005)
+
+
+def wait_line(proc: subprocess.Popen, word: str, timeout: float = 120.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"a helper exited before saying {word!r}")
+        if line.startswith(word):
+            return line.strip()
+    raise SystemExit(f"a helper did not say {word!r} in time")
+
+
+def client_procs(args, mode: str, endpoint: str, card: str, root: Path) -> list[subprocess.Popen]:
+    """``mode``: hosted (meshfl.Client), raw (plain DEALERs) or raw-curve (plain DEALERs, CURVE on;
+    ``card`` is then the server's public key)."""
+    per = [args.clients // args.procs + (1 if i < args.clients % args.procs else 0) for i in range(args.procs)]
+    return [subprocess.Popen([sys.executable, __file__, "--role", "clients", "--mode", mode, "--n", str(n),
+                              "--index", str(i), "--endpoint", endpoint, "--card", card, "--root", str(root),
+                              "--params", str(args.params)],
+                             stdout=subprocess.PIPE, text=True, env=ENV) for i, n in enumerate(per)]
+
+
+def run_clients(procs: list, go: Path, enroll=None, before_go=None) -> float:
+    """Let the client processes run one turn each, together; the time from the first start to the last end."""
+    for p in procs:
+        wait_line(p, "cards")
+    if enroll is not None:
+        enroll()
+    for p in procs:
+        wait_line(p, "ready")
+    if before_go is not None:
+        before_go()
+    go.write_text("go")
+    spans = [json.loads(wait_line(p, "done")[5:]) for p in procs]
+    for p in procs:
+        p.wait(timeout=60)
+    return max(s[1] for s in spans) - min(s[0] for s in spans)
+
+
+def part1(args, root: Path) -> dict:
+    from bench_hosted_plan import WidePlan
+
+    from meshfl.crypto import PeerCard
+    from meshfl.home import Home
+    from meshfl.hosted._host import create_model, enroll_cards
+    from meshfl.hosted._state import HostStore
+
+    inputs = max(1, -(-(args.params - 100) // 100))
+    model_bytes = (inputs * 100 + 100) * 4
+    home = root / "host"
+    with Home.init(home, "researcher", "host", listen=f"ipc://{root}/host.sock") as h:
+        state = HostStore(h.store, home / "hosted")
+        create_model(h, state, "m", WidePlan, model_args={"inputs": inputs},
+                     server={"max_clients": args.clients, "cycle_length": 3600})
+        # one cycle of one client per process first, so that the baseline RSS already holds what
+        # the first use of each code path costs (libtorch's pages, allocator pools), not models
+        create_model(h, state, "warm", WidePlan, model_args={"inputs": inputs},
+                     server={"max_clients": args.procs, "cycle_length": 3600})
+    host = subprocess.Popen([sys.executable, "-m", "meshfl.cli", "host", "start", "--home", str(home),
+                             "--max-transfers", str(args.max_transfers)],
+                            stdout=subprocess.PIPE, stderr=open(root / "host.log", "ab"), text=True, env=ENV)
+    endpoint = wait_line(host, "host listening on").split()[-1]
+    card = str(home / "keys" / "identity.card")
+
+    def enroll() -> None:
+        cards = [PeerCard.from_text(line) for f in sorted(root.glob("cards*.txt")) for line in f.read_text().split()]
+        with Home.open(home) as h:
+            enroll_cards(h, cards, "bench")
+
+    samples: list[int] = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample_rss, args=(host.pid, stop, samples))
+    base = 0
+
+    def before_go() -> None:  # every client connected: the host's RSS just before the cycle
+        nonlocal base
+        base = rss(host.pid)
+        sampler.start()
+
+    go = root / "go"
+    try:
+        hosted = run_clients(client_procs(args, "hosted", endpoint, card, root), go, enroll, before_go)
+        stop.set()
+        sampler.join()
+    finally:
+        host.terminate()
+        host.wait(timeout=60)
+    go.unlink()
+    for f in root.glob("cards*.txt"):
+        f.unlink()
+    raw = {}
+    for mode in ("raw", "raw-curve"):
+        server = subprocess.Popen([sys.executable, __file__, "--role", "raw-server", "--root", str(root),
+                                   "--params", str(inputs * 100 + 100), "--n", str(args.clients), "--mode", mode],
+                                  stdout=subprocess.PIPE, text=True, env=ENV)
+        _, raw_endpoint, key = wait_line(server, "listening").split()
+        raw[mode] = run_clients(client_procs(args, mode, raw_endpoint, key, root), go)
+        server.wait(timeout=60)
+        go.unlink()
+    peak = max(samples, default=base)
+    return {"clients": args.clients, "procs": args.procs, "max_transfers": args.max_transfers,
+            "params": inputs * 100 + 100, "model_bytes": model_bytes,
+            "host_cycle_s": round(hosted, 3), "raw_s": round(raw["raw"], 3),
+            "raw_curve_s": round(raw["raw-curve"], 3), "ratio_over_raw": round(hosted / raw["raw"], 2),
+            "ratio_over_raw_curve": round(hosted / raw["raw-curve"], 2),
+            "host_rss_before_mb": round(base / 2**20, 1), "host_rss_peak_mb": round(peak / 2**20, 1),
+            "host_peak_in_models": round(max(0, peak - base) / model_bytes, 2)}
+
+
+def clients_main(args) -> None:
+    """One client process: ``--n`` clients, one thread each, waiting for the go file."""
+    import torch
+
+    from meshfl.crypto import Identity, PeerCard
+    from meshfl.errors import RequestTimeout
+    from meshfl.hosted import Client
+    from meshfl.wire import Message
+
+    torch.set_num_threads(1)
+    root = Path(args.root)
+    ctx = zmq.Context(io_threads=2)
+    ids = [Identity.generate(f"p{args.index}c{i}") for i in range(args.n)]
+    (root / f"cards{args.index}.txt").write_text("\n".join(i.card.to_text() for i in ids) + "\n")
+    print("cards", flush=True)
+    if args.mode == "hosted":
+        card = PeerCard.from_text(Path(args.card).read_text())
+        from bench_hosted_plan import WidePlan
+
+        clients = [Client(args.endpoint, card, identity=i, context=ctx, timeout=1.0, plans=[WidePlan]) for i in ids]
+        for c in clients:  # until the host has enrolled this key
+            while True:
+                try:
+                    c.call(Message("ping"))
+                    break
+                except RequestTimeout:
+                    pass
+            c.timeout = 300.0
+        warm = clients[0]
+        t = warm.request("warm").fields
+        model = warm.pull("warm", t["version"])["tensors"]
+        warm.push("warm", t["ticket"], t["version"], {k: torch.zeros_like(v) for k, v in model.items()}, 1)
+        warm._cache.clear()
+    else:
+        clients = []
+        for i in ids:
+            s = ctx.socket(zmq.DEALER)
+            s.linger = 0
+            s.routing_id = i.peer_id.encode()
+            if args.mode == "raw-curve":
+                s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
+                s.curve_serverkey = args.card.encode()
+            s.connect(args.endpoint)
+            clients.append(s)
+    print("ready", flush=True)
+    go = root / "go"
+    while not go.exists():
+        time.sleep(0.01)
+    spans: list = []
+
+    def hosted_turn(c) -> None:
+        t = c.request("m").fields
+        model = c.pull("m", t["version"])["tensors"]
+        diff = {k: torch.full_like(v, 1e-3) for k, v in model.items()}
+        c.push("m", t["ticket"], t["version"], diff, 10)
+
+    def raw_turn(s) -> None:
+        s.send(b"req")
+        frames = s.recv_multipart(copy=False)
+        s.send_multipart([b"diff", *frames[1:]], copy=False)
+        s.recv()
+
+    errors: list = []
+
+    def guarded(turn, c) -> None:
+        try:
+            turn(c)
+        except Exception as exc:  # reported below: a bench with a failed client measures nothing
+            errors.append(repr(exc))
+
+    start = time.time()
+    turn = hosted_turn if args.mode == "hosted" else raw_turn
+    threads = [threading.Thread(target=guarded, args=(turn, c)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    spans = [start, time.time()]
+    if errors:
+        raise SystemExit(f"{len(errors)} client(s) failed, first: {errors[0]}")
+    print("done " + json.dumps(spans), flush=True)
+    for c in clients:
+        c.close()
+    ctx.term()
+
+
+def raw_server_main(args) -> None:
+    """Plain ROUTER: the model (1 MB frames) to each requester, an ack for each diff."""
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.ROUTER)
+    public = b"-"
+    if args.mode == "raw-curve":  # no ZAP handler in this context: any client key is admitted
+        public, secret = zmq.curve_keypair()
+        s.curve_server, s.curve_publickey, s.curve_secretkey = True, public, secret
+    s.bind(f"ipc://{args.root}/raw.sock")
+    print(f"listening {s.getsockopt_string(zmq.LAST_ENDPOINT)} {public.decode()}", flush=True)
+    model = np.zeros(args.params, dtype=np.float32)
+    mv = memoryview(model).cast("B")
+    frames = [mv[i:i + (1 << 20)] for i in range(0, mv.nbytes, 1 << 20)]
+    diffs = 0
+    while diffs < args.n:
+        msg = s.recv_multipart(copy=False)
+        if msg[1].bytes == b"req":
+            s.send_multipart([msg[0], b"model", *frames], copy=False)
+        else:
+            diffs += 1
+            s.send_multipart([msg[0], b"ack"])
+    s.close(linger=1000)
+    ctx.term()
+
+
+# ---------------------------------------------------------------------------------------- part 2
+def blobs(rng, n: int, classes: list[int], centres):
+    y = rng.choice(classes, n)
+    x = centres[y] + rng.normal(size=(n, centres.shape[1]))
+    return x.astype(np.float32), y
+
+
+def race(args, root: Path, mode: str) -> dict:
+    import torch
+    from bench_hosted_plan import BlobPlan
+
+    from meshfl.crypto import Identity
+    from meshfl.errors import MeshflError
+    from meshfl.home import Home
+    from meshfl.hosted import Backoff, Client, Host
+
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(4, 8)) * 1.2
+    xt, yt = blobs(rng, 2000, [0, 1, 2, 3], centres)
+    xt, yt = torch.tensor(xt), torch.tensor(yt)
+    n = args.race_clients
+    path = root / f"race-{mode}"
+    Home.init(path, "researcher", "host", listen=f"ipc://{root}/race-{mode}.sock").close()
+    host = Host(path).start()
+    server = {"mode": "cycle", "max_clients": n, "min_clients": n, "cycle_length": 3600} if mode == "sync" else \
+        {"mode": "async", "buffer": args.buffer, "max_staleness": 4 * n // args.buffer, "max_clients": n}
+    host.add_model("m", BlobPlan, server=server, training_args={"epochs": 1, "lr": 0.05, "batch_size": 16,
+                                                                 "test_fraction": 0.0})
+    ctx = zmq.Context()
+    clients = []
+    for i in range(n):
+        x, y = blobs(rng, 40, [i % 4, (i + 1) % 4], centres)
+        delay = args.delay * (1 + 9 * i / max(1, n - 1))
+        clients.append(Client(host.endpoint, host.card, identity=Identity.generate(f"r{i}"), data=(
+            torch.tensor(x), torch.tensor(y)), plans=[BlobPlan], context=ctx, delay=delay, timeout=60))
+    host.enroll([c.card for c in clients])
+    done = threading.Event()
+
+    def loop(c) -> None:
+        while not done.is_set():
+            try:
+                answer = c.train_once("m")
+            except MeshflError:
+                continue
+            if isinstance(answer, Backoff):
+                done.wait(min(answer.retry_in, 0.02))
+
+    model = BlobPlan().init_model()
+    start = time.monotonic()
+    threads = [threading.Thread(target=loop, args=(c,), daemon=True) for c in clients]
+    for t in threads:
+        t.start()
+    version, reached, acc = 0, None, 0.0
+    while time.monotonic() - start < args.race_timeout:
+        if not host.wait_version("m", version + 1, timeout=1.0):
+            continue
+        version = host.status("m")[0]["version"]
+        model.load_state_dict(host.model("m", version))
+        with torch.no_grad():
+            acc = float((model(xt).argmax(1) == yt).float().mean())
+        if acc >= args.target:
+            reached = time.monotonic() - start
+            break
+    done.set()
+    for t in threads:
+        t.join(timeout=30)
+    for c in clients:
+        c.close()
+    host.close()
+    ctx.term()
+    return {"wall_s": None if reached is None else round(reached, 2), "versions": version, "accuracy": round(acc, 4)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=100)
+    p.add_argument("--procs", type=int, default=2)
+    p.add_argument("--params", type=int, default=100_000)
+    p.add_argument("--max-transfers", type=int, default=2, help="the host's transfers in flight")
+    p.add_argument("--race-clients", type=int, default=50)
+    p.add_argument("--delay", type=float, default=0.02, help="training time of the fastest race client (s)")
+    p.add_argument("--buffer", type=int, default=10)
+    p.add_argument("--target", type=float, default=0.85)
+    p.add_argument("--race-timeout", type=float, default=20.0)
+    p.add_argument("--skip-race", action="store_true")
+    p.add_argument("--role", default="main", choices=["main", "clients", "raw-server"], help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--index", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--endpoint", help=argparse.SUPPRESS)
+    p.add_argument("--card", help=argparse.SUPPRESS)
+    p.add_argument("--root", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.role == "clients":
+        return clients_main(args)
+    if args.role == "raw-server":
+        return raw_server_main(args)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    root = Path(tempfile.mkdtemp(prefix="meshfl-bench-hosted-"))
+    try:
+        out = {"cycle": part1(args, root)}
+        out.update(ratio_over_raw=out["cycle"]["ratio_over_raw"], host_peak_in_models=out["cycle"]["host_peak_in_models"])
+        if not args.skip_race:
+            import torch
+
+            torch.set_num_threads(1)
+            sync, fedbuff = race(args, root, "sync"), race(args, root, "fedbuff")
+            out["race"] = {"clients": args.race_clients, "target": args.target, "sync": sync, "fedbuff": fedbuff}
+            out["fedbuff_speedup"] = (round(sync["wall_s"] / fedbuff["wall_s"], 2)
+                                      if sync["wall_s"] and fedbuff["wall_s"] else None)
+        print(json.dumps(out, indent=2))
+    finally:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
