@@ -10,6 +10,7 @@ import zmq
 
 from helpers.hosted import blobs, clients, make_host_home
 from helpers.plans import AddOnePlan, TinyPlan
+from meshfl.crypto import Identity
 from meshfl.errors import ConfigError, RemoteError, RequestTimeout
 from meshfl.hosted import Backoff, Client, Host
 from meshfl.wire import Message
@@ -494,3 +495,56 @@ def test_a_researcher_hosts_a_model_beside_its_experiments(tmp_path, ctx):
         finally:
             host.close()
         assert not researcher.home.store.closed  # the host left the researcher's home open
+
+
+_PUSH_THEN_HANG = """
+import sys, time, torch
+from meshfl.crypto import Identity, PeerCard
+from meshfl.hosted import Client
+from meshfl.wire import Message, encode
+endpoint, card, home, ticket = sys.argv[1:5]
+c = Client(endpoint, PeerCard.from_text(card), identity=Identity.load(home), trust_host_plans=True)
+entry = c.pull("m", 0)
+c.call(Message("hosted.push", {"model": "m", "ticket": ticket}))  # its transfer slot
+diff = {k: torch.full_like(v, 0.5) for k, v in entry["tensors"].items()}
+c._socket().send_multipart(encode(Message("hosted.diff", {"model": "m", "ticket": ticket, "diff_id": "d1",
+    "version": 0, "samples": 5, "metrics": {}}, diff, sender=c.peer_id)))
+print("pushed", flush=True)
+time.sleep(600)  # SIGKILLed here, before it reads the host's ack
+"""
+
+
+def test_a_client_process_sigkilled_after_pushing_is_counted_once_when_it_comes_back(host, ctx, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    host.add_model("m", TinyPlan, server={"max_clients": 2})
+    device = tmp_path / "device"
+    identity = Identity.create(device, "device")
+    host.enroll([identity.card])
+    first = Client(host.endpoint, host.card, identity=identity, plans=[TinyPlan], context=ctx)
+    try:
+        ticket = _ticket(first)["ticket"]
+    finally:
+        first.close()
+    child = subprocess.Popen([sys.executable, "-c", _PUSH_THEN_HANG, host.endpoint, host.card.to_text(), str(device),
+                              ticket], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "pushed"
+        wait_for(lambda: host.status("m")[0]["open"]["diffs"] == 1)
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    # The device restarts with its key and sends the same diff again: acknowledged, counted once.
+    again = Client(host.endpoint, host.card, identity=Identity.load(device), plans=[TinyPlan], context=ctx)
+    try:
+        again.pull("m", 0)
+        diff = {k: torch.full_like(v, 0.5) for k, v in host.model("m").items()}
+        assert again.push("m", ticket, 0, diff, 5, diff_id="d1").fields["duplicate"]
+    finally:
+        again.close()
+    assert host.status("m")[0]["open"]["diffs"] == 1
