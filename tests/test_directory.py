@@ -1,0 +1,144 @@
+"""The dataset directory (#17 §1): signed publication, verified search, access requests.
+
+One directory, one node and two researchers in this process (real homes, LMDB, CURVE over
+loopback tcp); the CLI round trip runs the directory and the node as processes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+import pytest
+
+from helpers.data import write_blobs_csv
+from helpers.plans import TinyPlan
+from helpers.waiting import wait_until
+from meshfl.directory import Directory, Publications, decide
+from meshfl.home import Home
+from meshfl.node import Node
+from meshfl.node._plans import plan_hash
+from meshfl.plans import plan_source
+from meshfl.researcher import Experiment, Researcher
+
+pytestmark = pytest.mark.timeout(120)
+
+TIMING = {"heartbeat": 0.3, "dead_after": 3.0}
+LOOPBACK = "tcp://127.0.0.1:0"
+
+
+def _researcher(root, name, directory):
+    home = Home.init(root / name, "researcher", name, listen=LOOPBACK, **TIMING)
+    home.trust(directory.home.identity.card, directory.endpoint, directory=True)
+    directory.home.trust(home.identity.card)  # the directory's operator admits it
+    return Researcher(home).start()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("directory")
+    directory = Directory(Home.init(root / "dir", "directory", "dir", listen=LOOPBACK, **TIMING)).start()
+    node_home = Home.init(root / "site", "node", "site", **TIMING)
+    node_home.trust(directory.home.identity.card, directory.endpoint, directory=True)
+    directory.home.trust(node_home.identity.card)
+    csv = write_blobs_csv(root / "site" / "blobs.csv", n=60)
+    from meshfl.node._datasets import DatasetRegistry
+
+    DatasetRegistry(node_home.store, node_home.audit).add("blobs", ["blobs", "tabular"], "csv", csv,
+                                                         target="target", description="two blobs")
+    DatasetRegistry(node_home.store, node_home.audit).add("private", ["blobs"], "csv", csv, target="target")
+    Publications(node_home).publish("blobs", "dir")  # "private" stays unpublished
+    node = Node(node_home).start()
+    node.plans.submit(plan_source(TinyPlan))
+    node.plans.approve(plan_hash(plan_source(TinyPlan)))
+    alice = _researcher(root, "alice", directory)
+    bob = _researcher(root, "bob", directory)
+    world = {"root": root, "directory": directory, "node": node, "alice": alice, "bob": bob, "csv": csv}
+    yield world
+    for researcher in (alice, bob):
+        researcher.close()
+    node.stop()
+    directory.stop()
+
+
+def _found(researcher, tags=("blobs",)):
+    found = {}
+
+    def some():
+        found.update(researcher.search(list(tags), directories=[]))
+        return found
+
+    assert wait_until(some, timeout=20), "the node's publication never reached the directory"
+    return found
+
+
+def test_published_datasets_are_found_verified_and_without_paths(world):
+    alice, node, directory = world["alice"], world["node"], world["directory"]
+    found = _found(alice)
+    [entry] = found[node.peer.peer_id]
+    assert entry["name"] == "blobs" and entry["samples"] == 60 and entry["description"] == "two blobs"
+    assert entry["node_name"] == "site" and entry["card"] == node.home.identity.card.to_text()
+    assert entry["columns"] and entry["shape"] == [60, 4] and entry["directory"] == directory.peer.peer_id
+    # Never a path: not in what the researcher gets, nor in what the directory stores.
+    assert str(world["csv"]) not in orjson.dumps(found).decode()
+    assert all(str(world["root"]) not in orjson.dumps(row).decode() for _, row in directory.entries.items())
+    assert alice.search(["nothing-like-it"], directories=["dir"]) == {}
+    assert alice.nodes() == []  # the directory is no node, and the node does not trust alice yet
+    events = [r.event for r in directory.home.audit.records()]
+    assert "entries.published" in events and "entries.searched" in events
+    assert "directory.published" in [r.event for r in node.home.audit.records()]
+
+
+def test_an_entry_the_directory_alters_is_dropped_with_a_warning(world, caplog):
+    alice, directory = world["alice"], world["directory"]
+    _found(alice)
+    [(key, row)] = directory.entries.items()
+    forged = row["doc"]["body"].replace('"samples":60', '"samples":6000')
+    assert forged != row["doc"]["body"]
+    directory.entries.put(key, {**row, "doc": {**row["doc"], "body": forged}})
+    try:
+        with caplog.at_level(logging.WARNING, logger="meshfl.directory"):
+            assert alice.search(["blobs"], directories=["dir"]) == {}
+        assert any("does not verify" in r.getMessage() for r in caplog.records)
+    finally:
+        directory.entries.put(key, row)
+    assert alice.search(["blobs"], directories=["dir"])  # the genuine entry verifies again
+
+
+def test_access_approved_lets_the_researcher_search_and_train(world):
+    alice, node, directory = world["alice"], world["node"], world["directory"]
+    [entry] = _found(alice)[node.peer.peer_id]
+    queued = alice.request_access(entry, message="for a study of blobs")
+    assert queued["status"] == "pending"
+    access = node.directories.access
+    assert wait_until(lambda: access.list("pending"), timeout=10), "the request never reached the node"
+    [request] = access.list("pending")
+    assert request["researcher"] == alice.peer.peer_id and request["endpoint"] == alice.endpoint
+    assert request["dataset"] == "blobs" and request["message"] == "for a study of blobs"
+    decided = decide(node.home, request["id"], True, by="test")
+    assert decided["status"] == "approved"
+    node.notify_released()  # what SIGUSR1 (nudge_node) does for a node run by `meshfl node start`
+    alice.wait_for_nodes(1, timeout=15)
+    # Trusted now, alice sees what any trusted researcher sees (dataset policies can narrow it).
+    assert [r["name"] for r in alice.search(["blobs"])[node.peer.peer_id]] == ["blobs", "private"]
+    history = Experiment(alice, TinyPlan, ["blobs", "tabular"], 1, training_args={"epochs": 1, "lr": 0.05},
+                         round_timeout=60, min_nodes=1, progress=False).run()
+    assert set(history[-1]["nodes"]) == {"site"} and history[-1]["samples"] == 48
+    # The directory is told, and every step is in both audit chains.
+    assert wait_until(lambda: [r["status"] for r in alice.access_requests()] == ["approved"], timeout=10)
+    node_events = [r.event for r in node.home.audit.records()]
+    assert {"access.received", "access.approved", "peer.trust"} <= set(node_events)
+    dir_events = [r.event for r in directory.home.audit.records()]
+    assert {"access.requested", "access.delivered", "access.decided"} <= set(dir_events)
+
+
+def test_access_denied_gives_nothing(world):
+    bob, node = world["bob"], world["node"]
+    [entry] = _found(bob)[node.peer.peer_id]
+    rid = bob.request_access(entry)["id"]
+    assert wait_until(lambda: [r["id"] for r in node.directories.access.list("pending")] == [rid], timeout=10)
+    decide(node.home, rid, False, by="test")
+    node.notify_released()
+    assert wait_until(lambda: [r["status"] for r in bob.access_requests()] == ["denied"], timeout=10)
+    assert bob.peer.peer_id not in node.peer.trust_table and bob.nodes() == []
+    assert "access.denied" in [r.event for r in node.home.audit.records()]
