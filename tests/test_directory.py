@@ -15,6 +15,7 @@ from helpers.data import write_blobs_csv
 from helpers.plans import TinyPlan
 from helpers.waiting import wait_until
 from meshfl.directory import Directory, Publications, decide
+from meshfl.errors import ConfigError
 from meshfl.home import Home
 from meshfl.node import Node
 from meshfl.node._plans import plan_hash
@@ -31,6 +32,7 @@ def _researcher(root, name, directory):
     home = Home.init(root / name, "researcher", name, listen=LOOPBACK, **TIMING)
     home.trust(directory.home.identity.card, directory.endpoint, directory=True)
     directory.home.trust(home.identity.card)  # the directory's operator admits it
+    directory.home.trust_into(directory.peer)  # at once (a running directory reads it every 2 s)
     return Researcher(home).start()
 
 
@@ -41,6 +43,7 @@ def world(tmp_path_factory):
     node_home = Home.init(root / "site", "node", "site", **TIMING)
     node_home.trust(directory.home.identity.card, directory.endpoint, directory=True)
     directory.home.trust(node_home.identity.card)
+    directory.home.trust_into(directory.peer)
     csv = write_blobs_csv(root / "site" / "blobs.csv", n=60)
     from meshfl.node._datasets import DatasetRegistry
 
@@ -142,3 +145,88 @@ def test_access_denied_gives_nothing(world):
     assert wait_until(lambda: [r["status"] for r in bob.access_requests()] == ["denied"], timeout=10)
     assert bob.peer.peer_id not in node.peer.trust_table and bob.nodes() == []
     assert "access.denied" in [r.event for r in node.home.audit.records()]
+
+
+def test_a_directory_whose_key_the_node_does_not_trust_gets_nothing(world):
+    """An impostor at a directory's address (another key) gets no entry from the node, and a
+    researcher cannot search a directory it was not told to trust."""
+    root, node, alice = world["root"], world["node"], world["alice"]
+    expected = Home.init(root / "dir-b", "directory", "dir-b", listen=LOOPBACK)
+    impostor = Directory(Home.init(root / "impostor", "directory", "impostor", listen=LOOPBACK, **TIMING)).start()
+    impostor.home.trust(node.home.identity.card)  # it would take whatever the node sent
+    try:
+        node.home.trust(expected.identity.card, impostor.endpoint, directory=True)
+        Publications(node.home).publish("blobs", "dir-b")
+        node.notify_released()
+        assert wait_until(lambda: expected.identity.peer_id in node.peer.trust_table, timeout=10)
+        assert not node.peer.wait_online([expected.identity.peer_id], 2.0)  # CURVE: the key is not dir-b's
+        assert len(impostor.entries) == 0 and len(impostor.requests) == 0
+    finally:
+        node.peer.revoke(expected.identity.peer_id)
+        Publications(node.home).unpublish("blobs", "dir-b")
+        node.home.revoke("dir-b")
+        impostor.stop()
+        expected.close()
+    with pytest.raises(ConfigError, match="no trusted directory 'impostor'"):
+        alice.search(["blobs"], directories=["impostor"])
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from meshfl.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, (result.output, result.stderr, result.exception)
+    return orjson.loads(result.stdout) if "--json" in args else result.stdout
+
+
+def test_cli_round_trip(tmp_path):
+    """As operators would: a directory and a node as processes, the researcher's side from the CLI."""
+    import subprocess
+    import sys
+
+    from helpers.procs import start_node, stop
+
+    dir_home, node_home, lab_home = tmp_path / "dir", tmp_path / "site", tmp_path / "lab"
+    dir_at, lab_at = f"ipc://{tmp_path}/dir.sock", f"ipc://{tmp_path}/lab.sock"
+    cards = {}
+    for home, role, listen in ((dir_home, "directory", dir_at), (node_home, "node", None), (lab_home, "researcher", lab_at)):
+        cards[role] = _cli("init", "--home", home, "--role", role, "--name", home.name,
+                           *(["--listen", listen] if listen else []), "--json")["card"]
+    _cli("peer", "trust", "--home", dir_home, "--key", cards["node"])
+    _cli("peer", "trust", "--home", dir_home, "--key", cards["researcher"])
+    for home in (node_home, lab_home):
+        _cli("peer", "trust", "--home", home, "--key", cards["directory"], "--endpoint", dir_at, "--directory")
+    assert "(directory)" in _cli("peer", "list", "--home", node_home)
+    csv = write_blobs_csv(node_home / "blobs.csv", n=40)
+    _cli("dataset", "add", "--home", node_home, "--name", "blobs", "--tags", "blobs", "--format", "csv",
+         "--path", csv, "--target", "target")
+    assert _cli("dataset", "publish", "blobs", "--home", node_home, "--directory", "dir", "--json")["directories"] == ["dir"]
+    log = open(tmp_path / "dir.log", "ab")
+    directory = subprocess.Popen([sys.executable, "-m", "meshfl.cli", "-v", "directory", "start", "--home", str(dir_home)],
+                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    node = start_node(node_home)
+    try:
+        search = ("directory", "search", "--home", lab_home, "--tags", "blobs", "--json")
+        assert wait_until(lambda: _cli(*search), timeout=60), (node_home / "node.log").read_text()[-3000:]
+        [entry] = _cli(*search)
+        assert entry["name"] == "blobs" and entry["samples"] == 40 and entry["node_name"] == "site"
+        listed = _cli("directory", "entries", "--home", dir_home, "--json")
+        assert [(e["dataset"], e["verified"]) for e in listed] == [("blobs", True)]
+        queued = _cli("access", "request", "--home", lab_home, "--node", entry["node"], "--dataset", "blobs",
+                      "--endpoint", lab_at, "--message", "hello", "--json")
+        assert wait_until(lambda: _cli("access", "list", "--home", node_home, "--status", "pending", "--json"), timeout=20)
+        [pending] = _cli("access", "list", "--home", node_home, "--json")
+        assert pending["id"] == queued["id"] and pending["name"] == "lab" and pending["endpoint"] == lab_at
+        assert _cli("access", "approve", queued["id"], "--home", node_home, "--json")["status"] == "approved"
+        assert wait_until(lambda: [r["status"] for r in _cli("access", "list", "--home", lab_home, "--json")]
+                          == ["approved"], timeout=20)
+        assert "lab" in _cli("peer", "list", "--home", node_home)
+        with Researcher(lab_home) as lab:
+            [node_id] = lab.wait_for_nodes(1, timeout=20)
+            assert node_id == entry["node"] and lab.ping(node_id)["name"] == "site"
+    finally:
+        stop(node)
+        stop(directory)
+        log.close()
