@@ -219,6 +219,9 @@ def test_cli_round_trip(tmp_path):
         assert wait_until(lambda: _cli("access", "list", "--home", node_home, "--status", "pending", "--json"), timeout=20)
         [pending] = _cli("access", "list", "--home", node_home, "--json")
         assert pending["id"] == queued["id"] and pending["name"] == "lab" and pending["endpoint"] == lab_at
+        status = _cli("node", "status", "--home", node_home, "--json")
+        assert status["access_pending"] == 1 and status["published"] == [
+            {"dataset": "blobs", "directories": ["dir"], "since": status["published"][0]["since"]}]
         assert _cli("access", "approve", queued["id"], "--home", node_home, "--json")["status"] == "approved"
         assert wait_until(lambda: [r["status"] for r in _cli("access", "list", "--home", lab_home, "--json")]
                           == ["approved"], timeout=20)

@@ -147,7 +147,8 @@ def access() -> None:
 @click.option("--message", default="", help="A note for the node's operator (who you are, what for).")
 @click.option("--directory", "directories", multiple=True, metavar="NAME",
               help="The directory to ask through (default: the first trusted one listing the dataset).")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds to wait for the directories.")
 @json_option
 def access_request(home: Path, node: str, dataset_name: str, endpoint: str, message: str, directories: tuple,
                    timeout: float, as_json: bool) -> None:

@@ -51,10 +51,14 @@ def search(peer: Peer, directories: list[str], tags: list[str] | None = None,
     best: dict[tuple, dict] = {}
     for directory, fut in futures.items():
         try:
-            docs = fut.result().fields["entries"]
+            answer = fut.result().fields
         except MeshflError as exc:
             log.warning("[%s] search in directory %s failed: %s", peer.name, directory, exc)
             continue
+        docs = answer["entries"]
+        if answer.get("truncated"):
+            log.warning("[%s] directory %s lists more than one answer holds: search with more tags",
+                        peer.name, directory)
         for doc in docs:
             try:
                 body = verify(doc, ENTRY)

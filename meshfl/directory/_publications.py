@@ -7,11 +7,15 @@ identity key when it sends them; removing or unpublishing a dataset withdraws it
 
 from __future__ import annotations
 
+import logging
 import time
 
 from ..errors import ConfigError, DatasetError
 from ..home import Home
-from ._signed import entry_for
+from ..node._datasets import DatasetRegistry
+from ._signed import MAX_DOCUMENT_BYTES, entry_for
+
+log = logging.getLogger("meshfl.directory")
 
 TABLE = "published"
 
@@ -25,8 +29,6 @@ class Publications:
 
     def publish(self, dataset: str, directory: str) -> dict:
         """Publish ``dataset`` (a registered one) to the trusted directory ``directory`` (name or id)."""
-        from ..node._datasets import DatasetRegistry
-
         entry = _directory(self._home, directory)
         record = DatasetRegistry(self._home.store).get(dataset)
         minimum = self._home.config.minimum_samples
@@ -68,8 +70,6 @@ class Publications:
     def entries(self, directory_id: str) -> list[dict]:
         """The signed entries this node publishes to ``directory_id`` now (registered datasets
         with enough samples only)."""
-        from ..node._datasets import DatasetRegistry
-
         registry = DatasetRegistry(self._home.store)
         minimum = self._home.config.minimum_samples
         out = []
@@ -80,8 +80,14 @@ class Publications:
                 record = registry.get(name)
             except DatasetError:
                 continue  # removed since: withdrawn
-            if record["samples"] is None or record["samples"] >= minimum:
-                out.append(entry_for(self._home.identity, record, published=row["since"]))
+            if record["samples"] is not None and record["samples"] < minimum:
+                continue
+            entry = entry_for(self._home.identity, record, published=row["since"])
+            if len(entry["body"]) > MAX_DOCUMENT_BYTES:
+                log.warning("dataset %s is not published: its entry (%d columns) exceeds %d bytes", name,
+                            len(record.get("columns") or []), MAX_DOCUMENT_BYTES)
+                continue
+            out.append(entry)
         return out
 
     def _view(self, name: str, row: dict) -> dict:

@@ -33,6 +33,8 @@ ENTRIES = "entries"
 REQUESTS = "requests"
 TRUST_CHECK_S = 2.0  # how often the home's trust table is read for peers trusted meanwhile
 MAX_ENTRIES = 1000  # per node
+MAX_PENDING = 100  # undecided requests per researcher
+ANSWER_BYTES = 768 << 10  # entries in one search answer (the envelope's limit is 1 MiB)
 DECISIONS = ("approved", "denied")
 
 
@@ -141,10 +143,16 @@ class Directory:
 
     def _on_directory_search(self, msg: Message) -> Message:
         tags = {str(t) for t in msg.fields.get("tags") or []}
-        found = [row["doc"] for _, row in self.entries.items()
-                 if tags <= set(_body(row["doc"]).get("tags") or [])]
+        found, size, truncated = [], 0, False
+        for _, row in self.entries.items():
+            if tags <= set(_body(row["doc"]).get("tags") or []):
+                size += len(row["doc"]["body"]) + len(row["doc"]["sig"]) + 32
+                if size > ANSWER_BYTES:
+                    truncated = True
+                    break
+                found.append(row["doc"])
         self.audit.append("entries.searched", researcher=msg.sender, tags=sorted(tags), found=len(found))
-        return Message("directory.entries", {"entries": found})
+        return Message("directory.entries", {"entries": found, "truncated": truncated})
 
     def _on_access_request(self, msg: Message) -> Message:
         doc = msg.fields["request"]
@@ -161,6 +169,11 @@ class Directory:
             if existing["doc"] != doc:
                 raise MeshflError("another request has this id", code="bad_request")
             return Message("access.queued", {"id": body["id"], "status": existing["status"]})
+        undecided = sum(row["researcher"] == msg.sender and row["status"] in ("pending", "delivered")
+                        for _, row in self.requests.items())
+        if undecided >= MAX_PENDING:
+            raise MeshflError(f"{undecided} of this researcher's requests await a decision already",
+                              code="too_many_requests")
 
         def store(tx) -> None:
             tx.put(REQUESTS, body["id"], {"doc": doc, "researcher": msg.sender, "node": node, "dataset": dataset,

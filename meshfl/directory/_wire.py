@@ -9,7 +9,7 @@ declare("directory.publish", required={"entries": "list"})
 declare("directory.published", required={"count": "int"})
 # researcher -> directory
 declare("directory.search", optional={"tags": "list"})
-declare("directory.entries", required={"entries": "list"})
+declare("directory.entries", required={"entries": "list"}, optional={"truncated": "bool"})
 declare("access.request", required={"request": "dict"})
 declare("access.queued", required={"id": "str", "status": "str"})
 declare("access.status")
