@@ -131,6 +131,7 @@ def test_access_approved_lets_the_researcher_search_and_train(world):
     assert wait_until(lambda: [r["status"] for r in alice.access_requests()] == ["approved"], timeout=10)
     node_events = [r.event for r in node.home.audit.records()]
     assert {"access.received", "access.approved", "peer.trust"} <= set(node_events)
+    assert {"access.requested", "peer.trust"} <= {r.event for r in alice.home.audit.records()}
     dir_events = [r.event for r in directory.home.audit.records()]
     assert {"access.requested", "access.delivered", "access.decided"} <= set(dir_events)
 

@@ -168,8 +168,7 @@ def access_request(home: Path, node: str, dataset_name: str, endpoint: str, mess
             if not entries:
                 raise UserError(f"no verified entry of dataset {dataset_name!r} of node {node} in "
                                 f"{', '.join(directories) or 'the trusted directories'}")
-            _client.pin_node(h, entries[0])
-            queued = _client.request_access(peer, entries[0], endpoint, message, timeout)
+            queued = _client.request_access(h, peer, entries[0], endpoint, message, timeout)
     if as_json:
         emit_json(queued)
     else:

@@ -82,11 +82,17 @@ def search(peer: Peer, directories: list[str], tags: list[str] | None = None,
     return found
 
 
-def request_access(peer: Peer, entry: dict, endpoint: str, message: str = "", timeout: float = 10.0) -> dict:
-    """File a signed request, through the directory ``entry`` came from, for access to its
-    dataset; the node's operator decides. Returns ``{id, status}``."""
+def request_access(home: Home, peer: Peer, entry: dict, endpoint: str, message: str = "",
+                   timeout: float = 10.0) -> dict:
+    """File a signed request, through the directory ``entry`` (a verified one) came from, for
+    access to its dataset; the node's operator decides. The node's key is pinned in ``home``
+    and ``peer`` first, so its connection is let in once approved. Returns ``{id, status}``."""
+    pinned = _pin_node(home, entry)
+    peer.trust(pinned["card"], pinned["endpoint"])
     doc = request_for(peer.identity, entry["node"], entry["name"], endpoint, message)
     reply = peer.call(entry["directory"], Message("access.request", {"request": doc}), timeout)
+    home.audit.append("access.requested", id=reply.fields["id"], node=entry["node"], dataset=entry["name"],
+                      directory=entry["directory"], endpoint=endpoint)
     return dict(reply.fields)
 
 
@@ -100,7 +106,7 @@ def requests(peer: Peer, directories: list[str], timeout: float = 10.0) -> list[
     return sorted(out, key=lambda r: r.get("received") or 0)
 
 
-def pin_node(home: Home, entry: dict) -> dict:
+def _pin_node(home: Home, entry: dict) -> dict:
     """Trust the node of a verified ``entry`` (its card, pinned), so that once its operator
     approves, its connection is let in; a name taken here gets the peer id's start appended."""
     card = PeerCard.from_text(entry["card"])

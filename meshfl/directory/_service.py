@@ -12,6 +12,7 @@ denied); every step lands in the home's audit chain.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 import time
@@ -36,6 +37,8 @@ MAX_ENTRIES = 1000  # per node
 MAX_PENDING = 100  # undecided requests per researcher
 ANSWER_BYTES = 768 << 10  # entries in one search answer (the envelope's limit is 1 MiB)
 DECISIONS = ("approved", "denied")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # a dataset's name, as a node's registry allows
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class Directory:
@@ -125,8 +128,9 @@ class Directory:
             body = _checked(doc, ENTRY, "bad_entry")
             if body["node"] != msg.sender:
                 raise MeshflError("a node publishes only its own entries", code="bad_entry")
-            if not isinstance(body.get("dataset"), str) or not body["dataset"]:
-                raise MeshflError("an entry names its dataset", code="bad_entry")
+            if not isinstance(body.get("dataset"), str) or not _NAME.fullmatch(body["dataset"]):
+                raise MeshflError("an entry names its dataset (1-64 letters, digits, '_', '.', '-')",
+                                  code="bad_entry")
             rows[f"{msg.sender}/{body['dataset']}"] = {"doc": doc, "received": time.time()}
 
         def replace(tx) -> None:
@@ -160,7 +164,8 @@ class Directory:
         if body["researcher"] != msg.sender:
             raise MeshflError("a researcher files only its own requests", code="bad_request")
         node, dataset = body.get("node"), body.get("dataset")
-        if not isinstance(body.get("id"), str) or not isinstance(node, str) or not isinstance(dataset, str):
+        if not (isinstance(body.get("id"), str) and _ID.fullmatch(body["id"])) or not isinstance(node, str) \
+                or not isinstance(dataset, str):
             raise MeshflError("a request names its id, node and dataset", code="bad_request")
         if f"{node}/{dataset}" not in self.entries:
             raise MeshflError(f"no dataset {dataset!r} of node {node} is listed here", code="unknown_dataset")

@@ -126,9 +126,7 @@ class Researcher:
         if "0.0.0.0" in endpoint or "[::]" in endpoint or "*" in endpoint:
             raise ConfigError(f"{endpoint} is where this researcher listens, not where a node can dial it: "
                               f"give endpoint=tcp://HOST:PORT", code="bad_endpoint")
-        pinned = _client.pin_node(self.home, entry)
-        self.peer.trust(pinned["card"], None)
-        return _client.request_access(self.peer, entry, endpoint, message, timeout)
+        return _client.request_access(self.home, self.peer, entry, endpoint, message, timeout)
 
     def access_requests(self, directories: list[str] | None = None, timeout: float = 10.0) -> list[dict]:
         """This researcher's access requests in ``directories`` (default: all trusted ones) and
