@@ -14,7 +14,7 @@ import pytest
 from helpers.data import write_blobs_csv
 from helpers.plans import TinyPlan
 from helpers.waiting import wait_until
-from meshfl.directory import Directory, Publications, decide
+from meshfl.directory import ENTRY, REQUEST, Directory, Publications, decide, verify
 from meshfl.errors import ConfigError
 from meshfl.home import Home
 from meshfl.node import Node
@@ -106,6 +106,50 @@ def test_an_entry_the_directory_alters_is_dropped_with_a_warning(world, caplog):
     finally:
         directory.entries.put(key, row)
     assert alice.search(["blobs"], directories=["dir"])  # the genuine entry verifies again
+
+
+def test_signed_documents_resist_forgery():
+    from meshfl.crypto import Identity
+    from meshfl.directory._signed import entry_for, request_for, sign
+    from meshfl.errors import CryptoError
+
+    node, other = Identity.generate("site"), Identity.generate("other")
+    record = {"name": "blobs", "tags": ["blobs"], "samples": 60, "path": "/secret/blobs.csv"}
+    entry = entry_for(node, record, published=1.0)
+    body = verify(entry, ENTRY)
+    assert body["dataset"] == "blobs" and body["card"] == node.card and "/secret" not in entry["body"]
+    altered = {**entry, "body": entry["body"].replace('"samples":60', '"samples":61')}
+    text = orjson.loads(entry["body"])
+    swapped = {**entry, "body": orjson.dumps({**text, "card": other.card.to_text(), "node": other.peer_id},
+                                             option=orjson.OPT_SORT_KEYS).decode()}
+    foreign = {**entry, "body": orjson.dumps({**text, "node": other.peer_id}, option=orjson.OPT_SORT_KEYS).decode()}
+    for bad, code in ((altered, "bad_signature"), (swapped, "bad_signature"), (foreign, "bad_document"),
+                      ({"body": "[]", "sig": ""}, "bad_document"), ("junk", "bad_document")):
+        with pytest.raises(CryptoError) as err:
+            verify(bad, ENTRY)
+        assert err.value.code == code
+    # A signature for one kind of document never passes for another.
+    request = request_for(other, node.peer_id, "blobs", "tcp://lab:5555")
+    assert verify(request, REQUEST)["researcher"] == other.peer_id
+    relabelled = sign(other, ENTRY, {"dataset": "blobs"})
+    with pytest.raises(CryptoError):
+        verify({**relabelled, "sig": request["sig"]}, ENTRY)
+    with pytest.raises(CryptoError):
+        verify(request, ENTRY)
+
+
+def test_unpublishing_withdraws_the_entry(world):
+    node, directory, alice = world["node"], world["directory"], world["alice"]
+    _found(alice)
+    publications = Publications(node.home)
+    publications.unpublish("blobs")
+    node.notify_released()
+    assert wait_until(lambda: len(directory.entries) == 0, timeout=10)
+    assert alice.search(["blobs"], directories=[]) == {}
+    publications.publish("blobs", "dir")
+    node.notify_released()
+    assert _found(alice)[node.peer.peer_id][0]["name"] == "blobs"
+    assert {"dataset.unpublished", "dataset.published"} <= {r.event for r in node.home.audit.records()}
 
 
 def test_access_approved_lets_the_researcher_search_and_train(world):
