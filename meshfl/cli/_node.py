@@ -101,7 +101,8 @@ def node_status(home: Path, as_json: bool) -> None:
     click.echo("node process:  " + ("not running" if running is None else f"running{pid}"))
     if (running or {}).get("dev", info["dev"]):
         click.echo("development mode: training plans run WITHOUT approval")
-    click.echo("trusted peers: " + (", ".join(f"{e['name']} ({e['endpoint'] or 'no endpoint'})"
+    click.echo("trusted peers: " + (", ".join(f"{e['name']} ({e['endpoint'] or 'no endpoint'}"
+                                              f"{', directory' if e['directory'] else ''})"
                                               for e in info["trusted"]) or "none"))
     click.echo(f"datasets:      {info['datasets']}")
     if info["published"]:
