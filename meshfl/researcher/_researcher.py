@@ -50,9 +50,9 @@ class Researcher:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Researcher":
         self.peer.start()
+        self._directories = {e["peer_id"] for e in self.home.directories()}  # before their links come up
         for entry in self.home.trusted():
             self.peer.trust(entry["card"], entry.get("endpoint"))
-        self._directories = {e["peer_id"] for e in self.home.directories()}
         self._started = True
         log.info("[%s] researcher listening on %s", self.name, self.peer.endpoint)
         return self
