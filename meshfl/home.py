@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.toml"
 STORE_DIR = "store"
 KEYS_DIR = "keys"
-ROLES = ("node", "researcher")
+ROLES = ("node", "researcher", "directory")
 TRUST_TABLE = "trust"
 
 
@@ -71,7 +71,7 @@ class Config:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ConfigError("name must be a non-empty string", code="bad_config")
         if self.listen is not None:
-            _check_endpoint(self.listen)
+            check_endpoint(self.listen)
         for field in ("dev", "allow_cuda", "force_secure_aggregation", "sandbox", "analytics"):
             if not isinstance(getattr(self, field), bool):
                 raise ConfigError(f"{field} must be true or false", code="bad_config")
@@ -137,12 +137,13 @@ _TEMPLATE = """\
 # meshfl home configuration, written by `meshfl init`. It is read when the peer starts:
 # restart the node or researcher after editing. Delete a setting to get its default.
 
-# What this peer is: "node" (keeps data, trains on it) or "researcher" (runs experiments).
+# What this peer is: "node" (keeps data, trains on it), "researcher" (runs experiments) or
+# "directory" (lists datasets that nodes publish, relays access requests; sees no data).
 role = {role}
 # A name for humans. Peers are identified by their key (see `meshfl peer id`), not by name.
 name = {name}
 # Address this peer accepts connections on, e.g. "tcp://0.0.0.0:5555". A researcher needs
-# one; a node usually has none, because it dials out to its researchers.
+# one, so does a directory; a node usually has none, because it dials out to its researchers.
 {listen}
 
 # --- node settings (a researcher ignores these) ---
@@ -195,7 +196,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_endpoint(endpoint: Any) -> str:
+def check_endpoint(endpoint: Any) -> str:
     if not isinstance(endpoint, str) or "://" not in endpoint or endpoint.startswith("://"):
         raise ConfigError(f"an endpoint looks like tcp://host:port or ipc:///path, "
                           f"not {endpoint!r}", code="bad_endpoint")
@@ -271,22 +272,31 @@ class Home:
 
     # --- trust ---------------------------------------------------------------------------------
 
-    def trust(self, card: PeerCard, endpoint: str | None = None, name: str | None = None) -> dict:
-        """Trust `card` (again, to change its name or endpoint); names are unique per home."""
+    def trust(self, card: PeerCard, endpoint: str | None = None, name: str | None = None,
+              directory: bool = False) -> dict:
+        """Trust `card` (again, to change its name or endpoint); names are unique per home.
+
+        ``directory``: the peer is a dataset directory (meshfl.directory), never a node or
+        researcher: a node publishes to it and serves it nothing, a researcher searches it."""
         if card.peer_id == self.identity.peer_id:
             raise ConfigError("a peer does not need to trust its own key", code="self_trust")
         if endpoint is not None:
-            _check_endpoint(endpoint)
+            check_endpoint(endpoint)
         name = (name or card.name).strip()
         for other in self.trusted():
             if other["name"] == name and other["peer_id"] != card.peer_id:
                 raise ConfigError(f"the name {name!r} is already used by peer "
                                   f"{other['peer_id']}; choose another --name",
                                   code="name_taken")
-        self._trust.put(card.peer_id, {"name": name, "card": card.to_text(), "endpoint": endpoint})
-        self.audit.append("peer.trust", peer_id=card.peer_id, name=name, endpoint=endpoint)
+        row = {"name": name, "card": card.to_text(), "endpoint": endpoint}
+        if directory:
+            row["directory"] = True
+        self._trust.put(card.peer_id, row)
+        self.audit.append("peer.trust", peer_id=card.peer_id, name=name, endpoint=endpoint,
+                          **({"directory": True} if directory else {}))
         log.info("trusting peer %s (%s)", card.peer_id, name)
-        return {"peer_id": card.peer_id, "name": name, "card": card, "endpoint": endpoint}
+        return {"peer_id": card.peer_id, "name": name, "card": card, "endpoint": endpoint,
+                "directory": directory}
 
     def revoke(self, peer_id_or_name: str) -> bool:
         """Stop trusting a peer given by id or name; False when no trusted peer matches."""
@@ -299,7 +309,7 @@ class Home:
         return False
 
     def trusted(self) -> list[dict]:
-        """Trusted peers, each ``{"peer_id", "name", "card": PeerCard, "endpoint"}``."""
+        """Trusted peers, each ``{"peer_id", "name", "card": PeerCard, "endpoint", "directory"}``."""
         out = []
         for peer_id, row in self._trust.items():
             card = PeerCard.from_text(row["card"])  # verifies the signature again
@@ -307,5 +317,26 @@ class Home:
                 raise ConfigError(f"trust record {peer_id} holds another peer's card",
                                   code="bad_trust")
             out.append({"peer_id": peer_id, "name": row["name"], "card": card,
-                        "endpoint": row.get("endpoint")})
+                        "endpoint": row.get("endpoint"), "directory": bool(row.get("directory"))})
         return out
+
+    def directories(self) -> list[dict]:
+        """The trusted peers that are dataset directories (see :meth:`trust`)."""
+        return [entry for entry in self.trusted() if entry["directory"]]
+
+    def find_trusted(self, peer_id_or_name: str) -> dict | None:
+        """The trusted peer with this id or name, or None."""
+        for entry in self.trusted():
+            if peer_id_or_name in (entry["peer_id"], entry["name"]):
+                return entry
+        return None
+
+    def trust_into(self, peer: Any) -> list[dict]:
+        """Give a running transport peer the trusted peers it lacks (a node dials a researcher
+        approved while it runs); returns those entries. Revocations still need a restart."""
+        added = []
+        for entry in self.trusted():
+            if entry["peer_id"] not in peer.trust_table:
+                peer.trust(entry["card"], entry["endpoint"])
+                added.append(entry)
+        return added

@@ -11,16 +11,19 @@ from ..home import Home
 from ._app import UserError, emit_json, home_option, json_option, main, open_home, table
 
 DEFAULT_RESEARCHER_LISTEN = "tcp://0.0.0.0:5555"
+DEFAULT_DIRECTORY_LISTEN = "tcp://0.0.0.0:5560"
 
 
 @main.command()
 @home_option
-@click.option("--role", type=click.Choice(["node", "researcher"]), required=True,
-              help="node: keeps data and trains on it. researcher: runs experiments.")
+@click.option("--role", type=click.Choice(["node", "researcher", "directory"]), required=True,
+              help="node: keeps data and trains on it. researcher: runs experiments. directory: "
+                   "lists the datasets nodes publish to it, relays access requests.")
 @click.option("--name", required=True, help="A name for humans, e.g. hospital-a or alice.")
 @click.option("--listen", metavar="ENDPOINT",
               help=f"Where this peer accepts connections. A researcher defaults to "
-                   f"{DEFAULT_RESEARCHER_LISTEN}; a node usually needs none.")
+                   f"{DEFAULT_RESEARCHER_LISTEN}, a directory to {DEFAULT_DIRECTORY_LISTEN}; "
+                   f"a node usually needs none.")
 @click.option("--dev", is_flag=True,
               help="Node only: run training plans without approval. For development, never "
                    "with real data.")
@@ -31,8 +34,8 @@ def init(home: Path, role: str, name: str, listen: str | None, dev: bool, as_jso
     It holds the keys (keys/, the secret readable only by you), the settings (config.toml,
     commented: read it) and an empty store.
     """
-    if listen is None and role == "researcher":
-        listen = DEFAULT_RESEARCHER_LISTEN
+    if listen is None and role != "node":
+        listen = DEFAULT_RESEARCHER_LISTEN if role == "researcher" else DEFAULT_DIRECTORY_LISTEN
     with Home.init(home, role, name, listen=listen, dev=dev) as h:
         info = {"home": str(h.path), "role": role, "name": name, "peer_id": h.identity.peer_id,
                 "card": h.identity.card.to_text(), "listen": listen, "dev": dev}
@@ -51,6 +54,11 @@ def init(home: Path, role: str, name: str, listen: str | None, dev: bool, as_jso
                    f"  3. Offer data:            meshfl dataset add{at} --name NAME "
                    f"--tags TAGS --format csv --path FILE\n"
                    f"  4. Start the node:        meshfl node start{at}")
+    elif role == "directory":
+        click.echo(f"  1. Give the public key above and your address ({listen}, with this "
+                   f"machine's host name) to each node operator and researcher.\n"
+                   f"  2. Trust each of them:    meshfl peer trust{at} --name NAME --key THEIR_KEY\n"
+                   f"  3. Start the directory:   meshfl directory start{at}")
     else:
         click.echo(f"  1. Give the public key above and your address ({listen}, with this "
                    f"machine's host name) to each node operator.\n"
@@ -100,11 +108,15 @@ def peer_id(home: Path, as_json: bool) -> None:
 @click.option("--name", help="What to call the peer here (default: the name in its key).")
 @click.option("--endpoint", metavar="ENDPOINT",
               help="Where to reach the peer, e.g. tcp://host:5555. A node needs this for each "
-                   "researcher it dials (with --discovered: the announced one unless given); a "
-                   "researcher needs none for its nodes.")
+                   "researcher or directory it dials (with --discovered: the announced one unless "
+                   "given); a researcher needs none for its nodes.")
+@click.option("--directory", is_flag=True,
+              help="The peer is a dataset directory (`meshfl directory start`): a node publishes "
+                   "datasets to it and serves it nothing; a researcher searches it.")
 @json_option
 def peer_trust(home: Path, key: str | None, discovered: str | None, fingerprint: str | None, timeout: float,
-               interfaces: tuple[str, ...], name: str | None, endpoint: str | None, as_json: bool) -> None:
+               interfaces: tuple[str, ...], name: str | None, endpoint: str | None, directory: bool,
+               as_json: bool) -> None:
     """Trust another peer's key (again, to change its name or endpoint)."""
     if (key is None) == (discovered is None):
         raise UserError("give the peer's key (--key) or a discovered peer's name (--discovered NAME)")
@@ -118,7 +130,9 @@ def peer_trust(home: Path, key: str | None, discovered: str | None, fingerprint:
 
             card, announced = trusted_discovery(h, discovered, fingerprint, timeout, list(interfaces))
             endpoint = endpoint or announced
-        entry = h.trust(card, endpoint=endpoint, name=name)
+        if directory and not endpoint:
+            raise UserError("a directory is dialed: give its --endpoint")
+        entry = h.trust(card, endpoint=endpoint, name=name, directory=directory)
     info = _public(entry)
     if as_json:
         emit_json(info)
@@ -139,8 +153,8 @@ def peer_list(home: Path, as_json: bool) -> None:
     elif not entries:
         click.echo("no trusted peers (add one with `meshfl peer trust`)")
     else:
-        table([[e["peer_id"], e["name"], e["endpoint"]] for e in entries],
-              ["PEER ID", "NAME", "ENDPOINT"])
+        table([[e["peer_id"], e["name"] + (" (directory)" if e["directory"] else ""), e["endpoint"]]
+               for e in entries], ["PEER ID", "NAME", "ENDPOINT"])
 
 
 @peer.command("revoke")

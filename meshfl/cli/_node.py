@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from ..directory._access import AccessRequests
+from ..directory._publications import Publications
 from ..node._datasets import FORMATS, DatasetRegistry, normalize_tags
 from ..node._plans import STATUSES, PlanRegistry
 from ..node._presence import running_node
@@ -76,8 +78,10 @@ def node_status(home: Path, as_json: bool) -> None:
         info = {
             "home": str(h.path), "name": h.config.name, "peer_id": h.identity.peer_id,
             "dev": h.config.dev, "running": running_node(h.path),
-            "trusted": [{"peer_id": e["peer_id"], "name": e["name"], "endpoint": e["endpoint"]}
-                        for e in h.trusted()],
+            "trusted": [{"peer_id": e["peer_id"], "name": e["name"], "endpoint": e["endpoint"],
+                         "directory": e["directory"]} for e in h.trusted()],
+            "published": Publications(h).list(),
+            "access_pending": len(AccessRequests(h.store, h.audit).list("pending")),
             "datasets": len(DatasetRegistry(h.store).list()),
             "plans": {s: sum(p["status"] == s for p in plans) for s in STATUSES},
             "tasks": tasks.counts(),
@@ -97,9 +101,15 @@ def node_status(home: Path, as_json: bool) -> None:
     click.echo("node process:  " + ("not running" if running is None else f"running{pid}"))
     if (running or {}).get("dev", info["dev"]):
         click.echo("development mode: training plans run WITHOUT approval")
-    click.echo("trusted peers: " + (", ".join(f"{e['name']} ({e['endpoint'] or 'no endpoint'})"
+    click.echo("trusted peers: " + (", ".join(f"{e['name']} ({e['endpoint'] or 'no endpoint'}"
+                                              f"{', directory' if e['directory'] else ''})"
                                               for e in info["trusted"]) or "none"))
     click.echo(f"datasets:      {info['datasets']}")
+    if info["published"]:
+        click.echo("published:     " + ", ".join(f"{p['dataset']} to {', '.join(p['directories'])}"
+                                                 for p in info["published"]))
+    if info["access_pending"]:
+        click.echo(f"access:        {info['access_pending']} request(s) await you (meshfl access list)")
     click.echo("plans:         " + ", ".join(f"{n} {s}" for s, n in info["plans"].items()))
     click.echo("tasks:         " + ", ".join(f"{n} {s}" for s, n in info["tasks"].items()))
     click.echo(f"outbox:        {info['outbox']} unacknowledged, {info['held_for_review']} held for review")

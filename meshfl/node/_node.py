@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .. import __version__, analytics
+from ..directory import NodeDirectories
 from ..errors import MeshflError
 from ..home import Home
 from ..overlay import Overlay, OverlayRejected, bundle, unbundle
@@ -96,6 +97,7 @@ class Node:
             self.home.identity, listen=cfg.listen, handler=self._handle, on_link=self._on_link, **options
         )
         self.overlay = Overlay(self.peer, self._on_overlay_message, on_reject=self._on_overlay_reject)
+        self.directories = NodeDirectories(self.home, self.peer, self.log)  # publication, access requests
         self.secagg = NodeSessions()
         self.masked = MaskedResults()
         self._wake = threading.Event()
@@ -133,6 +135,7 @@ class Node:
         for entry in self.home.trusted():
             self.peer.trust(entry["card"], entry.get("endpoint"))
             self._trusted_names[entry["peer_id"]] = entry["name"]
+        self.directories.start()
         self.executor.start()
         self.audit.append("node.started", dev=self.dev, version=__version__, sandbox=self.executor.protections)
         if self.executor.protections is None:
@@ -150,6 +153,7 @@ class Node:
         for thread in (self._runner, self._sender):
             if thread.is_alive():
                 thread.join()
+        self.directories.stop()
         self.peer.close()
         self.executor.close()
         self._packs.clear()
@@ -179,6 +183,8 @@ class Node:
 
     # ------------------------------------------------------------------ requests
     def _handle(self, msg: Message) -> Message | None:
+        if self.directories.is_directory(msg.sender):  # a directory is served nothing else
+            return self.directories.handle(msg)
         handler = getattr(self, "_on_" + msg.type.replace(".", "_"), None)
         if handler is None:
             raise MeshflError(f"a node does not handle {msg.type!r}", code="unknown_type")
@@ -429,6 +435,7 @@ class Node:
     # ------------------------------------------------------------------ results
     def _on_link(self, peer_id: str, up: bool) -> None:
         record_link(self.home.store, peer_id, up)  # for the console and `node status`: changes only
+        self.directories.on_link(peer_id, up)
         if up:
             for item in self.outbox.pending(dest=peer_id):
                 self._send_result(item.dest, item.msg_id, item.envelope["fields"], mtype=_type(item.envelope))
@@ -691,8 +698,20 @@ class Node:
 
     # ------------------------------------------------------------------ released results
     def notify_released(self) -> None:
-        """A held result was released or denied (here or by another process): send it now."""
+        """A held result was released or denied, an access request decided, a dataset published
+        (here or by another process, which sends SIGUSR1): act on it now."""
         self._released.set()
+        self.directories.wake()
+
+    def _sync_trust(self) -> None:
+        """Take up peers trusted in the home since the node started (an approved access request):
+        the node dials a new researcher at once."""
+        added = self.home.trust_into(self.peer)
+        for entry in added:
+            self._trusted_names[entry["peer_id"]] = entry["name"]
+            self.log.info("now trusting %s (%s)", entry["name"], entry["peer_id"])
+        if any(entry["directory"] for entry in added):
+            self.directories.refresh()
 
     def _send_released(self) -> None:
         """Send results the operator released (``meshfl result release``, which nudges a node run
@@ -703,6 +722,10 @@ class Node:
             self._released.clear()
             if self._stopping.is_set():
                 return
+            try:
+                self._sync_trust()
+            except MeshflError as exc:
+                self.log.warning("cannot read the trust table: %s", exc)
             for task_id in self.outbox.take_released():
                 item = self.outbox.get(task_id)
                 if item is None:

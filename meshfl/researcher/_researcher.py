@@ -44,11 +44,13 @@ class Researcher:
         self.name = cfg.name
         self._routes: dict[str, queue.SimpleQueue] = {}
         self._routes_lock = threading.Lock()
+        self._directories: set[str] = set()
         self._started = False
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Researcher":
         self.peer.start()
+        self._directories = {e["peer_id"] for e in self.home.directories()}  # before their links come up
         for entry in self.home.trusted():
             self.peer.trust(entry["card"], entry.get("endpoint"))
         self._started = True
@@ -71,8 +73,8 @@ class Researcher:
 
     # ------------------------------------------------------------------ nodes
     def nodes(self) -> list[str]:
-        """Peer ids of the nodes online now."""
-        return self.peer.online()
+        """Peer ids of the nodes online now (directories are no nodes)."""
+        return [p for p in self.peer.online() if p not in self._directories]
 
     def node_name(self, peer_id: str) -> str:
         entry = self.peer.trust_table.get(peer_id)
@@ -80,15 +82,28 @@ class Researcher:
 
     def wait_for_nodes(self, count: int, timeout: float = 30.0) -> list[str]:
         """Block until at least ``count`` nodes are online; returns their ids."""
-        if not self.peer.wait_links(lambda online: len(online) >= count, timeout):
+        if not self.peer.wait_links(lambda online: len(online - self._directories) >= count, timeout):
             raise MeshflError(f"only {len(self.nodes())} of {count} nodes came online in {timeout:g}s", code="timeout")
         return self.nodes()
 
     def ping(self, node: str, timeout: float = 10.0) -> dict:
         return self.peer.call(node, Message("ping"), timeout).fields
 
-    def search(self, tags: list[str] | None = None, timeout: float = 10.0, nodes: list[str] | None = None) -> dict[str, list[dict]]:
-        """Datasets matching all ``tags`` on every online node (or on ``nodes``): {node id: [public records]}."""
+    def search(self, tags: list[str] | None = None, timeout: float = 10.0, nodes: list[str] | None = None,
+               directories: list[str] | None = None) -> dict[str, list[dict]]:
+        """Datasets matching all ``tags`` on every online node (or on ``nodes``): {node id: [public records]}.
+
+        With ``directories`` (trusted directories' names or ids; ``[]``: all of them), the
+        entries those directories list instead, also of nodes not trusted yet, each verified
+        against its node's key (meshfl.directory._client.search); pass one to
+        :meth:`request_access`."""
+        if directories is not None:
+            from ..directory import _client
+
+            ids = _client.directory_ids(self.home, directories or None)
+            self._directories |= set(ids)
+            self.peer.wait_online(ids, timeout)  # just started: its links may still be coming up
+            return _client.search(self.peer, ids, tags, timeout)
         ask = self.nodes() if nodes is None else nodes
         futures = {n: self.peer.request(n, Message("datasets.search", {"tags": list(tags or [])}), timeout) for n in ask}
         found = {}
@@ -98,6 +113,27 @@ class Researcher:
             except MeshflError as exc:
                 log.warning("[%s] search on %s failed: %s", self.name, self.node_name(node), exc)
         return found
+
+    def request_access(self, entry: dict, endpoint: str | None = None, message: str = "",
+                       timeout: float = 10.0) -> dict:
+        """Ask the node of a directory ``entry`` (from :meth:`search`) for access to its dataset,
+        through that directory. The node's key is pinned here now, so once its operator approves
+        it dials ``endpoint`` (default: where this researcher listens) and is let in. Returns
+        ``{id, status}``."""
+        from ..directory import _client
+
+        endpoint = endpoint or self.peer.endpoint
+        if "0.0.0.0" in endpoint or "[::]" in endpoint or "*" in endpoint:
+            raise ConfigError(f"{endpoint} is where this researcher listens, not where a node can dial it: "
+                              f"give endpoint=tcp://HOST:PORT", code="bad_endpoint")
+        return _client.request_access(self.home, self.peer, entry, endpoint, message, timeout)
+
+    def access_requests(self, directories: list[str] | None = None, timeout: float = 10.0) -> list[dict]:
+        """This researcher's access requests in ``directories`` (default: all trusted ones) and
+        what became of them."""
+        from ..directory import _client
+
+        return _client.requests(self.peer, _client.directory_ids(self.home, directories), timeout)
 
     def plan_status(self, node: str, plan, timeout: float = 10.0) -> dict:
         """Ask a node whether it approved ``plan`` (a training plan class or its source)."""
