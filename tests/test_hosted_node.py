@@ -17,6 +17,7 @@ from meshfl.node._datasets import DatasetRegistry
 from meshfl.node._joins import Joins
 from meshfl.node._plans import plan_hash
 from meshfl.plans import plan_source
+from meshfl.store import Outbox
 
 PLAN_HASH = plan_hash(plan_source(AddOnePlan))
 
@@ -70,3 +71,52 @@ def test_a_joined_node_trains_and_the_hosts_version_advances(host, node_home):
         [accepted] = [a for a in _audit(node, "task.accepted") if a.get("kind") == "hosted"][:1]
         assert accepted["model"] == "m" and accepted["plan"] == PLAN_HASH and accepted["dataset"] == "blobs"
         assert _audit(node, "result.released")
+
+
+def test_an_unapproved_plan_waits_pending_and_nothing_trains_until_approved(host, node_home):
+    with Node(node_home) as node:
+        wait_for(lambda: node.plans.status(PLAN_HASH) == "pending")
+        wait_for(lambda: any(r["reason"] == "plan_not_approved" for r in _audit(node, "task.refused")))
+        [joined] = node.hosted.joins.list()
+        assert joined["blocked"]["code"] == "plan_not_approved" and joined["blocked"]["plan_hash"] == PLAN_HASH
+        assert not host.wait_version("m", 1, timeout=1.0)  # no diff: nothing trained
+        assert not [a for a in _audit(node, "task.accepted") if a.get("kind") == "hosted"]
+        refusals = len(_audit(node, "task.refused"))
+        node.plans.approve(PLAN_HASH)
+        assert host.wait_version("m", 1, timeout=20)
+        assert len([r for r in _audit(node, "task.refused") if r.get("kind") == "hosted"]) == refusals  # asked once
+        assert node.hosted.joins.list()[0]["blocked"] is None
+
+
+def test_a_dataset_policy_without_the_hosted_kind_refuses_it_with_the_gates_code(host, node_home):
+    with Node(node_home) as node:
+        _approve(node)
+        node.gate.policies.set("blobs", kinds=["training"])
+        wait_for(lambda: any(r["reason"] == "policy_denied" for r in _audit(node, "task.refused")))
+        [refused] = [r for r in _audit(node, "task.refused") if r["reason"] == "policy_denied"][:1]
+        assert refused["kind"] == "hosted" and refused["dataset"] == "blobs" and refused["model"] == "m"
+        assert node.hosted.joins.list()[0]["blocked"]["code"] == "policy_denied"
+        assert not host.wait_version("m", 1, timeout=1.0)
+        node.gate.policies.set("blobs", kinds=["training", "hosted"])  # the operator lets it in: it trains
+        assert host.wait_version("m", 1, timeout=20)
+
+
+def test_a_diff_unacknowledged_at_a_restart_is_sent_again_and_counted_once(host, node_home, monkeypatch):
+    node = Node(node_home)
+    lost = []
+    monkeypatch.setattr(node.hosted, "_acknowledge", lambda task_id, *a: lost.append(task_id))  # the ack is lost
+    node.start()
+    try:
+        _approve(node)
+        assert host.wait_version("m", 1, timeout=20)
+        wait_for(lambda: lost)
+    finally:
+        node.stop()
+    with Home.open(node_home) as h:
+        assert [i.msg_id for i in Outbox(h.store).pending()] == lost
+    with Node(node_home) as node:
+        wait_for(lambda: any(r["task"] == lost[0] for r in _audit(node, "result.acknowledged")))
+        [ack] = [r for r in _audit(node, "result.acknowledged") if r["task"] == lost[0]]
+        assert ack["duplicate"] is True
+        [record] = [r for r in host.versions("m") if r["version"] == 1]
+        assert record["diffs"] == 1 and record["clients"] == 1

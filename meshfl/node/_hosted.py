@@ -260,10 +260,14 @@ class HostedJoiner:
     def _refused(self, join: dict, key: str, task_id: str, exc: MeshflError, join_plan: str = "") -> None:
         node = self.node
         plan = plan_hash(join_plan) if isinstance(exc, PlanError) and join_plan else None
-        node.audit.append("task.refused", task=task_id, researcher=join["host"], reason=exc.code, kind="hosted",
-                          model=join["model"], dataset=exc.details.get("dataset", join["dataset"]))
-        self.joins.update(key, blocked={"code": exc.code, "message": exc.message, "plan_hash": plan,
-                                        "at": time.time()})
+        blocked = {"code": exc.code, "message": exc.message, "plan_hash": plan, "at": time.time()}
+
+        def commit(tx) -> None:  # the refusal and the blocked join: one commit
+            node.audit.append("task.refused", task=task_id, researcher=join["host"], reason=exc.code, kind="hosted",
+                              model=join["model"], dataset=exc.details.get("dataset", join["dataset"]))
+            self.joins.update(key, blocked=blocked)
+
+        node.home.store.atomic(commit)
         if exc.code == "plan_not_approved" and plan:
             node._warn_pending(plan, join["host"])
         else:
