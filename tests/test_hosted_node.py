@@ -120,3 +120,32 @@ def test_a_diff_unacknowledged_at_a_restart_is_sent_again_and_counted_once(host,
         assert ack["duplicate"] is True
         [record] = [r for r in host.versions("m") if r["version"] == 1]
         assert record["diffs"] == 1 and record["clients"] == 1
+
+
+def test_node_join_leave_and_status_from_the_cli(tmp_path, host):
+    from click.testing import CliRunner
+
+    from meshfl.cli import main
+
+    def run(*args, ok=True):
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert (result.exit_code == 0) == ok, (result.output, result.exception)
+        return result.output
+
+    home = tmp_path / "n2"
+    with Home.init(home, "node", "n2") as h:
+        h.trust(host.card, host.endpoint)
+        DatasetRegistry(h.store, h.audit).add("blobs", ["blobs"], "csv", write_blobs_csv(tmp_path / "c.csv"),
+                                              target="target")
+    assert "no trusted peer" in run("node", "join", "--home", home, "--host", "nobody", "--model", "m",
+                                    "--dataset", "blobs", ok=False)
+    assert "no dataset named 'nope'" in run("node", "join", "--home", home, "--host", "host", "--model", "m",
+                                            "--dataset", "nope", ok=False)
+    run("node", "join", "--home", home, "--host", "host", "--model", "m", "--dataset", "blobs")
+    assert "hosted model:  m of host on dataset blobs, nothing pulled yet" in run("node", "status", "--home", home)
+    run("node", "leave", "--home", home, "--host", "host", "--model", "m")
+    assert "hosted model" not in run("node", "status", "--home", home)
+    run("node", "leave", "--home", home, "--host", "host", "--model", "m", ok=False)
+    with Home.open(home) as h:
+        events = [r.event for r in h.audit.records()]
+    assert "hosted.joined" in events and "hosted.left" in events
