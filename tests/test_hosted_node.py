@@ -15,8 +15,9 @@ from meshfl.hosted import Host
 from meshfl.node import Node
 from meshfl.node._datasets import DatasetRegistry
 from meshfl.node._joins import Joins
-from meshfl.node._plans import plan_hash
+from meshfl.node._plans import PlanRegistry, plan_hash
 from meshfl.plans import plan_source
+from meshfl.privacy import PolicyTable
 from meshfl.store import Outbox
 
 PLAN_HASH = plan_hash(plan_source(AddOnePlan))
@@ -50,8 +51,16 @@ def node_home(tmp_path, host):
 
 
 def _approve(node):
-    node.plans.submit(plan_source(AddOnePlan), "AddOnePlan")
-    node.plans.approve(PLAN_HASH)
+    plans = getattr(node, "plans", node)
+    plans.submit(plan_source(AddOnePlan), "AddOnePlan")
+    plans.approve(PLAN_HASH)
+
+
+def _before_start(node_home, **policy):
+    """Approve the plan and set the dataset's policy before the node runs (nothing races them)."""
+    with Home.open(node_home) as h:
+        _approve(PlanRegistry(h.store, h.audit))
+        PolicyTable(h.store, h.audit).set("blobs", **policy)
 
 
 def _audit(node, kind):
@@ -89,9 +98,8 @@ def test_an_unapproved_plan_waits_pending_and_nothing_trains_until_approved(host
 
 
 def test_a_dataset_policy_without_the_hosted_kind_refuses_it_with_the_gates_code(host, node_home):
+    _before_start(node_home, kinds=["training"])
     with Node(node_home) as node:
-        _approve(node)
-        node.gate.policies.set("blobs", kinds=["training"])
         wait_for(lambda: any(r["reason"] == "policy_denied" for r in _audit(node, "task.refused")))
         [refused] = [r for r in _audit(node, "task.refused") if r["reason"] == "policy_denied"][:1]
         assert refused["kind"] == "hosted" and refused["dataset"] == "blobs" and refused["model"] == "m"
@@ -149,3 +157,15 @@ def test_node_join_leave_and_status_from_the_cli(tmp_path, host):
     with Home.open(home) as h:
         events = [r.event for r in h.audit.records()]
     assert "hosted.joined" in events and "hosted.left" in events
+
+
+def test_a_diff_held_for_review_is_pushed_once_the_operator_releases_it(host, node_home):
+    _before_start(node_home, review=True)
+    with Node(node_home) as node:
+        wait_for(lambda: node.outbox.held(buffers=False))
+        assert not host.wait_version("m", 1, timeout=1.0)
+        [held] = node.outbox.held(buffers=False)
+        node.release.decide(held.msg_id, True)
+        node.notify_released()
+        assert host.wait_version("m", 1, timeout=20)
+        wait_for(lambda: any(r["task"] == held.msg_id for r in _audit(node, "result.acknowledged")))

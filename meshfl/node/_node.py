@@ -153,8 +153,8 @@ class Node:
         for thread in (self._runner, self._sender):
             if thread.is_alive():
                 thread.join()
+        self.peer.close()  # fails a call to a host in flight: the joiner's thread ends at once
         self.hosted.stop()
-        self.peer.close()
         self.executor.close()
         self._packs.clear()
         self.audit.append("node.stopped")
