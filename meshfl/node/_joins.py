@@ -90,4 +90,5 @@ def find_host(trusted: list[dict], host: str) -> dict:
                 raise ConfigError(f"trusted peer {entry['name']} has no endpoint: trust its card again with "
                                   f"--endpoint, so this node can dial it", code="no_endpoint")
             return entry
-    raise ConfigError(f"no trusted peer named {host!r} (meshfl peer trust --key CARD --endpoint ...)", code="not_trusted")
+    raise ConfigError(f"no trusted peer named {host!r} (meshfl peer trust --key CARD --endpoint ...)",
+                      code="not_trusted")
