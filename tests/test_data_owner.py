@@ -71,7 +71,7 @@ def test_search_shows_the_rules_to_meet_and_the_budget_left(mesh, policy):
     policy(require_secagg=True, epsilon=3.0, delta=1e-6, review=True)
     found = mesh.researcher.search(["blobs"])
     for (record,) in found.values():
-        assert record["policy"] == {"kinds": ["training", "analytics", "preprocessing"], "min_participants": 1,
+        assert record["policy"] == {"kinds": ["training", "analytics", "preprocessing", "hosted"], "min_participants": 1,
                                     "require_secagg": True, "require_dp": True, "min_noise": 0.0, "review": True,
                                     "min_cell": 10, "exact_extremes": False}
         assert record["privacy"] == {"epsilon": 3.0, "delta": 1e-6, "spent": 0.0, "left": 3.0}

@@ -90,6 +90,7 @@ def node_status(home: Path, as_json: bool) -> None:
             "audit": len(h.audit),
             "policies": policies(h),
             "sandbox": probe() if h.config.sandbox else None,
+            "hosted": _joined(h),
         }
         settings = h.config.sandbox_settings()
     if as_json:
@@ -114,6 +115,10 @@ def node_status(home: Path, as_json: bool) -> None:
     click.echo("tasks:         " + ", ".join(f"{n} {s}" for s, n in info["tasks"].items()))
     click.echo(f"outbox:        {info['outbox']} unacknowledged, {info['held_for_review']} held for review")
     click.echo(f"audit records: {info['audit']}")
+    for j in info["hosted"]:
+        cached = f"version {j['version']}" if j["version"] is not None else "nothing pulled yet"
+        blocked = f"; BLOCKED: {j['blocked']['code']} ({j['blocked']['message']})" if j["blocked"] else ""
+        click.echo(f"hosted model:  {j['model']} of {j['host_name']} on dataset {j['dataset']}, {cached}{blocked}")
     click.echo("plan sandbox:")
     for row in protections(settings, info["sandbox"]):
         click.echo(f"  {row['name'] + ':':<16}{'on ' if row['on'] else 'OFF'}  {row['note']}")
@@ -121,6 +126,48 @@ def node_status(home: Path, as_json: bool) -> None:
         click.echo(f"policy of {name}:")
         for line in rules["lines"]:
             click.echo(f"  {line}")
+
+
+@node.command("join")
+@home_option
+@click.option("--host", "host", required=True, metavar="PEER",
+              help="The host: a trusted peer's name or id, with an endpoint (the node dials it).")
+@click.option("--model", required=True, help="The hosted model's name on that host.")
+@click.option("--dataset", "dataset_name", required=True, metavar="NAME", help="The dataset to train it on.")
+@click.option("--by", default="operator", show_default=True, help="Who decides, for the audit log.")
+@json_option
+def node_join(home: Path, host: str, model: str, dataset_name: str, by: str, as_json: bool) -> None:
+    """Serve a hosted model: whenever idle, the node asks the host for a slot, trains the model on
+    DATASET (its plan approved here, the dataset's policy allowing kind "hosted") and pushes the diff.
+    A running node picks the join up within a second; joining again changes the dataset."""
+    from ..node._joins import Joins, find_host
+
+    with open_home(home, role="node") as h:
+        entry = find_host(h.trusted(), host)
+        DatasetRegistry(h.store).get(dataset_name)
+        record = Joins(h.store, h.audit).join(entry["peer_id"], entry["name"], model, dataset_name, by=by)
+    if as_json:
+        emit_json(record)
+        return
+    click.echo(f"joined model {model} of {entry['name']} with dataset {dataset_name}")
+
+
+@node.command("leave")
+@home_option
+@click.option("--host", "host", required=True, metavar="PEER", help="The host's name or id.")
+@click.option("--model", required=True, help="The hosted model's name.")
+@click.option("--by", default="operator", show_default=True, help="Who decides, for the audit log.")
+def node_leave(home: Path, host: str, model: str, by: str) -> None:
+    """Stop serving a hosted model (a diff already in the outbox is still sent)."""
+    from ..node._joins import Joins
+
+    with open_home(home, role="node") as h:
+        joins = Joins(h.store, h.audit)
+        peer = next((j["host"] for j in joins.list() if host in (j["host"], j["host_name"]) and j["model"] == model),
+                    None)
+        if peer is None or not joins.leave(peer, model, by=by):
+            raise UserError(f"this node has not joined model {model} of {host}")
+    click.echo(f"left model {model} of {host}")
 
 
 @main.group()
@@ -278,6 +325,20 @@ def dataset_policy(home: Path, name: str, researchers, any_researcher, kinds, mi
     click.echo(f"policy of {name}:")
     for line in info["lines"]:
         click.echo(f"  {line}")
+
+
+def _joined(h) -> list[dict]:
+    """The hosted models this node joined, with what it last pulled and why it waits, if it does."""
+    from ..node._joins import Joins, join_key
+
+    joins = Joins(h.store, h.audit)
+    out = []
+    for j in joins.list():
+        cache = joins.cache(join_key(j["host"], j["model"])) or {}
+        out.append({"host": j["host"], "host_name": j["host_name"], "model": j["model"], "dataset": j["dataset"],
+                    "joined": j["joined"], "version": cache.get("version"), "plan_hash": cache.get("plan_hash"),
+                    "blocked": j.get("blocked")})
+    return out
 
 
 def _shape(record: dict) -> str:

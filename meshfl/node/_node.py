@@ -42,6 +42,7 @@ from ..transport import Peer
 from ..wire import DTYPE_NAMES, Message
 from ._datasets import DatasetRegistry
 from ._executor import Executor, TaskFailed
+from ._hosted import HostedJoiner
 from ._masked import MaskedResults
 from ._plans import APPROVED, PlanError, PlanRegistry, plan_hash, review_commands
 from ._presence import NodeLock, links_down, record_link
@@ -109,6 +110,7 @@ class Node:
         self._running_task: dict | None = None
         self._packs: dict[str, dict] = {}  # task id -> mapped result pack, while it is being pulled
         self._lock: NodeLock | None = None
+        self.hosted = HostedJoiner(self)  # the hosted models the operator joined (meshfl node join)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Node":
@@ -142,6 +144,7 @@ class Node:
             self.log.warning("plans run without a sandbox (config.toml: sandbox = false)")
         self._runner.start()
         self._sender.start()
+        self.hosted.start()
         self.log.info("node %s (%s) up; %d unacknowledged results", self.name, self.peer.peer_id, len(self.outbox))
         return self
 
@@ -154,7 +157,8 @@ class Node:
             if thread.is_alive():
                 thread.join()
         self.directories.stop()
-        self.peer.close()
+        self.peer.close()  # fails a call to a host in flight: the joiner's thread ends at once
+        self.hosted.stop()
         self.executor.close()
         self._packs.clear()
         self.audit.append("node.stopped")
@@ -451,7 +455,10 @@ class Node:
         """``train.done`` (or ``mtype``): the result inline if small (``tensors``, else
         :meth:`_result`), otherwise announced for pulling. A result that is gone - a masked vector after a restart
         (it lives in memory), a pack after an OS crash (packs are not fsynced) - is reported lost,
-        never dropped silently."""
+        never dropped silently. A hosted model's diff (``hosted.diff``) is pushed by :mod:`._hosted`."""
+        if mtype == "hosted.diff":
+            self.hosted.wake()
+            return
         if fields.get("ok") and tensors is None:
             try:
                 tensors = self._result(task_id)
@@ -486,8 +493,9 @@ class Node:
                 self.log.exception("task %s: the runner failed after the task ran", task.id)
 
     def _run_one(self, task) -> None:
+        """A training task: a researcher's, or a hosted model's (``kind`` hosted: its diff goes to the host)."""
         p = task.payload
-        fields: dict = {"task_id": task.id, "experiment": p["experiment"], "round": p["round"]}
+        mtype, fields = _result_head(task)
         self._running_task = {"experiment": p["experiment"], "researcher": p["researcher"], "cancelled": False,
                               "session": (p.get("secagg") or {}).get("session")}
         client_dp = (p.get("dp") or {}).get("mode") == "client"
@@ -504,7 +512,8 @@ class Node:
                 "dataset": dataset,
                 "pack": str(self.blobs.path(task.id)),
                 "allow_cuda": self.home.config.allow_cuda,
-                "delta": bool(p.get("secagg")) or client_dp,  # the node itself masks or noises the change
+                # the node itself masks or noises the change; a host takes the diff
+                "delta": bool(p.get("secagg")) or client_dp or p.get("kind") == "hosted",
                 "update_norm": self.gate.policy(p["dataset"]).review,  # for the operator's review
                 "dp": p.get("dp"),
                 "mechanism": (p.get("privacy") or {}).get("mechanism"),
@@ -533,7 +542,7 @@ class Node:
         if cancelled:
             result = {"ok": False, "error": TaskFailed("the researcher cancelled the experiment", code="cancelled").to_wire()}
         fields["ok"] = bool(result.get("ok"))
-        envelope: dict = {}
+        envelope: dict = {} if mtype == "train.done" else {"type": mtype}
         if fields["ok"] and p.get("secagg"):  # sample count and metrics ride inside the masked vector
             fields.update(metric_names=result["metric_names"], duration=result["duration"], device=result["device"])
         elif fields["ok"]:
@@ -567,7 +576,7 @@ class Node:
             self._discard_result(task.id)
         elif held:
             return
-        self._send_result(p["researcher"], task.id, fields, tensors if fields["ok"] else None)
+        self._send_result(p["researcher"], task.id, fields, tensors if fields["ok"] else None, mtype=mtype)
 
     def _run_analytics(self, task) -> None:
         """Answer a statistics query: the worker computes it over the dataset, this process
@@ -679,7 +688,7 @@ class Node:
     def _recheck(self, task, dataset: dict) -> None:
         """The gate again, just before the task runs (without a new reservation)."""
         p = task.payload
-        self.gate.check(Request("training", p["researcher"], dataset,
+        self.gate.check(Request(p.get("kind", "training"), p["researcher"], dataset,
                                 researcher_name=self._trusted_names.get(p["researcher"], ""),
                                 plan_source=p["plan_source"], plan_name=p["plan_class"],
                                 secagg=bool(p.get("secagg")),
@@ -857,6 +866,8 @@ def _result_head(task) -> tuple[str, dict]:
     p = task.payload
     if p.get("kind") == "analytics":
         return "analytics.done", {"task_id": task.id, "analysis": p["analysis"]}
+    if p.get("kind") == "hosted":
+        return "hosted.diff", {"task_id": task.id, "model": p["model"], "ticket": p["ticket"], "version": p["version"]}
     return "train.done", {"task_id": task.id, "experiment": p["experiment"], "round": p["round"]}
 
 

@@ -18,8 +18,9 @@ from ..errors import MeshflError
 from ..store import AuditLog, Store
 
 TABLE = "policies"
-#: The request kinds a node serves; a policy allows a subset of them.
-KINDS = ("training", "analytics", "preprocessing")
+#: The request kinds a node serves; a policy allows a subset of them. ``hosted``: training for a
+#: hosted model the operator joined (``meshfl node join``), whose diff goes to the host.
+KINDS = ("training", "analytics", "preprocessing", "hosted")
 
 
 class PolicyError(MeshflError):
