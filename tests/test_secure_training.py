@@ -276,7 +276,7 @@ def test_a_node_restarted_before_its_masked_update_arrives_reports_it_lost_and_t
         victim = mesh.nodes[0]
         held: dict = {}
 
-        def hold(dest, task_id, fields, tensors=None):  # committed to the outbox, never sent
+        def hold(dest, task_id, fields, tensors=None, mtype="train.done"):  # committed to the outbox, never sent
             held.update(task=task_id, on_disk=victim.blobs.exists(task_id),
                         in_outbox=victim.outbox.get(task_id) is not None, vector=victim.masked.tensors(task_id))
             held["event"].set()
