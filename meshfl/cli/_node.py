@@ -139,13 +139,15 @@ def node_status(home: Path, as_json: bool) -> None:
 def node_join(home: Path, host: str, model: str, dataset_name: str, by: str, as_json: bool) -> None:
     """Serve a hosted model: whenever idle, the node asks the host for a slot, trains the model on
     DATASET (its plan approved here, the dataset's policy allowing kind "hosted") and pushes the diff.
-    A running node picks the join up within a second; joining again changes the dataset."""
+    A running node picks the join up at once; joining again changes the dataset."""
     from ..node._joins import Joins, find_host
+    from ..node._release import nudge_node
 
     with open_home(home, role="node") as h:
         entry = find_host(h.trusted(), host)
         DatasetRegistry(h.store).get(dataset_name)
         record = Joins(h.store, h.audit).join(entry["peer_id"], entry["name"], model, dataset_name, by=by)
+    nudge_node(home)  # a running node acts on it now (else within seconds)
     if as_json:
         emit_json(record)
         return

@@ -29,6 +29,7 @@ from ._joins import Joins, cache_blob, join_key
 from ._plans import APPROVED, PlanError, plan_hash
 
 POLL_S = 0.5  # how often joins and the outbox are looked at when nothing wakes the thread
+IDLE_S = 5.0  # the same with no join and no diff to push (a join from the CLI nudges the node)
 RETRY_S = 5.0  # after a host did not answer
 ERROR_RETRY_S = 30.0  # after a host refused a request with an error
 CALL_TIMEOUT_S = 60.0  # a model-sized pull or push may wait its turn at the host (its transfer slots)
@@ -57,16 +58,20 @@ class HostedJoiner:
     def _main(self) -> None:
         stopping = self.node._stopping
         while not stopping.is_set():
+            wait = POLL_S
             try:
                 self._push_pending()
+                joins = self.joins.list()
+                if not joins and not self._items():
+                    wait = IDLE_S  # nothing to serve: woken by a join, a release or a nudge
                 if self._idle():
-                    for join in self.joins.list():
+                    for join in joins:
                         if stopping.is_set() or not self._idle():
                             break
                         self._turn(join)
             except Exception:  # a bug of ours: keep the node serving
                 self.node.log.exception("serving hosted models failed")
-            self._wake.wait(POLL_S)
+            self._wake.wait(wait)
             self._wake.clear()
 
     # ------------------------------------------------------------------ pushing diffs

@@ -707,10 +707,11 @@ class Node:
 
     # ------------------------------------------------------------------ released results
     def notify_released(self) -> None:
-        """A held result was released or denied, an access request decided, a dataset published
-        (here or by another process, which sends SIGUSR1): act on it now."""
+        """A held result was released or denied, an access request decided, a dataset published, a
+        hosted model joined (here or by another process, which sends SIGUSR1): act on it now."""
         self._released.set()
         self.directories.wake()
+        self.hosted.wake()
 
     def _sync_trust(self) -> None:
         """Take up peers trusted in the home since the node started (an approved access request):
