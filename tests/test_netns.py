@@ -121,7 +121,7 @@ def test_a_link_cut_mid_round_drops_the_node_and_its_result_still_arrives(networ
     with open(gate, "rb") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # every node's training waits here
         researcher = _researcher(network, mesh.researcher, mesh.r_home, plan="GatedPlan", rounds=2, nodes=2,
-                                 min_nodes=1, pause_after=1, training_args={"gate": str(gate)})
+                                 min_nodes=1, pause_after=1, training_args={"gate": str(gate)}, hold=True)
         _wait_for(lambda: _task_states(cut_home) == ["running"], 60, "node1 to be training")
         network.cut(mesh.hosts[1])  # mid-round: node1 has its task, the researcher waits for it
         fcntl.flock(held, fcntl.LOCK_UN)
@@ -136,7 +136,7 @@ def test_a_link_cut_mid_round_drops_the_node_and_its_result_still_arrives(networ
     _wait_for(lambda: _outbox(cut_home) == 0, 45, "node1's result of round 1 to be delivered")
     researcher.stdin.write("\n")
     researcher.stdin.flush()
-    second, result = _lines(researcher)
+    second, result = (json.loads(researcher.stdout.readline() or "{}") for _ in range(2))
     assert second["round"] == 2 and sorted(second["nodes"]) == ["node0", "node1"]
     # Nothing lost or counted twice: each round is exactly the sample-weighted mean of its own nodes.
     step = sum(s * s for s in _samples(first)) / sum(_samples(first)) / 100
@@ -144,6 +144,7 @@ def test_a_link_cut_mid_round_drops_the_node_and_its_result_still_arrives(networ
     for name, initial in result["initial"].items():
         assert torch.allclose(torch.tensor(result["final"][name]), torch.tensor(initial) + step, atol=1e-5), name
     _wait_for(lambda: _outbox(cut_home) == 0, 30, "node1's result of round 2 to be acknowledged")
+    assert _lines(researcher) == []  # told to go (its stdin closes), it exits cleanly
     network.stop(mesh.nodes[1])  # node1, cleanly, so its store can be read
     with Home.open(cut_home) as home:
         events = [(r.event, r.fields.get("task")) for r in home.audit.records()]

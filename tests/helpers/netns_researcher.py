@@ -37,3 +37,5 @@ with Researcher(home) as researcher:
     initial = state(exp)
     exp.run()
     print(json.dumps({"initial": initial, "final": state(exp)}), flush=True)
+    if config.get("hold"):  # stay connected until told (the test checks what reaches the nodes)
+        sys.stdin.readline()
