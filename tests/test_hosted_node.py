@@ -169,3 +169,24 @@ def test_a_diff_held_for_review_is_pushed_once_the_operator_releases_it(host, no
         node.notify_released()
         assert host.wait_version("m", 1, timeout=20)
         wait_for(lambda: any(r["task"] == held.msg_id for r in _audit(node, "result.acknowledged")))
+
+
+def test_a_node_joined_to_a_fedbuff_model_comes_back_for_each_new_version(host, node_home):
+    """Asynchronous mode: every diff makes a version (buffer 1); the node, idle again after each
+    ack, asks again, pulls the newer version and trains on it, so its diffs are never stale."""
+    host.add_model("a", AddOnePlan, server={"mode": "async", "buffer": 1, "max_staleness": 2})
+    v0 = host.model("a")
+    with Home.open(node_home) as h:
+        joins = Joins(h.store, h.audit)
+        joins.leave(host.card.peer_id, "m")
+        joins.join(host.card.peer_id, "host", "a", "blobs")
+    _before_start(node_home)
+    with Node(node_home) as node:
+        assert host.wait_version("a", 3, timeout=30)
+        for version in (1, 2, 3):
+            [record] = [r for r in host.versions("a") if r["version"] == version]
+            assert record["diffs"] == 1 and record["staleness"] == {"0": 1}
+        for k, t in host.model("a", 3).items():  # three AddOne diffs, each on the newest version
+            torch.testing.assert_close(t, v0[k] + 3)
+        assert not host.wait_version("m", 1, timeout=0.5)  # the model it left gets nothing
+        assert all(a["model"] == "a" for a in _audit(node, "task.accepted") if a.get("kind") == "hosted")
