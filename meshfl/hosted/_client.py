@@ -6,8 +6,8 @@ so a thousand clients fit in a few processes (they may share one ``zmq.Context``
 :class:`~meshfl.transport.Peer`: a Peer's I/O and dispatcher threads per endpoint are what a
 thousand clients on one machine cannot afford.
 
-Training runs in-process with the node's own loop (:func:`meshfl.node._worker.default_train`, or the
-plan's ``train``). Plan code runs in this process unsandboxed, so a client runs only a plan it
+Training runs in-process through the node's own :func:`meshfl.node._worker.local_training` (the
+plan's ``train``, else the default loop), on the device a node would pick. Plan code runs in this process unsandboxed, so a client runs only a plan it
 approved: a local class whose source hashes to the host's plan (``plans=[MyPlan]``), or a hash in
 ``plans``; ``trust_host_plans=True`` runs whatever the host sends (simulations only).
 """
@@ -188,13 +188,13 @@ class Client:
 
     def train(self, entry: dict, training_args: dict, model: str) -> tuple[dict, int, dict]:
         """Train the cached version on the local data: (trained - received, samples, metrics)."""
-        from ..node._worker import default_train
+        from ..node._worker import local_training, pick_device
 
         if self._data is None:
             raise HostedError("this client has no data to train on (data=(x, y))", code="bad_request")
         plan = entry["plan"]()
         args = {**DEFAULT_TRAINING_ARGS, **training_args}
-        device = torch.device("cuda" if args.get("device") == "cuda" and torch.cuda.is_available() else "cpu")
+        device = pick_device(args, plan.uses_cuda)  # as on a node: "auto" is CUDA where there is one
         key = entry["plan_hash"]
         if key not in self._prepared:
             x, y = plan.preprocess(*self._data)
@@ -205,8 +205,7 @@ class Client:
         start = entry["tensors"]
         net.load_state_dict(start)
         started = time.monotonic()
-        metrics = plan.train(net, train, args, device) if hasattr(plan, "train") else \
-            default_train(plan, net, train, args, device)
+        metrics = local_training(plan, net, train, args, device)
         if self.delay:
             time.sleep(max(0.0, self.delay - (time.monotonic() - started)))  # a slow device, simulated
         if test[0].shape[0]:

@@ -43,7 +43,7 @@ _models: dict[tuple, torch.nn.Module] = {}
 _deltas: dict[str, torch.Tensor] = {}  # the cached model's delta buffers (secure rounds), by tensor name
 
 
-def _device(args: dict, allow_cuda: bool) -> torch.device:
+def pick_device(args: dict, allow_cuda: bool) -> torch.device:
     wanted = args.get("device", "auto")
     cuda = allow_cuda and torch.cuda.is_available()
     if wanted == "cuda" and not cuda:
@@ -98,6 +98,14 @@ def default_train(plan: TorchTrainingPlan, model, train, args: dict, device: tor
             if max_steps and steps >= max_steps:
                 break
     return {"train_loss": total / max(steps, 1), "steps": steps}
+
+
+def local_training(plan: TrainingPlan, model, train, args: dict, device: torch.device) -> dict:
+    """One round of local training: the plan's own ``train`` if it defines one, else the default
+    loop. A node's worker and a hosted model's light client both train through here."""
+    if hasattr(plan, "train"):
+        return plan.train(model, train, args, device) or {}
+    return default_train(plan, model, train, args, device)
 
 
 def _model(plan: TrainingPlan, job: dict, device: torch.device):
@@ -185,7 +193,7 @@ def _prepare(job: dict):
         _plans[key] = load_plan_class(job["plan_source"], job["plan_class"], f"meshfl_plan_{key[:16]}")
     plan = _plans[key]()
     args = {**DEFAULT_TRAINING_ARGS, **job["training_args"]}
-    device = _device(args, job.get("allow_cuda", True) and plan.uses_cuda)
+    device = pick_device(args, job.get("allow_cuda", True) and plan.uses_cuda)
     _seed(int(args["seed"]), device)
     record = job["dataset"]
     steps = job.get("preprocess") or []
@@ -230,10 +238,8 @@ def train_job(job: dict) -> dict:
     scaffold = _Scaffold(model, pack, kept, device) if args.get("scaffold") else None
     if dp and dp["mode"] == "sample":
         metrics = dp_sgd_train(plan, model, train, args, device, dp, job["mechanism"])
-    elif hasattr(plan, "train"):
-        metrics = plan.train(model, train, args, device) or {}
     else:
-        metrics = default_train(plan, model, train, args, device)
+        metrics = local_training(plan, model, train, args, device)
     if test[0].shape[0] and not dp:  # under DP only the noised model leaves: no data-dependent metric
         model.eval()
         metrics.update({f"test_{k}": v for k, v in plan.evaluate(model, test).items()})
