@@ -43,6 +43,7 @@ from ._state import (CLIENTS, CYCLES, DIFFS, META, MODELS, TICKETS, VERSIONS, Ho
                      generation, model_blob, state_blob, tensors_hash, version_key)
 
 log = logging.getLogger("meshfl.hosted")
+TICK_S = 0.5  # the longest the timer sleeps with no deadline due
 
 MAX_METRICS = 32
 
@@ -317,8 +318,15 @@ class Host:
                 self.peer.trust(PeerCard.from_text(row["card"]))
         self._generation = gen
 
+    def _next_tick(self) -> float:
+        """Seconds until the timer has work: the nearest cycle deadline, at most TICK_S (vanished
+        transfers, and models or clients changed beside this process)."""
+        with self._lock:
+            deadlines = [live.cycle["deadline"] for live in self._live.values() if live.config.mode == "cycle"]
+        return min([TICK_S] + [max(0.02, d - time.time()) for d in deadlines])  # a failing close: no busy loop
+
     def _timer_main(self) -> None:
-        while not self._stop.wait(0.1):
+        while not self._stop.wait(self._next_tick()):
             if self._transfers.in_flight:
                 self._end_transfer(None)  # slots of clients that vanished mid-transfer
             if self.home.store.read(generation) != self._generation:
