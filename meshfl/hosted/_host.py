@@ -35,11 +35,12 @@ from ..errors import ConfigError, HostedError, MeshflError
 from ..home import Home
 from ..plans import DEFAULT_TRAINING_ARGS, load_plan_class, plan_source
 from ..transport import Peer
-from ..wire import DEFAULT_LIMITS, DTYPE_NAMES, Message, TensorMap
+from ..wire import DEFAULT_LIMITS, DTYPE_NAMES, Message, TensorMap, error_message
 from . import _wire  # noqa: F401  (declares the hosted messages)
+from ._commits import GroupCommit
 from ._config import ServerConfig, check_model_name, staleness_weight
 from ._flow import Transfers
-from ._state import (CLIENTS, CYCLES, DIFFS, META, MODELS, TICKETS, VERSIONS, HostStore, bump, diff_blob, diff_key,
+from ._state import (CLIENTS, CYCLES, DIFFS, META, MODELS, TICKETS, VERSIONS, DiffSlots, HostStore, bump, diff_key,
                      generation, model_blob, state_blob, tensors_hash, version_key)
 
 log = logging.getLogger("meshfl.hosted")
@@ -60,8 +61,10 @@ class _Live:
         self.layout = {k: (DTYPE_NAMES[t.dtype], tuple(t.shape)) for k, t in glob.items()}
         self.nbytes = sum(t.numel() * t.element_size() for t in glob.values())
         self.scratch = {k: torch.empty_like(t) for k, t in glob.items()}
+        self.slots: DiffSlots | None = None  # set by the host: where the open cycle's diffs are kept
         self.capabilities: dict[str, dict] = {}  # what accepted clients said they can do, for the diff records
         self.open: dict[str, str] = {}  # client -> its ticket for this cycle (async: this version), not yet used
+        self.committing: dict[str, str] = {}  # client -> the id of its checked diff waiting for the group commit
         self.reset_summary()
 
     def reset_summary(self) -> None:
@@ -87,6 +90,17 @@ class _Live:
     @property
     def version(self) -> int:
         return self.record["version"]
+
+
+@dataclasses.dataclass
+class _Checked:
+    """A diff that passed every check, waiting for the group commit (:mod:`._commits`)."""
+
+    live: _Live
+    msg: Message
+    rec: dict
+    cycle: int
+    version: int
 
 
 class Host:
@@ -121,6 +135,7 @@ class Host:
         self._generation = -1
         self._enroll_listen = enroll_listen
         self._transfers = Transfers(max_transfers, transfer_timeout)
+        self._commits: GroupCommit | None = None
         self.enroll_server = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -131,6 +146,7 @@ class Host:
                 for record in self.state.models():
                     self._load(record)
                 self._clean_packs()
+            self._commits = GroupCommit(self._commit, self.name)
             self.peer.start()
             self._sync()
             if self._enroll_listen:
@@ -151,7 +167,11 @@ class Host:
             self._timer.join()
         if self.enroll_server is not None:
             self.enroll_server.close()
+        if self._commits is not None:
+            self._commits.close()  # what waits is committed and acknowledged
         self.peer.close()
+        for live in self._live.values():
+            live.slots.close()
         if self._own_home:
             self.home.close()
 
@@ -260,19 +280,10 @@ class Host:
         cycle = self.home.store.read(lambda tx: tx.get(CYCLES, name))
         live = _Live(record, cycle, glob, agg)
         agg.begin(glob, live.record["parameters"])
-        dropped = []
+        live.slots = DiffSlots(self.state.blobs.folder / f"{name}.diffs", live.layout)
         for rec in self.state.diffs(name, cycle["cycle"]):
-            blob = diff_blob(name, cycle["cycle"], rec["ticket"])
-            if not self.state.blobs.exists(blob):  # only an OS crash loses a pack (not fsynced)
-                dropped.append(rec)
-                continue
-            self._fold(live, self.state.blobs.read(blob), rec)
+            self._fold(live, live.slots.read(rec["slot"]), rec)
             live.count(rec["client"], rec)
-        if dropped:
-            log.warning("[%s] %s: %d diff(s) lost their tensors in a crash and are dropped", self.name, name,
-                        len(dropped))
-            self.home.store.atomic(lambda tx: [tx.delete(DIFFS, diff_key(name, cycle["cycle"], r["client"], r["ticket"]))
-                                               for r in dropped])
         self._live[name] = live
         if live.diffs and live.diffs >= live.config.close_at:
             self._publish(live)  # the host died between the last diff and its version
@@ -283,7 +294,6 @@ class Host:
             versions = [r["version"] for r in self.state.versions(name)]
             for v in versions[-live.config.keep_versions:]:
                 keep |= {model_blob(name, v), state_blob(name, v)}
-            keep |= {diff_blob(name, live.cycle["cycle"], r["ticket"]) for r in self.state.diffs(name, live.cycle["cycle"])}
         removed = self.state.clean_packs(keep)
         if removed:
             log.info("[%s] removed %d pack(s) left by an earlier run", self.name, removed)
@@ -335,8 +345,8 @@ class Host:
                 except Exception:
                     log.exception("[%s] reloading models and clients failed", self.name)
             with self._lock:
-                for live in list(self._live.values()):
-                    if live.config.mode == "cycle" and time.time() >= live.cycle["deadline"]:
+                for live in list(self._live.values()):  # a model with diffs in the group commit: next tick
+                    if live.config.mode == "cycle" and time.time() >= live.cycle["deadline"] and not live.committing:
                         try:
                             self._deadline(live)
                         except Exception:
@@ -382,9 +392,7 @@ class Host:
                 tx.delete(DIFFS, diff_key(name, old_cycle, rec["client"], rec["ticket"]))
             self.home.audit.append("hosted.version", model=name, version=v, hash=digest, diffs=live.diffs)
 
-        self.home.store.atomic(write)
-        for rec in diffs:
-            self.state.blobs.delete(diff_blob(name, old_cycle, rec["ticket"]))
+        self.home.store.atomic(write)  # the cycle's slots are free for the next one
         gone = v - live.config.keep_versions
         if gone >= 0:
             self.state.blobs.delete(model_blob(name, gone))
@@ -413,9 +421,13 @@ class Host:
                 return self._transfers.admit(msg, lambda m: m.reply("hosted.go", {"model": m.fields["model"]}))
         if msg.type == "hosted.diff":
             try:
-                return self._on_diff(msg)
-            finally:
+                answer = self._on_diff(msg)
+            except BaseException:
                 self._end_transfer(msg.sender)
+                raise
+            if answer is not None:  # else its transfer ends with its ack, after the group commit
+                self._end_transfer(msg.sender)
+            return answer
         if msg.type == "hosted.status":
             return msg.reply("hosted.info", {"models": self.status(msg.fields.get("model"))})
         if msg.type == "ping":
@@ -479,12 +491,18 @@ class Host:
                           model_args=live.record["model_args"])
         return msg.reply("hosted.model", fields, tensors)
 
-    def _on_diff(self, msg: Message) -> Message:
+    def _on_diff(self, msg: Message) -> Message | None:
+        """Check a diff whole; a good one goes to the group commit (its ack follows the commit)."""
         client, f = msg.sender, msg.fields
         name, diff_id = f["model"], f["diff_id"]
         with self._lock:
             live = self._get(name)
             cfg = live.config
+            waiting = live.committing.get(client)
+            if waiting is not None:
+                if waiting == diff_id:  # sent again while its commit runs: its ack follows
+                    return None
+                raise HostedError("this client already sent a diff on this ticket", code="duplicate_diff")
             done = self.home.store.read(lambda tx: tx.get(TICKETS, f"{name}/{client}"))
             if done is not None and done["ticket"] == f["ticket"]:
                 if done["diff_id"] == diff_id:  # a re-sent diff whose ack was lost
@@ -495,44 +513,107 @@ class Host:
             if version > live.version or version < 0:
                 raise HostedError(f"{name!r} has no version {version} (it is at {live.version})",
                                   code="unknown_version")
-            tau = live.version - version
-            if cfg.mode == "cycle" and tau or tau > cfg.max_staleness:
-                raise HostedError(f"the diff is for version {version}, the model is at {live.version}"
-                                  + (f" (max_staleness {cfg.max_staleness})" if cfg.mode == "async" else
-                                     ": its cycle closed"), code="stale_version")
+            self._check_fresh(live, version)
             if not hmac.compare_digest(f["ticket"], self._ticket(live, client, version)):
                 raise HostedError("no ticket of this client for this cycle matches that diff (never asked, or its "
                                   "slot was freed at the deadline): ask to train first", code="not_accepted")
             if done is not None and (done["version"] >= version if cfg.mode == "async" else
                                      done["cycle"] == live.cycle["cycle"]):
                 raise HostedError("this client already sent a diff for this version", code="duplicate_diff")
-            ticket = {"ticket": f["ticket"], "version": version}
             samples = f["samples"]
             if samples <= 0:
                 raise HostedError(f"samples must be > 0, got {samples}", code="bad_samples")
             metrics = _metrics(f.get("metrics") or {})
             self._check_diff(live, msg.tensors)
-            weight = samples * (staleness_weight(tau) if cfg.mode == "async" else 1.0)
-            cycle = live.cycle["cycle"]
-            rec = {"client": client, "ticket": ticket["ticket"], "diff_id": diff_id, "base": ticket["version"],
-                   "tau": tau, "samples": samples, "weight": weight, "metrics": metrics, "at": time.time(),
-                   "capabilities": live.capabilities.pop(client, {})}
-            self.state.blobs.write(diff_blob(name, cycle, ticket["ticket"]), msg.tensors)
-            used = {"ticket": f["ticket"], "diff_id": diff_id, "cycle": cycle, "version": version}
+            rec = {"client": client, "ticket": f["ticket"], "diff_id": diff_id, "base": version,
+                   "samples": samples, "metrics": metrics, "capabilities": live.capabilities.pop(client, {})}
+            live.committing[client] = diff_id
+        self._commits.put(_Checked(live, msg, rec, live.cycle["cycle"], version))
+        return None
 
-            def write(tx) -> None:
-                tx.put(DIFFS, diff_key(name, cycle, client, ticket["ticket"]), rec)
-                tx.put(TICKETS, f"{name}/{client}", used)
-                seen = tx.get(CLIENTS, client) or {}
-                tx.put(CLIENTS, client, {**seen, "diffs": seen.get("diffs", 0) + 1, "last": rec["at"]})
+    def _check_fresh(self, live: _Live, version: int) -> None:
+        """A diff must be for the open cycle's version (async: at most ``max_staleness`` old)."""
+        cfg, tau = live.config, live.version - version
+        if cfg.mode == "cycle" and tau or tau > cfg.max_staleness:
+            raise HostedError(f"the diff is for version {version}, the model is at {live.version}"
+                              + (f" (max_staleness {cfg.max_staleness})" if cfg.mode == "async" else
+                                 ": its cycle closed"), code="stale_version")
 
-            self.home.store.atomic(write)
-            live.open.pop(client, None)
-            self._fold(live, msg.tensors, rec)
-            live.count(client, rec)
-            if live.diffs >= cfg.close_at:
-                self._publish(live)
-        return msg.reply("hosted.ack", {"model": name, "diff_id": diff_id, "cycle": cycle, "duplicate": False})
+    def _commit(self, batch: list[_Checked]) -> list[_Checked]:
+        """The committer thread's part (:class:`GroupCommit`): one transaction for every diff that
+        still fits its cycle or buffer, then fold, publish when full, acknowledge. Only this thread
+        publishes on a diff, and the timer leaves a model alone while its diffs wait here, so the
+        cycle a diff was checked against is still open when it commits."""
+        ready, later, refused = [], [], []
+        with self._lock:
+            room: dict[str, int] = {}
+            for item in batch:
+                live, name = item.live, item.live.record["name"]
+                left = room.setdefault(name, live.config.close_at - live.diffs)
+                try:
+                    self._check_fresh(live, item.version)
+                    if left <= 0 and live.config.mode == "cycle":  # the cycle closes on the diffs before it
+                        raise HostedError(f"the diff is for version {item.version}: its cycle closed",
+                                          code="stale_version")
+                except HostedError as exc:
+                    refused.append((item, exc))
+                    continue
+                if left <= 0:  # async: the next buffer takes it
+                    later.append(item)
+                    continue
+                room[name] = left - 1
+                tau = live.version - item.version
+                weight = item.rec["samples"] * (staleness_weight(tau) if live.config.mode == "async" else 1.0)
+                item.rec.update(tau=tau, weight=weight, at=time.time(), slot=live.config.close_at - left)
+                ready.append(item)
+            for item, _ in refused:
+                item.live.committing.pop(item.msg.sender, None)
+        for item, exc in refused:
+            self._answer(item, error_message(exc.code, exc.message, item.msg.id, exc.details))
+        if not ready:
+            return later
+        try:
+            for item in ready:
+                item.live.slots.write(item.rec["slot"], item.msg.tensors)
+            for slots in {id(item.live): item.live.slots for item in ready}.values():
+                slots.sync()
+            self.home.store.atomic(lambda tx: [self._record(tx, item) for item in ready])
+        except Exception as exc:
+            log.exception("[%s] storing %d diff(s) failed", self.name, len(ready))
+            with self._lock:
+                for item in ready:
+                    item.live.committing.pop(item.msg.sender, None)
+            for item in ready:
+                self._answer(item, error_message("internal", f"the host could not store the diff: {exc}",
+                                                 item.msg.id))
+            return later
+        with self._lock:
+            for item in ready:
+                live, client = item.live, item.msg.sender
+                live.committing.pop(client, None)
+                live.open.pop(client, None)
+                self._fold(live, item.msg.tensors, item.rec)
+                live.count(client, item.rec)
+                if live.diffs >= live.config.close_at:
+                    self._publish(live)
+        for item in ready:
+            self._answer(item, item.msg.reply("hosted.ack", {"model": item.live.record["name"],
+                                                             "diff_id": item.rec["diff_id"], "cycle": item.cycle,
+                                                             "duplicate": False}))
+        return later
+
+    def _record(self, tx, item: _Checked) -> None:
+        """An accepted diff's record and its ticket's use (inside the group commit)."""
+        name, client, rec = item.live.record["name"], item.msg.sender, item.rec
+        tx.put(DIFFS, diff_key(name, item.cycle, client, rec["ticket"]), rec)
+        tx.put(TICKETS, f"{name}/{client}", {"ticket": rec["ticket"], "diff_id": rec["diff_id"], "cycle": item.cycle,
+                                             "version": item.version})
+        seen = tx.get(CLIENTS, client) or {}
+        tx.put(CLIENTS, client, {**seen, "diffs": seen.get("diffs", 0) + 1, "last": rec["at"]})
+
+    def _answer(self, item: _Checked, reply: Message) -> None:
+        self.peer.reply(item.msg, reply)
+        self._end_transfer(item.msg.sender)
 
     def _check_diff(self, live: _Live, tensors: Mapping) -> None:
         """The whole diff, checked before anything is written: names, size, dtypes, shapes, finiteness."""

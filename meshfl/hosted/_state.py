@@ -6,7 +6,7 @@ Tables (keys ``name/...`` group one model's records)::
     hosted.versions  name/<version> -> hash, when, and what made it (diffs, clients, staleness, metrics)
     hosted.cycles    name -> the open cycle (or async buffer): number, version, deadline
     hosted.tickets   name/<client> -> the last ticket the client used: its diff id, cycle, version
-    hosted.diffs     name/<cycle>/<client>/<ticket> -> an accepted diff of the open cycle (its tensors: a pack)
+    hosted.diffs     name/<cycle>/<client>/<ticket> -> an accepted diff of the open cycle (its tensors: a slot)
     hosted.clients   client -> card, how enrolled, diffs sent, last seen
     hosted.tokens    token id -> secret's hash, uses left, expiry, revoked (enrollment tokens)
     hosted.meta      generation: bumped by changes made beside a running host, which it then reloads
@@ -16,9 +16,10 @@ client writes nothing and its ticket is still good after a restart; a restarted 
 forgotten how many clients it had accepted into the open cycle, so that cycle may accept up to
 ``max_clients`` more.
 
-Durability (SIGKILL at any instant): an accepted diff's pack is written first, then its record
-and its ticket's use commit in one transaction, and only then is it acknowledged and
-folded into the in-memory running sum. Publishing a version writes its pack first, then commits
+Durability (SIGKILL, or an OS crash, at any instant): an accepted diff's tensors are written to
+its slot (:class:`DiffSlots`) and flushed first, then its record and its ticket's use commit in
+one transaction (diffs that came together share it: :mod:`._commits`), and only then is it
+folded into the in-memory running sum and acknowledged. Publishing a version writes its pack first, then commits
 the version record, the model's new version and the next cycle while deleting the cycle's diff
 records, in one transaction; packs left behind are removed at the next start. A restarted host
 rebuilds the running sum from the open cycle's stored diffs, so no acknowledged diff is lost and
@@ -37,8 +38,9 @@ import torch
 
 from ..store import Store
 from ..store._codec import SEQ_DIGITS, seq_key
-from ..store.blobs import BlobStore
-from ..wire import DTYPE_NAMES
+from ..errors import StoreError
+from ..store.blobs import BlobStore, byte_views, pwrite_all
+from ..wire import DTYPE_NAMES, DTYPES
 
 MODELS, VERSIONS, CYCLES, TICKETS, DIFFS, CLIENTS, TOKENS, META = (
     "hosted.models", "hosted.versions", "hosted.cycles", "hosted.tickets", "hosted.diffs", "hosted.clients",
@@ -68,10 +70,6 @@ def model_blob(name: str, version: int) -> str:
 
 def state_blob(name: str, version: int) -> str:
     return f"{name}.s{version}"
-
-
-def diff_blob(name: str, cycle: int, ticket: str) -> str:
-    return f"{name}.d{cycle}.{ticket}"
 
 
 def tensors_hash(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -119,4 +117,49 @@ class HostStore:
         return removed
 
 
-__all__ = ["SEQ_DIGITS", "HostStore"]
+class DiffSlots:
+    """One model's accepted diffs of its open cycle (async: buffer), each in a fixed slot of one
+    file that every cycle overwrites. Storing a diff so creates no file and allocates no disk
+    block: with a pack per diff, each commit's flush also waited for the new packs' blocks (ext4
+    data=ordered), which cost more than all the rest of a cycle of small diffs. Slot ``i`` holds
+    the cycle's ``i``-th diff; the diff's record names its slot, and a slot is written and
+    flushed (:meth:`sync`) before that record commits, so a record never names a slot whose
+    bytes a crash lost."""
+
+    def __init__(self, path: str | os.PathLike, layout: Mapping[str, tuple[str, tuple]]) -> None:
+        self.specs = [(n, DTYPES[d], shape, DTYPES[d].itemsize * _count(shape)) for n, (d, shape) in layout.items()]
+        self.size = sum(nbytes for *_, nbytes in self.specs)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def write(self, slot: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Write a checked diff (the model's names, dtypes and shapes) to slot ``slot``."""
+        pos = slot * self.size
+        for name, *_ in self.specs:
+            pos += pwrite_all(self._fd, byte_views(tensors, name), pos)
+
+    def sync(self) -> None:
+        os.fdatasync(self._fd)
+
+    def read(self, slot: int) -> dict[str, torch.Tensor]:
+        data = os.pread(self._fd, self.size, slot * self.size)
+        if len(data) != self.size:
+            raise StoreError(f"diff slot {slot} is truncated", code="corrupt")
+        buf, out, pos = bytearray(data), {}, 0
+        for name, dtype, shape, nbytes in self.specs:
+            out[name] = (torch.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize, offset=pos).reshape(shape)
+                         if nbytes else torch.empty(shape, dtype=dtype))
+            pos += nbytes
+        return out
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _count(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+__all__ = ["SEQ_DIGITS", "DiffSlots", "HostStore"]

@@ -39,7 +39,7 @@ MAGIC = b"MFLPACK1"
 _ALIGN = 64
 
 
-def _byte_views(tensors, name: str):
+def byte_views(tensors, name: str):
     """Byte views of one tensor without copying: a received TensorMap's frames, else the tensor."""
     if hasattr(tensors, "pieces"):
         for _, view in tensors.pieces(name):
@@ -87,7 +87,7 @@ def write_pack(path: str | Path, tensors: Mapping[str, torch.Tensor], reuse: str
         os.ftruncate(fd, data_start + offset)
         os.pwrite(fd, MAGIC + struct.pack("<Q", len(head)) + head, 0)
         for name, _, _, off, nbytes in header:
-            if _pwrite_all(fd, _byte_views(tensors, name), data_start + off) != nbytes:
+            if pwrite_all(fd, byte_views(tensors, name), data_start + off) != nbytes:
                 raise StoreError(f"tensor {name!r}: its data is not {nbytes} bytes", code="bad_value")
     except BaseException:
         os.close(fd)
@@ -102,7 +102,7 @@ def _data_start(header_len: int) -> int:
     return -(-(16 + header_len) // _ALIGN) * _ALIGN
 
 
-def _pwrite_all(fd: int, views, pos: int) -> int:
+def pwrite_all(fd: int, views, pos: int) -> int:
     """Write ``views`` one after the other from ``pos``; returns the bytes written."""
     start = pos
     for view in views:
@@ -125,7 +125,7 @@ def update_pack(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
         if given != layout:
             raise StoreError(f"tensors do not match the layout of pack {label}", code="bad_value")
         for name, _, _, off, _ in header:
-            _pwrite_all(f.fileno(), _byte_views(tensors, name), data_start + off)
+            pwrite_all(f.fileno(), byte_views(tensors, name), data_start + off)
 
 
 def read_pack(path: str | Path) -> dict[str, torch.Tensor]:
