@@ -11,7 +11,7 @@ import zmq
 
 from helpers.hosted import clients, make_host_home
 from helpers.plans import TinyPlan
-from meshfl.errors import ConfigError, HostedError
+from meshfl.errors import ConfigError
 from meshfl.hosted import Host
 from meshfl.secagg import VECTOR
 
@@ -157,3 +157,44 @@ def test_secure_configs_are_checked(host):
         with pytest.raises(ConfigError) as exc:
             host.add_model("m", TinyPlan, server=server)
         assert exc.value.code == code
+
+
+def test_a_joined_node_daemon_takes_part_in_a_secure_cycle(tmp_path, host, ctx):
+    from helpers.data import write_blobs_csv
+    from helpers.plans import AddOnePlan
+    from meshfl.home import Home
+    from meshfl.node import Node
+    from meshfl.node._datasets import DatasetRegistry
+    from meshfl.node._joins import Joins
+    from meshfl.node._plans import PlanRegistry, plan_hash
+    from meshfl.plans import plan_source
+
+    host.add_model("m", AddOnePlan, server={**SECURE, "max_clients": 3, "min_clients": 3, "setup_timeout": 10.0})
+    v0 = host.model("m")
+    with Home.init(tmp_path / "node", "node", "node", heartbeat=0.3, dead_after=3.0) as h:
+        h.trust(host.card, host.endpoint)
+        host.enroll([h.identity.card])
+        DatasetRegistry(h.store, h.audit).add("blobs", ["blobs"], "csv", write_blobs_csv(tmp_path / "b.csv"),
+                                              target="target")
+        Joins(h.store, h.audit).join(host.card.peer_id, "host", "m", "blobs")
+        plans = PlanRegistry(h.store, h.audit)
+        plans.submit(plan_source(AddOnePlan), "AddOnePlan")
+        plans.approve(plan_hash(plan_source(AddOnePlan)))
+    cs = clients(host, 2, AddOnePlan, context=ctx, timeout=20.0)
+    try:
+        with Node(tmp_path / "node") as node:
+            results = _in_threads(cs)
+            assert all(isinstance(r, dict) for r in results), results
+            assert host.wait_version("m", 1, timeout=20)
+            [rec] = [r for r in host.versions("m") if r["version"] == 1]
+            assert rec["clients"] == 3 and rec["secure"]["members"] == 3
+            for k, t in host.model("m", 1).items():  # AddOnePlan: +1 on every parameter, whoever trained
+                torch.testing.assert_close(t, v0[k] + 1, atol=1e-5, rtol=0)
+            deadline = time.monotonic() + 15
+            while not [r for r in node.audit.records() if r.event == "secagg.revealed"]:  # after its ack
+                assert time.monotonic() < deadline, "the node did not reveal"
+                time.sleep(0.05)
+            [setup] = [r.fields for r in node.audit.records() if r.event == "secagg.setup"]
+            assert setup["participants"] == 3 and setup["threshold"] == 2
+    finally:
+        _close(cs)
