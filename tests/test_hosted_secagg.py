@@ -198,3 +198,69 @@ def test_a_joined_node_daemon_takes_part_in_a_secure_cycle(tmp_path, host, ctx):
             assert setup["participants"] == 3 and setup["threshold"] == 2
     finally:
         _close(cs)
+
+
+def test_a_host_restarted_mid_cycle_abandons_it_and_applies_nothing(tmp_path, ctx):
+    from meshfl.cli._host import stored_status
+
+    home = make_host_home(tmp_path)
+    host = Host(home).start()
+    try:
+        host.add_model("m", TinyPlan, server={**SECURE, "max_clients": 3, "min_clients": 3, "cycle_length": 30.0},
+                       training_args=ARGS)
+        cs = clients(host, 3, TinyPlan, context=ctx)
+        try:
+            for c in cs:
+                _Vanishing(c)  # each trains after the key exchange, then its process "dies"
+            assert all(isinstance(r, RuntimeError) for r in _in_threads(cs))
+        finally:
+            _close(cs)
+        assert host.status("m")[0]["open"]["phase"] == "training"
+        assert stored_status(host.home, "m")[0]["open"]["phase"] == "training"  # what `meshfl host status` shows
+    finally:
+        host.close()
+    host = Host(home).start()
+    try:
+        status = host.status("m")[0]
+        assert status["version"] == 0 and status["cycle"] == 1 and status["open"]["phase"] == "accepting"
+        assert [r["version"] for r in host.versions("m")] == [0]
+        assert [r.fields["cycle"] for r in host.home.audit.records() if r.event == "hosted.cycle_abandoned"] == [0]
+    finally:
+        host.close()
+
+
+def test_a_wrong_masked_vector_or_a_second_one_is_refused_and_adds_nothing(host, ctx):
+    from meshfl.errors import RemoteError
+
+    host.add_model("m", TinyPlan, server={**SECURE, "max_clients": 2, "min_clients": 2}, training_args=ARGS)
+    v0 = host.model("m")
+    cs = clients(host, 2, TinyPlan, context=ctx)
+    codes = []
+    real_push = cs[0].push
+
+    def push(model, ticket, version, diff, samples, **kw):
+        for bad in ({VECTOR: diff[VECTOR][:-2]}, {k: v.float() for k, v in diff.items()}):
+            try:
+                real_push(model, ticket, version, bad, samples, diff_id="bad")
+            except RemoteError as exc:
+                codes.append(exc.code)
+        ack = real_push(model, ticket, version, diff, samples, diff_id="good")
+        again = real_push(model, ticket, version, diff, samples, diff_id="good")  # a re-send: counted once
+        codes.append(again.fields["duplicate"])
+        try:
+            real_push(model, ticket, version, diff, samples, diff_id="other")
+        except RemoteError as exc:
+            codes.append(exc.code)
+        return ack
+
+    cs[0].push = push
+    try:
+        results = _in_threads(cs)
+        assert all(isinstance(r, dict) for r in results), results
+        assert codes == ["secagg_protocol", "secagg_protocol", True, "duplicate_diff"]
+        assert host.wait_version("m", 1, timeout=10)
+        expected = _expected(cs, range(2))
+        for k, t in host.model("m").items():
+            torch.testing.assert_close(t, v0[k] + expected[k], atol=1e-5, rtol=0)
+    finally:
+        _close(cs)

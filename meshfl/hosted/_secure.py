@@ -46,6 +46,7 @@ from ..secagg import (DEFAULT_CLIP, METRIC_SLOTS, VECTOR, Encoding, MaskedSum, N
                       UpdateEncoder, add_mean, check_threshold, decode_sum, enough_shares, frac_bits_for,
                       secure_metrics, unmask)
 from ..wire import Message, error_message
+from ._state import CYCLES
 
 log = logging.getLogger("meshfl.hosted")
 
@@ -266,7 +267,7 @@ class SecureHost:
         sc.fields = {"parameters": parameters, "weight_scale": max(sc.ready[c][1] for c in sc.roster),
                      "clip": sc.encoding.clip, "frac_bits": sc.encoding.frac_bits}
         sc.sum = MaskedSum(sc.encoding)
-        sc.phase, sc.deadline = "keys", now + cfg.setup_timeout
+        self._phase(live, sc, "keys", now + cfg.setup_timeout)
         live.open = {}
         fields = {"model": live.record["name"], "session": sc.session, "cards": cards, "threshold": sc.threshold,
                   "prg": DEFAULT_PRG, "encoding": sc.fields, "deadline_in": cfg.setup_timeout}
@@ -280,7 +281,7 @@ class SecureHost:
         if len(sc.members) < sc.threshold:
             return self._fail(live, sc, "secagg_not_enough", f"{len(sc.members)} of {len(sc.roster)} clients completed "
                               f"the key exchange, {sc.threshold} needed")
-        sc.phase, sc.deadline = "training", now + live.config.cycle_length
+        self._phase(live, sc, "training", now + live.config.cycle_length)
         keys = {m: sc.public[m] for m in sc.members}
         for client, msg in self._take(sc).items():
             mine = [m for owner in sc.members for m in sc.sealed[owner] if m.fields["dst"] == client]
@@ -296,7 +297,7 @@ class SecureHost:
         if len(sc.survivors) < sc.threshold:
             return self._fail(live, sc, "secagg_not_enough", f"{len(sc.survivors)} of {len(sc.members)} members sent "
                               f"their masked vector, {sc.threshold} needed; nothing was unmasked")
-        sc.phase, sc.deadline = "reveal", now + live.config.setup_timeout
+        self._phase(live, sc, "reveal", now + live.config.setup_timeout)
         for client, msg in self._take(sc).items():
             if client in sc.pushed:
                 self.host.peer.reply(msg, self._survivors(live, sc, msg))
@@ -340,6 +341,13 @@ class SecureHost:
                        "tickets": {c: t for c, (t, _) in sc.ready.items()}}
         log.warning("[%s] %s secure cycle %d failed (%s): %s", self.host.name, sc.name, sc.cycle, code, message)
         self.host._next_cycle(live, "hosted.cycle_failed", code=code, reason=message[:200])
+
+    def _phase(self, live, sc: SecureCycle, phase: str, deadline: float) -> None:
+        """Enter ``phase``; the cycle's record says so, for ``meshfl host status`` beside the host."""
+        sc.phase, sc.deadline = phase, deadline
+        live.cycle = {**live.cycle, "secure": {"phase": phase, "members": len(sc.members or sc.roster),
+                                               "threshold": sc.threshold}}
+        self.host.home.store.atomic(lambda tx: tx.put(CYCLES, sc.name, live.cycle))
 
     def _take(self, sc: SecureCycle) -> dict[str, Message]:
         parked, sc.parked = sc.parked, {}
