@@ -36,7 +36,7 @@ from ..errors import ConfigError, MeshflError
 from ..plans import DEFAULT_TRAINING_ARGS, SKLearnTrainingPlan, TrainingPlan, load_plan_class, local_keys, plan_source
 from ..privacy import DPSpec
 from ..protocol import chunk_plan
-from ..secagg import add_mean
+from ..secagg import add_mean, secure_metrics
 from ..store import Store, Table
 from ..store._codec import seq_key
 from ..store.blobs import BlobStore
@@ -44,7 +44,7 @@ from ..wire import DTYPES, Message
 from .._progress import Progress
 from ._history import History, TensorBoardLog
 from ._researcher import Researcher
-from ._secure import SecureTrainingRound, secagg_options, secure_metrics
+from ._secure import SecureTrainingRound, secagg_options
 
 log = logging.getLogger("meshfl.researcher")
 

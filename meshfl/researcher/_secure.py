@@ -27,7 +27,6 @@ from ..secagg import (
     decode_sum,
     enough_shares,
     frac_bits_for,
-    secure_metrics,
     unmask,
 )
 from ..wire import Message
