@@ -131,12 +131,12 @@ class SecureHost:
         if not hmac.compare_digest(f["ticket"], self.host._ticket(live, client, live.version)):
             raise HostedError("no ticket of this client for this cycle matches: ask to train first",
                               code="not_accepted")
+        if not 0 < f["bound"] <= MAX_BOUND:
+            raise HostedError(f"a sample bound is 1..{MAX_BOUND}", code="bad_samples")
         if client not in live.open:
             if len(live.open) >= live.config.max_clients:
                 raise HostedError("the cycle is full", code="not_accepted")
             live.open[client] = f["ticket"]
-        if not 0 < f["bound"] <= MAX_BOUND:
-            raise HostedError(f"a sample bound is 1..{MAX_BOUND}", code="bad_samples")
         sc.ready[client] = (f["ticket"], f["bound"])
         sc.parked[client] = msg  # a re-sent set-up replaces the one that timed out
         self._accepting(live, sc, time.time())
