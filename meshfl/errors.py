@@ -140,7 +140,8 @@ class HostedError(MeshflError):
 
     Codes: ``unknown_model``, ``unknown_version``, ``stale_version``, ``not_accepted``,
     ``duplicate_diff``, ``bad_shape``, ``bad_dtype``, ``bad_diff``, ``non_finite``, ``oversize``,
-    ``bad_samples``, ``secagg_async``, ``plan_not_approved``, ``model_exists``.
+    ``bad_samples``, ``secagg_async``, ``plan_not_approved``, ``model_exists``, ``phase_closed`` (a
+    secure cycle's step sent after its phase ended).
     """
 
     code = "hosted"

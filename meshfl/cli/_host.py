@@ -78,16 +78,20 @@ def host_start(home: Path, listen: str | None, enroll_listen: str | None, max_tr
 @click.option("--buffer", type=int, help="Diffs per new version (async mode).")
 @click.option("--max-staleness", type=int, help="Versions a diff may lag behind (async mode).")
 @click.option("--aggregator", help='Aggregator name or JSON, e.g. \'{"name": "fedadam", "server_lr": 0.01}\'.')
+@click.option("--secure", is_flag=True, help="Secure aggregation (cycle mode, 2..100 clients): the host sees only "
+              "the cycle's masked sum.")
+@click.option("--setup-timeout", type=float, help="Seconds each set-up step of a secure cycle may wait.")
 @json_option
 def host_add_model(home: Path, name: str, plan_file: Path, plan_class: str, model_args: str | None,
                    training_args: str | None, mode: str, cycle_length, min_clients, max_clients, goal, buffer,
-                   max_staleness, aggregator: str | None, as_json: bool) -> None:
+                   max_staleness, aggregator: str | None, secure: bool, setup_timeout, as_json: bool) -> None:
     """Host a new model NAME; a running host serves it within a second."""
     from ..hosted._host import create_model
 
     server = {"mode": mode}
     for key, value in (("cycle_length", cycle_length), ("min_clients", min_clients), ("max_clients", max_clients),
-                       ("goal", goal), ("buffer", buffer), ("max_staleness", max_staleness)):
+                       ("goal", goal), ("buffer", buffer), ("max_staleness", max_staleness),
+                       ("setup_timeout", setup_timeout), ("secure_aggregation", secure or None)):
         if value is not None:
             server[key] = value
     if aggregator:
@@ -119,9 +123,16 @@ def stored_status(h, name: str | None = None) -> list[dict]:
         out.append({"name": m["name"], "mode": m["server"]["mode"], "version": m["version"],
                     "plan_hash": m["plan_hash"], "cycle": cycle["cycle"],
                     "open": {"diffs": len(diffs), "clients": len({d["client"] for d in diffs}),
-                             "deadline": cycle.get("deadline")},
+                             "deadline": cycle.get("deadline"), "phase": _phase(m["server"], cycle)},
                     "server": m["server"], "versions": state.versions(m["name"])})
     return out
+
+
+def _phase(server: dict, cycle: dict) -> str:
+    """A cycle's phase: a secure cycle's step (:mod:`meshfl.hosted._secure`), "open", or "buffer" (async)."""
+    if server.get("secure_aggregation"):
+        return (cycle.get("secure") or {}).get("phase", "accepting")
+    return "open" if server["mode"] == "cycle" else "buffer"
 
 
 @host.command("status")
@@ -136,7 +147,8 @@ def host_status(home: Path, name: str | None, as_json: bool) -> None:
         emit_json(models)
         return
     for m in models:
-        click.echo(f"{m['name']}: {m['mode']} mode, version {m['version']}, cycle {m['cycle']} "
+        secure = f", secure: {m['open']['phase']}" if m["server"].get("secure_aggregation") else ""
+        click.echo(f"{m['name']}: {m['mode']} mode, version {m['version']}, cycle {m['cycle']}{secure} "
                    f"({m['open']['diffs']} diff(s) so far)")
         table([[v["version"], when(v["created"]), v["diffs"], v["clients"], v["samples"],
                 " ".join(f"{k}:{n}" for k, n in sorted(v["staleness"].items(), key=lambda kv: int(kv[0]))) or "-",

@@ -29,6 +29,7 @@ from ..errors import HostedError, RemoteError, RequestTimeout, WireError
 from ..plans import DEFAULT_TRAINING_ARGS, load_plan_class, plan_source
 from ..wire import DEFAULT_FRAME_BYTES, DEFAULT_LIMITS, Limits, Message, decode, encode
 from . import _wire  # noqa: F401  (declares the hosted messages)
+from ._secure import SecureTurn, bound_of
 
 log = logging.getLogger("meshfl.hosted.client")
 
@@ -182,6 +183,8 @@ class Client:
             entry = self.pull(model, a["version"])
         if entry["plan_hash"] != a["plan_hash"]:
             raise HostedError("the host changed the model's plan", code="plan_not_approved")
+        if a.get("secure"):
+            return self._secure_turn(model, a, entry)
         diff, samples, metrics = self.train(entry, a["training_args"], model)
         ack = self.push(model, a["ticket"], a["version"], diff, samples, metrics)
         return {**ack.fields, "version": a["version"], "metrics": metrics, "samples": samples}
@@ -195,11 +198,7 @@ class Client:
         plan = entry["plan"]()
         args = {**DEFAULT_TRAINING_ARGS, **training_args}
         device = pick_device(args, plan.uses_cuda)  # as on a node: "auto" is CUDA where there is one
-        key = entry["plan_hash"]
-        if key not in self._prepared:
-            x, y = plan.preprocess(*self._data)
-            self._prepared = {key: plan.split(x, y, float(args["test_fraction"]), int(args["seed"]))}
-        train, test = self._prepared[key]
+        train, test = self._split(plan, entry, args)
         train = tuple(t.to(device) if t is not None else None for t in train)
         net = plan.init_model(**entry["model_args"]).to(device)
         start = entry["tensors"]
@@ -217,6 +216,35 @@ class Client:
                 for k, v in start.items()}
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         return diff, int(train[0].shape[0]), metrics
+
+    def _split(self, plan, entry: dict, args: dict) -> tuple:
+        """This client's (train, test) samples for the plan, prepared once."""
+        key = entry["plan_hash"]
+        if key not in self._prepared:
+            x, y = plan.preprocess(*self._data)
+            self._prepared = {key: plan.split(x, y, float(args["test_fraction"]), int(args["seed"]))}
+        return self._prepared[key]
+
+    def _secure_turn(self, model: str, accepted: dict, entry: dict) -> dict:
+        """A secure cycle (:mod:`meshfl.hosted._secure`): set up with the other members through the
+        host, train, push only the masked vector, reveal for the survivors."""
+        if self._data is None:
+            raise HostedError("this client has no data to train on (data=(x, y))", code="bad_request")
+        args = {**DEFAULT_TRAINING_ARGS, **accepted["training_args"]}
+        samples = int(self._split(entry["plan"](), entry, args)[0][0].shape[0])
+        turn = SecureTurn(self.identity, self.host_card.peer_id, model)
+        wait = lambda reply: float(reply.fields["deadline_in"]) + self.timeout  # noqa: E731  (parked by the host)
+        roster = self.call(Message("hosted.setup", {"model": model, "ticket": accepted["ticket"],
+                                                    "bound": bound_of(samples)}), accepted["deadline_in"] + self.timeout)
+        keys = self.call(turn.key_message(roster.fields), wait(roster))
+        turn.take_keys(keys)
+        diff, samples, metrics = self.train(entry, accepted["training_args"], model)
+        vector, names = turn.mask(diff, samples, metrics)
+        ack = self.push(model, accepted["ticket"], accepted["version"], vector, 0)
+        survivors = self.call(Message("hosted.reveal", {"model": model, "session": turn.session.session,
+                                                        "metric_names": names}), wait(keys))
+        self.call(turn.shares_message(survivors.fields))
+        return {**ack.fields, "version": accepted["version"], "metrics": metrics, "samples": samples, "secure": True}
 
     def _plan(self, digest: str, source: str | None, cls_name: str | None) -> type:
         if digest in self._plans and self._plans[digest] is not None:

@@ -7,6 +7,10 @@ with fewer it is extended by another ``cycle_length`` and the slots of clients t
 diff are freed. In async mode every ``buffer`` diffs make a new version; a diff computed on
 version v arriving at version v+tau weighs ``samples / sqrt(1 + tau)`` and is refused past
 ``max_staleness``.
+
+With ``secure_aggregation`` (cycle mode only) the host sees only the cycle's masked sum
+(:mod:`meshfl.hosted._secure`): between ``min_clients`` (at least 2) and ``max_clients`` (at most
+:data:`MAX_SECURE_CLIENTS`) members, each set-up step waiting at most ``setup_timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 from ..errors import ConfigError
 
 MODES = ("cycle", "async")
+MAX_SECURE_CLIENTS = 100  # members of one secure cycle: shares grow as n**2, the host's unmasking as n
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -42,6 +47,7 @@ class ServerConfig:
     max_diff_bytes: int = 1 << 30
     keep_versions: int = 20  # model versions kept as tensors (their history is kept forever)
     secure_aggregation: bool = False
+    setup_timeout: float = 10.0  # secure cycles: the longest wait for the roster, the keys and the reveals
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -60,19 +66,33 @@ class ServerConfig:
             raise ConfigError("goal must not exceed max_clients", code="bad_config")
         if not isinstance(self.secure_aggregation, bool):
             raise ConfigError("secure_aggregation must be true or false", code="bad_config")
+        if not _number(self.setup_timeout) or self.setup_timeout <= 0:
+            raise ConfigError("setup_timeout must be a number of seconds > 0", code="bad_config")
+        object.__setattr__(self, "setup_timeout", float(self.setup_timeout))
         if self.secure_aggregation:
-            # FedBuff's secure buffers need a trusted aggregator enclave (Nguyen et al. §5); a
-            # masked sum needs a fixed set of members, which an async buffer never has.
-            code = "secagg_async" if self.mode == "async" else "secagg_unsupported"
-            raise ConfigError(
-                "secure aggregation is not available for hosted models: in async mode a buffer has no "
-                "fixed set of members to mask among; in cycle mode it is not built yet (docs: Hosted models)",
-                code=code)
+            self._check_secure()
         from ..aggregate import make_aggregator
 
         agg = make_aggregator(self.aggregator)
         if not agg.streaming:
             raise ConfigError(f"aggregator {agg.name!r} keeps every update; a host needs a streaming one",
+                              code="bad_config")
+
+    def _check_secure(self) -> None:
+        if self.mode == "async":
+            # FedBuff's secure buffers need a trusted aggregator enclave (Nguyen et al. §5); a
+            # masked sum needs a fixed set of members, which an async buffer never has.
+            raise ConfigError("secure aggregation is not available in async mode: a buffer has no fixed set of "
+                              "members to mask among (use mode cycle)", code="secagg_async")
+        if self.max_clients > MAX_SECURE_CLIENTS:
+            raise ConfigError(f"a secure cycle has at most {MAX_SECURE_CLIENTS} clients (every member seals a share "
+                              f"to every other: n**2 shares), not max_clients {self.max_clients}",
+                              code="secagg_limit")
+        if self.min_clients < 2:
+            raise ConfigError("a secure cycle needs min_clients >= 2: one client's sum is its own update",
+                              code="secagg_limit")
+        if self.goal:
+            raise ConfigError("a secure cycle closes when every member pushed (or at its deadline): no goal",
                               code="bad_config")
 
     @property

@@ -40,6 +40,8 @@ from . import _wire  # noqa: F401  (declares the hosted messages)
 from ._commits import GroupCommit
 from ._config import ServerConfig, check_model_name, staleness_weight
 from ._flow import Transfers
+from ._secure import TYPES as SECURE_TYPES
+from ._secure import SecureHost
 from ._state import (CLIENTS, CYCLES, DIFFS, META, MODELS, TICKETS, VERSIONS, DiffSlots, HostStore, bump, diff_key,
                      generation, model_blob, state_blob, tensors_hash, version_key)
 
@@ -47,6 +49,7 @@ log = logging.getLogger("meshfl.hosted")
 TICK_S = 0.5  # the longest the timer sleeps with no deadline due
 
 MAX_METRICS = 32
+_QUEUED = object()  # a diff handed to the group commit: answered after it
 
 
 class _Live:
@@ -65,6 +68,9 @@ class _Live:
         self.capabilities: dict[str, dict] = {}  # what accepted clients said they can do, for the diff records
         self.open: dict[str, str] = {}  # client -> its ticket for this cycle (async: this version), not yet used
         self.committing: dict[str, str] = {}  # client -> the id of its checked diff waiting for the group commit
+        self.secure = None  # the open secure cycle (:class:`~meshfl.hosted._secure.SecureCycle`)
+        self.failed: dict | None = None  # how the last secure cycle failed, for its late clients and status
+        self.unmasked = None  # the last secure cycle that made a version (for survivors late to reveal)
         self.reset_summary()
 
     def reset_summary(self) -> None:
@@ -75,6 +81,7 @@ class _Live:
         self.staleness: dict[str, int] = {}
         self.metric_sums: dict[str, float] = {}
         self.metric_weights: dict[str, float] = {}
+        self.note: dict = {}  # what else the next version's record says (a secure cycle's members)
 
     def count(self, client: str, rec: dict) -> None:
         self.diffs += 1
@@ -136,6 +143,7 @@ class Host:
         self._enroll_listen = enroll_listen
         self._transfers = Transfers(max_transfers, transfer_timeout)
         self._commits: GroupCommit | None = None
+        self._secure = SecureHost(self)
         self.enroll_server = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -144,7 +152,7 @@ class Host:
             self._ticket_key = bytes.fromhex(self.home.store.atomic(_ticket_key))
             with self._lock:
                 for record in self.state.models():
-                    self._load(record)
+                    self._load(record, restart=True)
                 self._clean_packs()
             self._commits = GroupCommit(self._commit, self.name)
             self.peer.start()
@@ -244,12 +252,17 @@ class Host:
 
     def _status(self, live: _Live) -> dict:
         cfg = live.config
-        return {"name": live.record["name"], "mode": cfg.mode, "version": live.version,
-                "plan_hash": live.record["plan_hash"], "cycle": live.cycle["cycle"],
-                "open": {"accepted": len(live.open) + (live.diffs if cfg.mode == "cycle" else 0),
-                         "diffs": live.diffs, "clients": len(live.clients), "close_at": cfg.close_at,
-                         "deadline_in": self._deadline_in(live) if cfg.mode == "cycle" else None},
-                "server": cfg.to_dict(), "versions": self.state.versions(live.record["name"])}
+        out = {"name": live.record["name"], "mode": cfg.mode, "version": live.version,
+               "plan_hash": live.record["plan_hash"], "cycle": live.cycle["cycle"],
+               "open": {"accepted": len(live.open) + (live.diffs if cfg.mode == "cycle" else 0),
+                        "diffs": live.diffs, "clients": len(live.clients), "close_at": cfg.close_at,
+                        "deadline_in": self._deadline_in(live) if cfg.mode == "cycle" else None,
+                        "phase": live.secure.phase if live.secure else ("open" if cfg.mode == "cycle" else "buffer")},
+               "server": cfg.to_dict(), "versions": self.state.versions(live.record["name"])}
+        if live.secure:
+            out["secure"] = {**live.secure.status(),
+                             "last_failure": {k: v for k, v in (live.failed or {}).items() if k != "tickets"} or None}
+        return out
 
     def wait_version(self, name: str, version: int, timeout: float) -> bool:
         """Block until ``name`` reached ``version`` (for scripts and tests); False on timeout."""
@@ -269,7 +282,7 @@ class Host:
             raise HostedError(f"no hosted model named {name!r}", code="unknown_model")
         return live
 
-    def _load(self, record: dict) -> None:
+    def _load(self, record: dict, restart: bool = False) -> None:
         name = record["name"]
         v = record["version"]
         glob = self.state.blobs.read(model_blob(name, v))
@@ -285,7 +298,13 @@ class Host:
             self._fold(live, live.slots.read(rec["slot"]), rec)
             live.count(rec["client"], rec)
         self._live[name] = live
-        if live.diffs and live.diffs >= live.config.close_at:
+        if live.config.secure_aggregation:
+            if restart:  # its masked vectors, if any, died with the process: useless without the reveal
+                log.info("[%s] %s: secure cycle %d abandoned at restart", self.name, name, cycle["cycle"])
+                self._next_cycle(live, "hosted.cycle_abandoned")
+            else:
+                self._secure.open(live)
+        elif live.diffs and live.diffs >= live.config.close_at:
             self._publish(live)  # the host died between the last diff and its version
 
     def _clean_packs(self) -> None:
@@ -300,7 +319,7 @@ class Host:
 
     # ------------------------------------------------------------------ cycles
     def _deadline_in(self, live: _Live) -> float:
-        deadline = live.cycle.get("deadline")
+        deadline = live.secure.deadline if live.secure else live.cycle.get("deadline")
         return max(0.0, deadline - time.time()) if deadline else 0.0
 
     def _ticket(self, live: _Live, client: str, version: int) -> str:
@@ -332,7 +351,8 @@ class Host:
         """Seconds until the timer has work: the nearest cycle deadline, at most TICK_S (vanished
         transfers, and models or clients changed beside this process)."""
         with self._lock:
-            deadlines = [live.cycle["deadline"] for live in self._live.values() if live.config.mode == "cycle"]
+            deadlines = [live.secure.deadline if live.secure else live.cycle["deadline"]
+                         for live in self._live.values() if live.config.mode == "cycle"]
         return min([TICK_S] + [max(0.02, d - time.time()) for d in deadlines])  # a failing close: no busy loop
 
     def _timer_main(self) -> None:
@@ -346,13 +366,16 @@ class Host:
                     log.exception("[%s] reloading models and clients failed", self.name)
             with self._lock:
                 for live in list(self._live.values()):  # a model with diffs in the group commit: next tick
-                    if live.config.mode == "cycle" and time.time() >= live.cycle["deadline"] and not live.committing:
+                    due = live.secure.deadline if live.secure else live.cycle.get("deadline")
+                    if live.config.mode == "cycle" and time.time() >= due and not live.committing:
                         try:
                             self._deadline(live)
                         except Exception:
                             log.exception("[%s] closing a cycle of %s failed", self.name, live.record["name"])
 
     def _deadline(self, live: _Live) -> None:
+        if live.secure:
+            return self._secure.tick(live, time.time())
         if live.diffs >= live.config.min_clients:
             self._publish(live)
             return
@@ -379,7 +402,8 @@ class Host:
         now = time.time()
         summary = {"version": v, "hash": digest, "created": now, "cycle": old_cycle, "diffs": live.diffs,
                    "clients": len(live.clients), "samples": live.samples, "staleness": dict(live.staleness),
-                   "metrics": {k: live.metric_sums[k] / live.metric_weights[k] for k in live.metric_sums}}
+                   "metrics": {k: live.metric_sums[k] / live.metric_weights[k] for k in live.metric_sums},
+                   **live.note}
         record = {**live.record, "version": v}
         cycle = _new_cycle(old_cycle + 1, v, now, live.config)
         diffs = self.state.diffs(name, old_cycle)
@@ -402,9 +426,26 @@ class Host:
         live.agg.begin(live.glob, record["parameters"])
         live.reset_summary()
         live.open, live.capabilities = {}, {}  # cycle mode: a new cycle; async: a ticket is for one version
+        if live.config.secure_aggregation:
+            self._secure.open(live)
         self._cond.notify_all()
         log.info("[%s] %s version %d from %d diff(s) of %d client(s)", self.name, name, v, summary["diffs"],
                  summary["clients"])
+
+    def _next_cycle(self, live: _Live, event: str, **audit: Any) -> None:
+        """Open the next cycle on the same version (a secure cycle failed or was abandoned)."""
+        name = live.record["name"]
+        cycle = _new_cycle(live.cycle["cycle"] + 1, live.version, time.time(), live.config)
+
+        def write(tx) -> None:
+            tx.put(CYCLES, name, cycle)
+            self.home.audit.append(event, model=name, cycle=live.cycle["cycle"], version=live.version, **audit)
+
+        self.home.store.atomic(write)
+        live.cycle, live.open, live.capabilities = cycle, {}, {}
+        live.agg.begin(live.glob, live.record["parameters"])
+        live.reset_summary()
+        self._secure.open(live)
 
     # ------------------------------------------------------------------ requests
     def _handle(self, msg: Message) -> Message | None:
@@ -425,9 +466,16 @@ class Host:
             except BaseException:
                 self._end_transfer(msg.sender)
                 raise
-            if answer is not None:  # else its transfer ends with its ack, after the group commit
-                self._end_transfer(msg.sender)
+            if answer is _QUEUED:  # its transfer ends with its ack, after the group commit
+                return None
+            self._end_transfer(msg.sender)
             return answer
+        if msg.type in SECURE_TYPES:
+            with self._lock:
+                live = self._get(msg.fields["model"])
+                if not live.secure:
+                    raise HostedError(f"{live.record['name']!r} runs no secure cycles", code="bad_request")
+                return self._secure.handle(live, msg)
         if msg.type == "hosted.status":
             return msg.reply("hosted.info", {"models": self.status(msg.fields.get("model"))})
         if msg.type == "ping":
@@ -445,6 +493,8 @@ class Host:
         with self._lock:
             live = self._get(name)
             cfg = live.config
+            if live.secure:
+                return self._secure.request(live, msg)
             done = self.home.store.read(lambda tx: tx.get(TICKETS, f"{name}/{client}"))
             ticket = self._ticket(live, client, live.version)
             if done is not None and done["ticket"] == ticket:
@@ -459,11 +509,13 @@ class Host:
 
     def _accepted(self, msg: Message, live: _Live, ticket: str) -> Message:
         digest = self._version_hash(live, live.version)
-        return msg.reply("hosted.accepted", {
-            "model": live.record["name"], "ticket": ticket, "cycle": live.cycle["cycle"],
-            "version": live.version, "version_hash": digest, "plan_hash": live.record["plan_hash"],
-            "training_args": live.record["training_args"], "current": msg.fields.get("cached") == digest,
-            "deadline_in": self._deadline_in(live) if live.config.mode == "cycle" else 0.0})
+        fields = {"model": live.record["name"], "ticket": ticket, "cycle": live.cycle["cycle"],
+                  "version": live.version, "version_hash": digest, "plan_hash": live.record["plan_hash"],
+                  "training_args": live.record["training_args"], "current": msg.fields.get("cached") == digest,
+                  "deadline_in": self._deadline_in(live) if live.config.mode == "cycle" else 0.0}
+        if live.secure:
+            fields["secure"] = True
+        return msg.reply("hosted.accepted", fields)
 
     def _backoff(self, msg: Message, live: _Live, reason: str) -> Message:
         retry = self._deadline_in(live) if live.config.mode == "cycle" else 1.0
@@ -491,17 +543,20 @@ class Host:
                           model_args=live.record["model_args"])
         return msg.reply("hosted.model", fields, tensors)
 
-    def _on_diff(self, msg: Message) -> Message | None:
-        """Check a diff whole; a good one goes to the group commit (its ack follows the commit)."""
+    def _on_diff(self, msg: Message) -> Message | object | None:
+        """Check a diff whole; a good one goes to the group commit (``_QUEUED``: its ack follows
+        the commit)."""
         client, f = msg.sender, msg.fields
         name, diff_id = f["model"], f["diff_id"]
         with self._lock:
             live = self._get(name)
+            if live.secure:  # a masked vector: summed, never stored
+                return self._secure.diff(live, msg)
             cfg = live.config
             waiting = live.committing.get(client)
             if waiting is not None:
                 if waiting == diff_id:  # sent again while its commit runs: its ack follows
-                    return None
+                    return _QUEUED
                 raise HostedError("this client already sent a diff on this ticket", code="duplicate_diff")
             done = self.home.store.read(lambda tx: tx.get(TICKETS, f"{name}/{client}"))
             if done is not None and done["ticket"] == f["ticket"]:
@@ -529,7 +584,7 @@ class Host:
                    "samples": samples, "metrics": metrics, "capabilities": live.capabilities.pop(client, {})}
             live.committing[client] = diff_id
         self._commits.put(_Checked(live, msg, rec, live.cycle["cycle"], version))
-        return None
+        return _QUEUED
 
     def _check_fresh(self, live: _Live, version: int) -> None:
         """A diff must be for the open cycle's version (async: at most ``max_staleness`` old)."""

@@ -11,6 +11,17 @@ A client's exchange with a host, for one model:
 3. ``hosted.push`` -> ``hosted.go`` (a transfer slot: see :mod:`meshfl.hosted._flow`), then
    ``hosted.diff`` (ticket, trained minus received, sample count, metrics) -> ``hosted.ack``.
    Sending the same diff id again is harmless: it is acknowledged again and counted once.
+
+A secure cycle (``secure`` in ``hosted.accepted``; :mod:`meshfl.hosted._secure`) adds set-up
+before step 3 and a reveal after it; the host parks each request until the cycle's next step:
+
+- ``hosted.setup`` (ticket, a bound on the client's samples) -> ``hosted.roster`` (session,
+  members' cards, threshold, mask PRG, the fixed-point encoding);
+- ``hosted.key`` (round key, shares sealed to each other member) -> ``hosted.keys`` (the
+  members' round keys, the shares sealed to this client);
+- the masked vector as the ``hosted.diff`` (one int32 tensor ``masked``, ``samples`` 0);
+- ``hosted.reveal`` (metric names) -> ``hosted.survivors`` (survivors, dropped), then
+  ``hosted.shares`` (the revealed shares) -> ``hosted.revealed``.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ from ..wire import declare
 declare("hosted.request", required={"model": "str"}, optional={"capabilities": "dict", "cached": "str"})
 declare("hosted.accepted", required={"model": "str", "ticket": "str", "cycle": "int", "version": "int",
                                      "version_hash": "str", "plan_hash": "str", "training_args": "dict",
-                                     "current": "bool", "deadline_in": "float"})
+                                     "current": "bool", "deadline_in": "float"}, optional={"secure": "bool"})
 declare("hosted.backoff", required={"model": "str", "retry_in": "float", "reason": "str"})
 declare("hosted.pull", required={"model": "str", "version": "int"}, optional={"plan": "bool"})
 declare("hosted.model", required={"model": "str", "version": "int", "version_hash": "str", "plan_hash": "str"},
@@ -34,3 +45,14 @@ declare("hosted.diff", required={"model": "str", "ticket": "str", "diff_id": "st
 declare("hosted.ack", required={"model": "str", "diff_id": "str", "cycle": "int", "duplicate": "bool"})
 declare("hosted.status", optional={"model": "str"})
 declare("hosted.info", required={"models": "list"})
+# secure cycles
+declare("hosted.setup", required={"model": "str", "ticket": "str", "bound": "int"})
+declare("hosted.roster", required={"model": "str", "session": "str", "cards": "dict", "threshold": "int",
+                                   "prg": "str", "encoding": "dict", "deadline_in": "float"})
+declare("hosted.key", required={"model": "str", "session": "str", "public": "str", "shares": "list"}, tensors=True)
+declare("hosted.keys", required={"model": "str", "session": "str", "keys": "dict", "shares": "list",
+                                 "deadline_in": "float"}, tensors=True)
+declare("hosted.reveal", required={"model": "str", "session": "str"}, optional={"metric_names": "list"})
+declare("hosted.survivors", required={"model": "str", "session": "str", "survivors": "list", "dropped": "list"})
+declare("hosted.shares", required={"model": "str", "session": "str", "b": "dict", "s": "dict"})
+declare("hosted.revealed", required={"model": "str", "session": "str"})

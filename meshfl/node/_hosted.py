@@ -13,6 +13,12 @@
    (:meth:`Node._run_one`, ``delta`` on) and releases through :mod:`._release`. A refusal is
    audited and the join is *blocked*: nothing is asked again until the plan is approved or the
    policy lets the model in.
+3. **Secure cycles** (``secure`` in the host's answer; :mod:`meshfl.hosted._secure`): before the
+   task is queued, the node takes part in the cycle's set-up through the host (its
+   :class:`~meshfl.secagg.NodeSession` opened among the node's sessions, so the task masks its
+   delta as in a researcher's secure round and the gate sees ``secagg``); after the host
+   acknowledged the masked vector, the node reveals for the survivors (audited first). The
+   session lives in memory: a node restarted mid-cycle has dropped out of it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import uuid
 
 from ..errors import MeshflError, RemoteError
 from ..hosted import _wire  # noqa: F401  (declares the hosted messages)
+from ..hosted._secure import SecureTurn, bound_of
 from ..privacy import Request
 from ..wire import Message
 from ._joins import Joins, cache_blob, join_key
@@ -41,6 +48,7 @@ class HostedJoiner:
         self.joins = Joins(node.home.store, node.audit)
         self._retry_at: dict[str, float] = {}  # join or outbox id -> when to try again
         self._queued: dict[str, str] = {}  # join -> the task last queued for it
+        self._turns: dict[str, tuple[SecureTurn, float]] = {}  # task -> its secure cycle's turn, push deadline
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"meshfl-hosted-{node.name}", daemon=True)
 
@@ -91,12 +99,12 @@ class HostedJoiner:
                 self._forget(item.msg_id, item.dest, f.get("error", {}).get("code", "failed"))
                 continue
             try:
-                tensors = self.node.blobs.read(item.msg_id)
-            except MeshflError:  # its pack is gone (an OS crash): it cannot be sent
+                tensors = self.node._result(item.msg_id)  # a masked vector (secure cycle) or the pack
+            except MeshflError:  # its pack is gone (an OS crash), its masked vector (a restart): it cannot be sent
                 self._forget(item.msg_id, item.dest, "result_lost")
                 continue
             fields = {"model": f["model"], "ticket": f["ticket"], "diff_id": item.msg_id, "version": f["version"],
-                      "samples": f["samples"], "metrics": f.get("metrics") or {}}
+                      "samples": f.get("samples", 0), "metrics": f.get("metrics") or {}}
             peer = self.node.peer
             try:
                 peer.call(item.dest, Message("hosted.push", {"model": f["model"], "ticket": f["ticket"]}),
@@ -112,6 +120,8 @@ class HostedJoiner:
                 self._retry_at[item.msg_id] = time.monotonic() + RETRY_S
                 continue
             self._acknowledge(item.msg_id, item.dest, ack.fields)
+            if item.msg_id in self._turns:
+                self._reveal(item.dest, *self._turns.pop(item.msg_id), f.get("metric_names") or [])
 
     def _acknowledge(self, task_id: str, host: str, ack: dict) -> None:
         """The host counted the diff (once, ``duplicate`` if this was a re-send): forget it."""
@@ -137,6 +147,39 @@ class HostedJoiner:
         node.home.store.atomic(commit)
         node._discard_result(task_id)
         self._retry_at.pop(task_id, None)
+        self._turns.pop(task_id, None)
+
+    # ------------------------------------------------------------------ secure cycles
+    def _secure_setup(self, join: dict, accepted: dict, cache: dict) -> tuple[SecureTurn, float]:
+        """The cycle's set-up through the host, before the task exists: the roster, this node's
+        round key and sealed shares, the members' keys. Returns the turn and its push deadline."""
+        node, host = self.node, join["host"]
+        samples = node.datasets.get(join["dataset"]).get("samples") or 0
+        if samples <= 0:
+            raise MeshflError(f"dataset {join['dataset']} has no sample count for a secure cycle", code="no_dataset")
+        turn = SecureTurn(node.home.identity, host, join["model"])
+        roster = node.peer.call(host, Message("hosted.setup", {"model": join["model"], "ticket": accepted["ticket"],
+                                                               "bound": bound_of(samples)}),
+                                accepted["deadline_in"] + CALL_TIMEOUT_S)
+        keys = node.peer.call(host, turn.key_message(roster.fields), roster.fields["deadline_in"] + CALL_TIMEOUT_S)
+        turn.take_keys(keys)
+        node.secagg.open(turn.session)  # the task masks with it (Node._mask_result) and the gate sees it
+        return turn, time.monotonic() + float(keys.fields["deadline_in"])
+
+    def _reveal(self, host: str, turn: SecureTurn, deadline: float, names: list) -> None:
+        """After the ack: wait for the survivors, reveal for them (audited before the shares leave)."""
+        node, session = self.node, turn.session
+        try:
+            reply = node.peer.call(host, Message("hosted.reveal", {"model": turn.model, "session": session.session,
+                                                                   "metric_names": names}),
+                                   max(0.0, deadline - time.monotonic()) + CALL_TIMEOUT_S)
+            shares = turn.shares_message(reply.fields)
+            node.home.store.atomic(lambda tx: node.audit.append(
+                "secagg.revealed", session=session.session, researcher=host, survivors=len(reply.fields["survivors"]),
+                dropped=len(reply.fields["dropped"])))
+            node.peer.call(host, shares, CALL_TIMEOUT_S)
+        except MeshflError as exc:  # the cycle failed, or the host is gone: nothing to unmask with us
+            node.log.warning("secure cycle of %s: no reveal (%s): %s", turn.model, exc.code, exc.message)
 
     # ------------------------------------------------------------------ asking for a slot
     def _idle(self) -> bool:
@@ -171,6 +214,7 @@ class HostedJoiner:
             a = reply.fields
             if cache is None or cache["version_hash"] != a["version_hash"] or cache["plan_hash"] != a["plan_hash"]:
                 cache = self._pull(join, key, a, cache)
+            turn = self._secure_setup(join, a, cache) if a.get("secure") else None
         except RemoteError as exc:
             self.node.log.warning("host %s refused hosted model %s (%s): %s", join["host_name"], model, exc.code,
                                   exc.message)
@@ -180,7 +224,7 @@ class HostedJoiner:
             self.node.log.info("host %s did not answer for %s (%s)", join["host_name"], model, exc.code)
             self._retry_at[key] = time.monotonic() + RETRY_S
             return
-        self._queue(join, key, a, cache)
+        self._queue(join, key, a, cache, turn)
 
     def _pull(self, join: dict, key: str, accepted: dict, cache: dict | None) -> dict:
         """The accepted version's tensors (and the plan, when its hash changed) into the cache."""
@@ -200,11 +244,13 @@ class HostedJoiner:
         self.joins.set_cache(key, record)
         return record
 
-    def _request(self, join: dict, cache: dict, training_args: dict | None, with_plan: bool = True) -> Request:
+    def _request(self, join: dict, cache: dict, training_args: dict | None, with_plan: bool = True,
+                 turn: SecureTurn | None = None) -> Request:
         node = self.node
         return Request("hosted", join["host"], node.datasets.get(join["dataset"]), researcher_name=join["host_name"],
                        plan_source=cache["plan_source"] if with_plan else None, plan_name=cache["plan_class"],
-                       training_args=training_args)
+                       training_args=training_args, secagg=turn is not None,
+                       summed_over=turn.session.threshold if turn is not None else 1)
 
     def _unblocked(self, join: dict, key: str) -> bool:
         """Whether what blocked the join is gone (checked here: no slot asked, nothing audited)."""
@@ -224,7 +270,8 @@ class HostedJoiner:
         node.log.info("hosted model %s of %s: unblocked", join["model"], join["host_name"])
         return True
 
-    def _queue(self, join: dict, key: str, accepted: dict, cache: dict) -> None:
+    def _queue(self, join: dict, key: str, accepted: dict, cache: dict,
+               secure: tuple[SecureTurn, float] | None = None) -> None:
         """The gate, then the task (its model in its own pack): one commit with its audit record."""
         node = self.node
         task_id = f"hosted-{uuid.uuid4().hex[:20]}"
@@ -233,9 +280,11 @@ class HostedJoiner:
                    "experiment": f"hosted:{join['model']}", "round": accepted["version"],
                    "plan_source": cache["plan_source"], "plan_class": cache["plan_class"],
                    "model_args": cache.get("model_args") or {}, "training_args": accepted["training_args"],
-                   "dataset": join["dataset"], "dp": None, "secagg": None, "preprocess": None}
+                   "dataset": join["dataset"], "dp": None, "secagg": secure[0].spec() if secure else None,
+                   "preprocess": None}
+        turn = secure[0] if secure else None
         try:
-            request = self._request(join, cache, accepted["training_args"])
+            request = self._request(join, cache, accepted["training_args"], turn=turn)
             node.blobs.write(task_id, node.blobs.read(cache_blob(key)))
         except MeshflError as exc:
             return self._refused(join, key, task_id, exc)
@@ -248,6 +297,9 @@ class HostedJoiner:
             node.audit.append("task.accepted", task=task_id, researcher=join["host"], kind="hosted",
                               model=join["model"], version=accepted["version"], plan=grant.plan_hash,
                               dataset=join["dataset"])
+            if turn is not None:  # the cycle's set-up, recorded with the task that uses it
+                node.audit.append("secagg.setup", session=turn.session.session, researcher=join["host"], task=task_id,
+                                  participants=len(turn.session.participants), threshold=turn.session.threshold)
 
         try:
             node.home.store.atomic(accept)
@@ -260,6 +312,8 @@ class HostedJoiner:
                 except MeshflError as again:
                     exc = again
             return self._refused(join, key, task_id, exc, cache["plan_source"])
+        if secure:
+            self._turns[task_id] = secure
         node._wake.set()
 
     def _refused(self, join: dict, key: str, task_id: str, exc: MeshflError, join_plan: str = "") -> None:

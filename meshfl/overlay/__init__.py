@@ -31,7 +31,7 @@ from typing import Callable
 import orjson
 import torch
 
-from ..crypto import open_sealed, seal
+from ..crypto import Identity, PeerCard, open_sealed, seal
 from ..errors import CryptoError, MeshflError, NotTrusted, PeerUnavailable
 from ..transport import Peer
 from ..wire import Message, declare, new_id
@@ -96,13 +96,7 @@ class Overlay:
         entry = self.peer.trust_table.get(dest)
         if entry is None:
             raise NotTrusted(f"cannot seal for {dest}: its card is not trusted here")
-        src, oid, exp = self.peer.peer_id, new_id(), round(self._clock() + self._ttl, 3)
-        sealed = seal(self.peer.identity, entry.card, orjson.dumps(payload), header_bytes(src, dest, oid, exp))
-        return Message(
-            "overlay",
-            {"src": src, "dst": dest, "oid": oid, "exp": exp},
-            {"sealed": torch.frombuffer(bytearray(sealed), dtype=torch.uint8)},
-        )
+        return seal_message(self.peer.identity, entry.card, payload, self._clock() + self._ttl)
 
     def send(self, dest: str, payload: dict, via: str | None = None) -> None:
         """Seal ``payload`` for ``dest`` and send it: directly if linked, else through ``via``."""
@@ -148,35 +142,57 @@ class Overlay:
         f = msg.fields
         src, oid, exp = f["src"], f["oid"], float(f["exp"])
         now = self._clock()
-        if exp < now:
-            raise OverlayRejected(f"message {oid} expired {now - exp:.1f}s ago", code="expired")
-        if exp > now + MAX_TTL:
-            raise OverlayRejected(f"message {oid} claims an expiry beyond {MAX_TTL:g}s", code="bad_overlay")
         entry = self.peer.trust_table.get(src)
-        if entry is None:
-            raise OverlayRejected(f"sender {src} is not trusted here", code="untrusted_sender")
-        sealed = msg.tensors.get("sealed") if "sealed" in msg.tensors else None
-        if sealed is None or sealed.dtype != torch.uint8 or sealed.dim() != 1 or len(msg.tensors) != 1:
-            raise OverlayRejected("an overlay message carries one uint8 tensor 'sealed'", code="bad_overlay")
+        payload = open_message(self.peer.identity, entry.card if entry is not None else None, msg, now)
         if (src, oid) in self._seen:
             raise OverlayRejected(f"message {oid} from {entry.card.name} was seen before", code="replayed")
-        try:
-            plaintext = open_sealed(
-                self.peer.identity, entry.card, sealed.numpy().tobytes(), header_bytes(src, f["dst"], oid, f["exp"])
-            )
-        except CryptoError as exc:
-            raise OverlayRejected(f"message {oid} from {entry.card.name}: {exc.message}", code=exc.code) from None
         self._seen[(src, oid)] = exp  # remembered only once authentic: a forgery cannot burn a real id
         if now >= self._next_prune:
             self._seen = {k: e for k, e in self._seen.items() if e >= now}
             self._next_prune = now + 10.0
-        try:
-            payload = orjson.loads(plaintext)
-        except orjson.JSONDecodeError:
-            payload = None
-        if not isinstance(payload, dict):
-            raise OverlayRejected(f"message {oid} from {entry.card.name} is not a JSON object", code="bad_overlay")
         return payload
+
+
+def seal_message(identity: Identity, card: PeerCard, payload: dict, expires: float) -> Message:
+    """``payload`` sealed from ``identity`` for ``card`` as an ``overlay`` message (what
+    :meth:`Overlay.seal` makes; also for a participant with no Peer: a hosted model's client)."""
+    src, dest, oid, exp = identity.peer_id, card.peer_id, new_id(), round(expires, 3)
+    sealed = seal(identity, card, orjson.dumps(payload), header_bytes(src, dest, oid, exp))
+    return Message(
+        "overlay",
+        {"src": src, "dst": dest, "oid": oid, "exp": exp},
+        {"sealed": torch.frombuffer(bytearray(sealed), dtype=torch.uint8)},
+    )
+
+
+def open_message(identity: Identity, card: PeerCard | None, msg: Message, now: float) -> dict:
+    """The payload of an overlay message for ``identity`` from ``card`` (None: its sender is not
+    trusted), checked: addressee, expiry, signature and box. Replays are the caller's to catch
+    (:class:`Overlay` remembers ids; a secure-aggregation session takes one share per sender)."""
+    f = msg.fields
+    src, oid, exp = f["src"], f["oid"], float(f["exp"])
+    if f["dst"] != identity.peer_id:
+        raise OverlayRejected(f"message {oid} is for {f['dst']}, not us", code="bad_overlay")
+    if exp < now:
+        raise OverlayRejected(f"message {oid} expired {now - exp:.1f}s ago", code="expired")
+    if exp > now + MAX_TTL:
+        raise OverlayRejected(f"message {oid} claims an expiry beyond {MAX_TTL:g}s", code="bad_overlay")
+    if card is None or card.peer_id != src:
+        raise OverlayRejected(f"sender {src} is not trusted here", code="untrusted_sender")
+    sealed = msg.tensors.get("sealed") if "sealed" in msg.tensors else None
+    if sealed is None or sealed.dtype != torch.uint8 or sealed.dim() != 1 or len(msg.tensors) != 1:
+        raise OverlayRejected("an overlay message carries one uint8 tensor 'sealed'", code="bad_overlay")
+    try:
+        plaintext = open_sealed(identity, card, sealed.numpy().tobytes(), header_bytes(src, f["dst"], oid, f["exp"]))
+    except CryptoError as exc:
+        raise OverlayRejected(f"message {oid} from {card.name}: {exc.message}", code=exc.code) from None
+    try:
+        payload = orjson.loads(plaintext)
+    except orjson.JSONDecodeError:
+        payload = None
+    if not isinstance(payload, dict):
+        raise OverlayRejected(f"message {oid} from {card.name} is not a JSON object", code="bad_overlay")
+    return payload
 
 
 _HEADER_KEYS = ("src", "dst", "oid", "exp")
@@ -203,4 +219,5 @@ def unbundle(headers, tensors, prefix: str) -> list[Message]:
     return out
 
 
-__all__ = ["DEFAULT_TTL", "MAX_TTL", "Overlay", "OverlayRejected", "bundle", "header_bytes", "unbundle"]
+__all__ = ["DEFAULT_TTL", "MAX_TTL", "Overlay", "OverlayRejected", "bundle", "header_bytes", "open_message",
+           "seal_message", "unbundle"]

@@ -36,6 +36,7 @@ from ..errors import ConfigError, MeshflError
 from ..plans import DEFAULT_TRAINING_ARGS, SKLearnTrainingPlan, TrainingPlan, load_plan_class, local_keys, plan_source
 from ..privacy import DPSpec
 from ..protocol import chunk_plan
+from ..secagg import add_mean, secure_metrics
 from ..store import Store, Table
 from ..store._codec import seq_key
 from ..store.blobs import BlobStore
@@ -43,7 +44,7 @@ from ..wire import DTYPES, Message
 from .._progress import Progress
 from ._history import History, TensorBoardLog
 from ._researcher import Researcher
-from ._secure import SecureTrainingRound, secagg_options, secure_metrics
+from ._secure import SecureTrainingRound, secagg_options
 
 log = logging.getLogger("meshfl.researcher")
 
@@ -497,16 +498,7 @@ class Experiment:
                 acks: dict) -> tuple[dict, int, dict]:
         """The survivors' sum, unmasked, as the next model: FedAvg of their updates, then the server step."""
         deltas, samples, slots = secure.finish(sorted(contributed), failed, acks)
-        mean = {}
-        for key, g in sent.items():
-            if key not in deltas:  # bool buffers are not aggregated
-                mean[key] = g
-                continue
-            d = torch.from_numpy(deltas[key]).view(g.shape)
-            if d.dtype == g.dtype:
-                mean[key] = d.add_(g)  # the decoded delta's own memory: no new 4 MB per tensor
-            else:
-                mean[key] = g + d.to(g.dtype) if g.is_floating_point() else g + d.round().to(g.dtype)
+        mean = add_mean(sent, deltas)
         # The mean is one update holding every sample and standing for every survivor: FedAvg
         # returns it, server optimizers step on it, SCAFFOLD counts the survivors.
         self._begin_aggregation()

@@ -20,12 +20,12 @@ from ..errors import MeshflError
 from ..overlay import OverlayRejected, bundle, unbundle
 from ..secagg import (
     DEFAULT_CLIP,
-    METRIC_SLOTS,
     Encoding,
     MaskedSum,
     SecAggError,
     check_threshold,
     decode_sum,
+    enough_shares,
     frac_bits_for,
     unmask,
 )
@@ -149,7 +149,7 @@ class SecureRound:
                 failed[futures[fut]] = exc.to_wire()
                 continue
             reveals.append({"b": reply.fields["b"], "s": reply.fields["s"]})
-            if _enough(reveals, survivors, dropped, self.threshold):
+            if enough_shares(reveals, survivors, dropped, self.threshold):
                 break
         self._need(len(reveals), "answered the unmasking request", unmasked=False)
         unmask(self.sum.total, self.encoding.boundary, self.session, self.keys, survivors, dropped,
@@ -188,22 +188,3 @@ class SecureTrainingRound(SecureRound):
                acks: Mapping[str, str]) -> tuple[dict[str, np.ndarray], int, np.ndarray]:
         """(mean delta per tensor, samples, mean metric slots) of the survivors."""
         return decode_sum(super().finish(survivors, failed, acks), self.encoding, self.weight_scale)
-
-
-
-def _enough(reveals: list[dict], survivors: list[str], dropped: list[str], threshold: int) -> bool:
-    """Whether ``reveals`` hold ``threshold`` shares of each secret the unmasking needs."""
-    def count(kind: str, owner: str) -> int:
-        return sum(1 for r in reveals if isinstance(r[kind], Mapping) and owner in r[kind])
-
-    return all(count("b", o) >= threshold for o in survivors) and all(count("s", o) >= threshold for o in dropped)
-
-
-def secure_metrics(names_by_node: Mapping[str, list], slots: np.ndarray) -> dict[str, float]:
-    """Sample-weighted mean metrics, when every survivor reported the same metric names."""
-    names = {tuple(v) for v in names_by_node.values()}
-    if len(names) != 1:
-        log.warning("nodes reported different metric names: no global metrics this round")
-        return {}
-    (order,) = names
-    return {name: float(slots[i]) for i, name in enumerate(order[:METRIC_SLOTS])}

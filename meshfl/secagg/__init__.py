@@ -18,6 +18,8 @@ Per round (see docs/security.md for the whole flow and threat model):
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 import torch
 
@@ -33,6 +35,7 @@ from ._fixed import (
     decode_sum,
     encode_update,
     frac_bits_for,
+    log,
 )
 from ._masks import Masker, pair_seed, pair_sign, ring_apply
 from ._session import NodeSession, NodeSessions, check_threshold, unmask
@@ -74,6 +77,40 @@ class MaskedSum:
         self.count += 1
 
 
+def add_mean(base: Mapping[str, torch.Tensor], deltas: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The members' mean model: ``base`` plus each decoded mean change (:func:`decode_sum`), in
+    the tensor's own dtype (integers rounded); bool tensors, never summed, keep ``base``'s values."""
+    mean = {}
+    for key, g in base.items():
+        if key not in deltas:
+            mean[key] = g
+            continue
+        d = torch.from_numpy(deltas[key]).view(g.shape)
+        if d.dtype == g.dtype:
+            mean[key] = d.add_(g)  # the decoded delta's own memory: no new copy per tensor
+        else:
+            mean[key] = g + d.to(g.dtype) if g.is_floating_point() else g + d.round().to(g.dtype)
+    return mean
+
+
+def enough_shares(reveals: list[Mapping], survivors: list[str], dropped: list[str], threshold: int) -> bool:
+    """Whether ``reveals`` hold ``threshold`` shares of each secret the unmasking needs."""
+    def count(kind: str, owner: str) -> int:
+        return sum(1 for r in reveals if isinstance(r.get(kind), Mapping) and owner in r[kind])
+
+    return all(count("b", o) >= threshold for o in survivors) and all(count("s", o) >= threshold for o in dropped)
+
+
+def secure_metrics(names_by_member: Mapping[str, list], slots: np.ndarray) -> dict[str, float]:
+    """Sample-weighted mean metrics, when every survivor reported the same metric names."""
+    names = {tuple(v) for v in names_by_member.values()}
+    if len(names) != 1:
+        log.warning("members reported different metric names: no mean metrics this round")
+        return {}
+    (order,) = names
+    return {name: float(slots[i]) for i, name in enumerate(order[:METRIC_SLOTS])}
+
+
 __all__ = [
     "CLIP_64",
     "DEFAULT_CLIP",
@@ -81,6 +118,9 @@ __all__ = [
     "METRIC_SLOTS",
     "VECTOR",
     "Encoding",
+    "add_mean",
+    "enough_shares",
+    "secure_metrics",
     "MaskedSum",
     "Masker",
     "NodeSession",
