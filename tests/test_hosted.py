@@ -467,11 +467,11 @@ def test_transfers_beyond_the_limit_wait_their_turn(tmp_path, ctx):
             assert a.call(Message("hosted.pull", {"model": "m", "version": 0})).type == "hosted.model"
             sock = b._socket()  # a's transfer has not ended: b's pull waits in the queue
             sock.send_multipart(encode(Message("hosted.pull", {"model": "m", "version": 0}, sender=b.peer_id)))
-            wait_for(lambda: host._transfers.queued == 1)
+            wait_for(lambda: host._pulls.queued == 1)
             a._send(Message("hosted.pulled", {"model": "m"}))
             assert sock.poll(10000)
             assert decode(sock.recv_multipart()).type == "hosted.model"
-            assert host._transfers.in_flight == 1 and host._transfers.queued == 0
+            assert host._pulls.in_flight == 1 and host._pulls.queued == 0
             assert b.train_once("m")["duplicate"] is False  # b holds the slot: its own push goes on
             assert a.train_once("m")["duplicate"] is False
         finally:

@@ -149,9 +149,9 @@ class Client:
                      "plan_hash": f["plan_hash"], "model_args": f.get("model_args") or {}}
         elif f["plan_hash"] != entry["plan_hash"]:
             raise HostedError("the host changed the model's plan", code="plan_not_approved")
+        self._send(Message("hosted.pulled", {"model": model}))  # frees the host's transfer slot at once
         entry.update(hash=f["version_hash"], version=f["version"],
                      tensors={k: reply.tensors[k].clone() for k in reply.tensors})
-        self._send(Message("hosted.pulled", {"model": model}))  # frees the host's transfer slot
         self._cache[model] = entry
         return entry
 

@@ -1,12 +1,14 @@
-"""Flow control: at most ``limit`` model-sized transfers in flight, whatever the number of clients.
+"""Flow control: at most ``limit`` model-sized transfers of one kind in flight, whatever the number of clients.
 
 A thousand clients pulling at once would queue a thousand encrypted copies of the model in
 libzmq, and a thousand pushing at once a thousand diffs in the host's inbox: host memory in
-models would grow with the number of clients. So a pull is answered, and a push is granted
-(``hosted.push`` -> ``hosted.go``, then the diff), only while fewer than ``limit`` transfers are
-in flight; later ones wait in a queue, answered as transfers end (``hosted.pulled``, the diff
-itself) or time out (a client that vanished mid-transfer). A waiting client simply sees a slower
-reply: no polling, no error.
+models would grow with the number of clients. So the host keeps one :class:`Transfers` for pulls
+and one for pushes (they use the two directions of the links, so they overlap). A pull is
+answered, and a push is granted (``hosted.push`` -> ``hosted.go``, then the diff), only while
+fewer than ``limit`` of its kind are in flight and, for pushes, while the cycle or buffer has
+room for another diff (``room``); later ones wait in a queue, answered as transfers end
+(``hosted.pulled``, the diff itself), room opens (a new version) or slots time out (a client that
+vanished mid-transfer). A waiting client simply sees a slower reply: no polling, no error.
 """
 
 from __future__ import annotations
@@ -22,30 +24,45 @@ Start = Callable[[Message], Message]
 
 
 class Transfers:
-    def __init__(self, limit: int, timeout: float) -> None:
+    def __init__(self, limit: int, timeout: float, room: Callable[[Message], bool] | None = None) -> None:
         self.limit = limit
         self.timeout = timeout
-        self._busy: dict[str, float] = {}  # client -> when its transfer slot expires
+        self._room = room or (lambda msg: True)
+        self._busy: dict[str, tuple[float, str]] = {}  # client -> (when its slot expires, its model)
         self._waiting: deque[tuple[Message, Start]] = deque()
 
     def admit(self, msg: Message, start: Start) -> Message | None:
         """The reply now if a slot is free (or the client holds one), else None: queued."""
-        if msg.sender in self._busy or len(self._busy) < self.limit:
-            self._busy[msg.sender] = time.monotonic() + self.timeout
-            return _run(msg, start)
+        if msg.sender in self._busy or (len(self._busy) < self.limit and self._room(msg)):
+            return self._start(msg, start)
         self._waiting.append((msg, start))
         return None
 
     def release(self, client: str) -> list[tuple[Message, Message]]:
         """End ``client``'s transfer; returns (request, reply) of those that start now."""
         self._busy.pop(client, None)
-        return self._next()
+        return self.poke()
 
     def expire(self) -> list[tuple[Message, Message]]:
         now = time.monotonic()
-        for client in [c for c, t in self._busy.items() if t <= now]:
+        for client in [c for c, (t, _) in self._busy.items() if t <= now]:
             del self._busy[client]
-        return self._next()
+        return self.poke()
+
+    def poke(self) -> list[tuple[Message, Message]]:
+        """Start the waiting transfers that fit now, in their order (one with no room yet keeps its place)."""
+        out, kept = [], []
+        while self._waiting and len(self._busy) < self.limit:
+            msg, start = self._waiting.popleft()
+            if self._room(msg):
+                out.append((msg, self._start(msg, start)))
+            else:
+                kept.append((msg, start))
+        self._waiting.extendleft(reversed(kept))
+        return out
+
+    def in_flight_for(self, model: str) -> int:
+        return sum(1 for _, m in self._busy.values() if m == model)
 
     @property
     def in_flight(self) -> int:
@@ -55,13 +72,9 @@ class Transfers:
     def queued(self) -> int:
         return len(self._waiting)
 
-    def _next(self) -> list[tuple[Message, Message]]:
-        out = []
-        while self._waiting and len(self._busy) < self.limit:
-            msg, start = self._waiting.popleft()
-            self._busy[msg.sender] = time.monotonic() + self.timeout
-            out.append((msg, _run(msg, start)))
-        return out
+    def _start(self, msg: Message, start: Start) -> Message:
+        self._busy[msg.sender] = (time.monotonic() + self.timeout, str(msg.fields.get("model")))
+        return _run(msg, start)
 
 
 def _run(msg: Message, start: Start) -> Message:

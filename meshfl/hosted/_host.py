@@ -31,7 +31,7 @@ import torch
 
 from ..aggregate import make_aggregator
 from ..crypto import PeerCard
-from ..errors import ConfigError, HostedError, MeshflError
+from ..errors import ConfigError, HostedError, MeshflError, StoreError
 from ..home import Home
 from ..plans import DEFAULT_TRAINING_ARGS, load_plan_class, plan_source
 from ..transport import Peer
@@ -67,7 +67,8 @@ class _Live:
         self.slots: DiffSlots | None = None  # set by the host: where the open cycle's diffs are kept
         self.capabilities: dict[str, dict] = {}  # what accepted clients said they can do, for the diff records
         self.open: dict[str, str] = {}  # client -> its ticket for this cycle (async: this version), not yet used
-        self.committing: dict[str, str] = {}  # client -> the id of its checked diff waiting for the group commit
+        self.uncommitted: dict[str, str] = {}  # client -> its diff id: folded in, its record in the group commit
+        self.broken: str | None = None  # why storing a diff failed: nothing more is taken until a restart
         self.secure = None  # the open secure cycle (:class:`~meshfl.hosted._secure.SecureCycle`)
         self.failed: dict | None = None  # how the last secure cycle failed, for its late clients and status
         self.unmasked = None  # the last secure cycle that made a version (for survivors late to reveal)
@@ -100,11 +101,11 @@ class _Live:
 
 
 @dataclasses.dataclass
-class _Checked:
-    """A diff that passed every check, waiting for the group commit (:mod:`._commits`)."""
+class _Folded:
+    """A diff checked, stored in its slot and folded in; its record waits for the group commit."""
 
     live: _Live
-    msg: Message
+    msg: Message  # the request, its tensors dropped: what the ack answers
     rec: dict
     cycle: int
     version: int
@@ -141,7 +142,8 @@ class Host:
         self._started = False
         self._generation = -1
         self._enroll_listen = enroll_listen
-        self._transfers = Transfers(max_transfers, transfer_timeout)
+        self._pulls = Transfers(max_transfers, transfer_timeout)
+        self._pushes = Transfers(max_transfers, transfer_timeout, room=self._push_room)
         self._commits: GroupCommit | None = None
         self._secure = SecureHost(self)
         self.enroll_server = None
@@ -294,9 +296,20 @@ class Host:
         live = _Live(record, cycle, glob, agg)
         agg.begin(glob, live.record["parameters"])
         live.slots = DiffSlots(self.state.blobs.folder / f"{name}.diffs", live.layout)
+        dropped = []
         for rec in self.state.diffs(name, cycle["cycle"]):
-            self._fold(live, live.slots.read(rec["slot"]), rec)
+            try:
+                diff = live.slots.read(rec["slot"], rec["crc"])
+            except StoreError:  # only an OS crash loses a slot's bytes (not fsynced)
+                dropped.append(rec)
+                continue
+            self._fold(live, diff, rec)
             live.count(rec["client"], rec)
+        if dropped:
+            log.warning("[%s] %s: %d diff(s) lost their tensors in a crash and are dropped", self.name, name,
+                        len(dropped))
+            self.home.store.atomic(lambda tx: [tx.delete(DIFFS, diff_key(name, cycle["cycle"], r["client"], r["ticket"]))
+                                               for r in dropped])
         self._live[name] = live
         if live.config.secure_aggregation:
             if restart:  # its masked vectors, if any, died with the process: useless without the reveal
@@ -357,8 +370,8 @@ class Host:
 
     def _timer_main(self) -> None:
         while not self._stop.wait(self._next_tick()):
-            if self._transfers.in_flight:
-                self._end_transfer(None)  # slots of clients that vanished mid-transfer
+            if self._pulls.in_flight or self._pushes.in_flight:
+                self._expire_transfers()  # slots of clients that vanished mid-transfer
             if self.home.store.read(generation) != self._generation:
                 try:
                     self._sync()
@@ -367,7 +380,8 @@ class Host:
             with self._lock:
                 for live in list(self._live.values()):  # a model with diffs in the group commit: next tick
                     due = live.secure.deadline if live.secure else live.cycle.get("deadline")
-                    if live.config.mode == "cycle" and time.time() >= due and not live.committing:
+                    if live.config.mode == "cycle" and time.time() >= due and not live.uncommitted \
+                            and not live.broken:
                         try:
                             self._deadline(live)
                         except Exception:
@@ -428,6 +442,7 @@ class Host:
         live.open, live.capabilities = {}, {}  # cycle mode: a new cycle; async: a ticket is for one version
         if live.config.secure_aggregation:
             self._secure.open(live)
+        self._reply_started(self._pushes.poke())  # pushes waiting for room in this model's next cycle
         self._cond.notify_all()
         log.info("[%s] %s version %d from %d diff(s) of %d client(s)", self.name, name, v, summary["diffs"],
                  summary["clients"])
@@ -453,23 +468,19 @@ class Host:
             return self._on_request(msg)
         if msg.type == "hosted.pull":
             with self._lock:
-                return self._transfers.admit(msg, self._on_pull)
+                return self._pulls.admit(msg, self._on_pull)
         if msg.type == "hosted.pulled":
-            self._end_transfer(msg.sender)
+            self._end_transfer(self._pulls, msg.sender)
             return None
         if msg.type == "hosted.push":
             with self._lock:
-                return self._transfers.admit(msg, lambda m: m.reply("hosted.go", {"model": m.fields["model"]}))
+                return self._pushes.admit(msg, lambda m: m.reply("hosted.go", {"model": m.fields["model"]}))
         if msg.type == "hosted.diff":
             try:
                 answer = self._on_diff(msg)
-            except BaseException:
-                self._end_transfer(msg.sender)
-                raise
-            if answer is _QUEUED:  # its transfer ends with its ack, after the group commit
-                return None
-            self._end_transfer(msg.sender)
-            return answer
+            finally:
+                self._end_transfer(self._pushes, msg.sender)  # the diff is here: its memory is free
+            return None if answer is _QUEUED else answer
         if msg.type in SECURE_TYPES:
             with self._lock:
                 live = self._get(msg.fields["model"])
@@ -482,11 +493,25 @@ class Host:
             return Message("pong", {"name": self.name, "peer_id": self.peer.peer_id, "role": "host", "version": "1"})
         raise MeshflError(f"a host does not handle {msg.type!r}", code="unknown_type")
 
-    def _end_transfer(self, client: str | None) -> None:
+    def _end_transfer(self, transfers: Transfers, client: str) -> None:
         with self._lock:
-            started = self._transfers.release(client) if client else self._transfers.expire()
+            self._reply_started(transfers.release(client))
+
+    def _expire_transfers(self) -> None:
+        with self._lock:
+            self._reply_started(self._pulls.expire() + self._pushes.expire())
+
+    def _reply_started(self, started: list[tuple[Message, Message]]) -> None:
         for request, reply in started:
             self.peer.reply(request, reply)
+
+    def _push_room(self, msg: Message) -> bool:
+        """May a push for this model start: with the diffs already in and the pushes in flight, is
+        there room left in the open cycle (async: buffer)? One with no room waits for the next."""
+        live = self._live.get(msg.fields.get("model"))
+        if live is None or live.secure:
+            return True
+        return live.diffs + self._pushes.in_flight_for(live.record["name"]) < live.config.close_at
 
     def _on_request(self, msg: Message) -> Message:
         client, name = msg.sender, msg.fields["model"]
@@ -553,9 +578,12 @@ class Host:
             if live.secure:  # a masked vector: summed, never stored
                 return self._secure.diff(live, msg)
             cfg = live.config
-            waiting = live.committing.get(client)
+            if live.broken:
+                raise HostedError(f"the host could not store diffs of {name!r} ({live.broken}); it takes "
+                                  "none until it restarts", code="store_failed")
+            waiting = live.uncommitted.get(client)
             if waiting is not None:
-                if waiting == diff_id:  # sent again while its commit runs: its ack follows
+                if waiting == diff_id:  # sent again while its record commits: its ack follows
                     return _QUEUED
                 raise HostedError("this client already sent a diff on this ticket", code="duplicate_diff")
             done = self.home.store.read(lambda tx: tx.get(TICKETS, f"{name}/{client}"))
@@ -568,7 +596,14 @@ class Host:
             if version > live.version or version < 0:
                 raise HostedError(f"{name!r} has no version {version} (it is at {live.version})",
                                   code="unknown_version")
-            self._check_fresh(live, version)
+            tau = live.version - version
+            if cfg.mode == "cycle" and tau or tau > cfg.max_staleness:
+                raise HostedError(f"the diff is for version {version}, the model is at {live.version}"
+                                  + (f" (max_staleness {cfg.max_staleness})" if cfg.mode == "async" else
+                                     ": its cycle closed"), code="stale_version")
+            if live.diffs >= cfg.close_at:  # only a diff sent without its hosted.go gets here
+                raise HostedError(f"the {'cycle' if cfg.mode == 'cycle' else 'buffer'} is full: ask to push "
+                                  "(hosted.push) first", code="stale_version")
             if not hmac.compare_digest(f["ticket"], self._ticket(live, client, version)):
                 raise HostedError("no ticket of this client for this cycle matches that diff (never asked, or its "
                                   "slot was freed at the deadline): ask to train first", code="not_accepted")
@@ -580,84 +615,48 @@ class Host:
                 raise HostedError(f"samples must be > 0, got {samples}", code="bad_samples")
             metrics = _metrics(f.get("metrics") or {})
             self._check_diff(live, msg.tensors)
-            rec = {"client": client, "ticket": f["ticket"], "diff_id": diff_id, "base": version,
-                   "samples": samples, "metrics": metrics, "capabilities": live.capabilities.pop(client, {})}
-            live.committing[client] = diff_id
-        self._commits.put(_Checked(live, msg, rec, live.cycle["cycle"], version))
+            weight = samples * (staleness_weight(tau) if cfg.mode == "async" else 1.0)
+            slot = live.diffs  # the cycle's i-th diff takes slot i
+            rec = {"client": client, "ticket": f["ticket"], "diff_id": diff_id, "base": version, "tau": tau,
+                   "samples": samples, "weight": weight, "metrics": metrics, "at": time.time(), "slot": slot,
+                   "crc": live.slots.write(slot, msg.tensors), "capabilities": live.capabilities.pop(client, {})}
+            self._fold(live, msg.tensors, rec)
+            live.count(client, rec)
+            live.open.pop(client, None)
+            live.uncommitted[client] = diff_id
+            item = _Folded(live, Message(msg.type, id=msg.id, sender=client), rec, live.cycle["cycle"], version)
+        self._commits.put(item)
         return _QUEUED
 
-    def _check_fresh(self, live: _Live, version: int) -> None:
-        """A diff must be for the open cycle's version (async: at most ``max_staleness`` old)."""
-        cfg, tau = live.config, live.version - version
-        if cfg.mode == "cycle" and tau or tau > cfg.max_staleness:
-            raise HostedError(f"the diff is for version {version}, the model is at {live.version}"
-                              + (f" (max_staleness {cfg.max_staleness})" if cfg.mode == "async" else
-                                 ": its cycle closed"), code="stale_version")
-
-    def _commit(self, batch: list[_Checked]) -> list[_Checked]:
-        """The committer thread's part (:class:`GroupCommit`): one transaction for every diff that
-        still fits its cycle or buffer, then fold, publish when full, acknowledge. Only this thread
-        publishes on a diff, and the timer leaves a model alone while its diffs wait here, so the
-        cycle a diff was checked against is still open when it commits."""
-        ready, later, refused = [], [], []
-        with self._lock:
-            room: dict[str, int] = {}
-            for item in batch:
-                live, name = item.live, item.live.record["name"]
-                left = room.setdefault(name, live.config.close_at - live.diffs)
-                try:
-                    self._check_fresh(live, item.version)
-                    if left <= 0 and live.config.mode == "cycle":  # the cycle closes on the diffs before it
-                        raise HostedError(f"the diff is for version {item.version}: its cycle closed",
-                                          code="stale_version")
-                except HostedError as exc:
-                    refused.append((item, exc))
-                    continue
-                if left <= 0:  # async: the next buffer takes it
-                    later.append(item)
-                    continue
-                room[name] = left - 1
-                tau = live.version - item.version
-                weight = item.rec["samples"] * (staleness_weight(tau) if live.config.mode == "async" else 1.0)
-                item.rec.update(tau=tau, weight=weight, at=time.time(), slot=live.config.close_at - left)
-                ready.append(item)
-            for item, _ in refused:
-                item.live.committing.pop(item.msg.sender, None)
-        for item, exc in refused:
-            self._answer(item, error_message(exc.code, exc.message, item.msg.id, exc.details))
-        if not ready:
-            return later
+    def _commit(self, batch: list[_Folded]) -> None:
+        """The committer thread's part (:class:`GroupCommit`): the batch's records and tickets in
+        one transaction, then the acks, then the next version if a cycle (buffer) is full. A
+        version is made only when every diff folded into it has committed; if a commit fails, the
+        sum in memory holds diffs the store does not, so the model takes nothing more until a
+        restart rebuilds it from what did commit."""
         try:
-            for item in ready:
-                item.live.slots.write(item.rec["slot"], item.msg.tensors)
-            for slots in {id(item.live): item.live.slots for item in ready}.values():
-                slots.sync()
-            self.home.store.atomic(lambda tx: [self._record(tx, item) for item in ready])
+            self.home.store.atomic(lambda tx: [self._record(tx, item) for item in batch])
         except Exception as exc:
-            log.exception("[%s] storing %d diff(s) failed", self.name, len(ready))
+            log.exception("[%s] storing %d diff(s) failed", self.name, len(batch))
             with self._lock:
-                for item in ready:
-                    item.live.committing.pop(item.msg.sender, None)
-            for item in ready:
-                self._answer(item, error_message("internal", f"the host could not store the diff: {exc}",
-                                                 item.msg.id))
-            return later
+                for item in batch:
+                    item.live.broken = f"{type(exc).__name__}: {exc}"
+            for item in batch:
+                self.peer.reply(item.msg, error_message("store_failed", f"the host could not store the diff: {exc}",
+                                                        item.msg.id))
+            return
         with self._lock:
-            for item in ready:
-                live, client = item.live, item.msg.sender
-                live.committing.pop(client, None)
-                live.open.pop(client, None)
-                self._fold(live, item.msg.tensors, item.rec)
-                live.count(client, item.rec)
-                if live.diffs >= live.config.close_at:
+            for item in batch:
+                item.live.uncommitted.pop(item.msg.sender, None)
+            for live in {id(item.live): item.live for item in batch}.values():
+                if live.diffs >= live.config.close_at and not live.uncommitted:
                     self._publish(live)
-        for item in ready:
-            self._answer(item, item.msg.reply("hosted.ack", {"model": item.live.record["name"],
-                                                             "diff_id": item.rec["diff_id"], "cycle": item.cycle,
-                                                             "duplicate": False}))
-        return later
+        for item in batch:
+            self.peer.reply(item.msg, item.msg.reply("hosted.ack", {"model": item.live.record["name"],
+                                                                    "diff_id": item.rec["diff_id"],
+                                                                    "cycle": item.cycle, "duplicate": False}))
 
-    def _record(self, tx, item: _Checked) -> None:
+    def _record(self, tx, item: _Folded) -> None:
         """An accepted diff's record and its ticket's use (inside the group commit)."""
         name, client, rec = item.live.record["name"], item.msg.sender, item.rec
         tx.put(DIFFS, diff_key(name, item.cycle, client, rec["ticket"]), rec)
@@ -665,10 +664,6 @@ class Host:
                                              "version": item.version})
         seen = tx.get(CLIENTS, client) or {}
         tx.put(CLIENTS, client, {**seen, "diffs": seen.get("diffs", 0) + 1, "last": rec["at"]})
-
-    def _answer(self, item: _Checked, reply: Message) -> None:
-        self.peer.reply(item.msg, reply)
-        self._end_transfer(item.msg.sender)
 
     def _check_diff(self, live: _Live, tensors: Mapping) -> None:
         """The whole diff, checked before anything is written: names, size, dtypes, shapes, finiteness."""

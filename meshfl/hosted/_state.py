@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zlib
 from pathlib import Path
 from typing import Mapping
 
@@ -122,28 +123,30 @@ class DiffSlots:
     file that every cycle overwrites. Storing a diff so creates no file and allocates no disk
     block: with a pack per diff, each commit's flush also waited for the new packs' blocks (ext4
     data=ordered), which cost more than all the rest of a cycle of small diffs. Slot ``i`` holds
-    the cycle's ``i``-th diff; the diff's record names its slot, and a slot is written and
-    flushed (:meth:`sync`) before that record commits, so a record never names a slot whose
-    bytes a crash lost."""
+    the cycle's ``i``-th diff; the slot is written before the diff's record commits, and the
+    record keeps the slot's CRC-32. Like packs, slots are not fsynced: they survive the host
+    process's death (the page cache keeps them), and if an OS crash loses one, its CRC no longer
+    matches and the restarted host drops that diff rather than fold in stale bytes."""
 
     def __init__(self, path: str | os.PathLike, layout: Mapping[str, tuple[str, tuple]]) -> None:
         self.specs = [(n, DTYPES[d], shape, DTYPES[d].itemsize * _count(shape)) for n, (d, shape) in layout.items()]
         self.size = sum(nbytes for *_, nbytes in self.specs)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
 
-    def write(self, slot: int, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Write a checked diff (the model's names, dtypes and shapes) to slot ``slot``."""
-        pos = slot * self.size
+    def write(self, slot: int, tensors: Mapping[str, torch.Tensor]) -> int:
+        """Write a checked diff (the model's names, dtypes and shapes) to slot ``slot``; its CRC-32."""
+        pos, crc = slot * self.size, 0
         for name, *_ in self.specs:
-            pos += pwrite_all(self._fd, byte_views(tensors, name), pos)
+            views = list(byte_views(tensors, name))
+            pos += pwrite_all(self._fd, views, pos)
+            for view in views:
+                crc = zlib.crc32(view, crc)
+        return crc
 
-    def sync(self) -> None:
-        os.fdatasync(self._fd)
-
-    def read(self, slot: int) -> dict[str, torch.Tensor]:
+    def read(self, slot: int, crc: int) -> dict[str, torch.Tensor]:
         data = os.pread(self._fd, self.size, slot * self.size)
-        if len(data) != self.size:
-            raise StoreError(f"diff slot {slot} is truncated", code="corrupt")
+        if len(data) != self.size or zlib.crc32(data) != crc:
+            raise StoreError(f"diff slot {slot} does not hold the diff its record names", code="corrupt")
         buf, out, pos = bytearray(data), {}, 0
         for name, dtype, shape, nbytes in self.specs:
             out[name] = (torch.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize, offset=pos).reshape(shape)
