@@ -2,9 +2,11 @@
 
 1. **Push** what the outbox holds for hosts: each ``hosted.diff`` result (the task's pack holds
    trained minus received) goes ``hosted.push`` -> ``hosted.go``, then ``hosted.diff`` ->
-   ``hosted.ack``, and the ack acknowledges the outbox entry. Its diff id is the task id, so a
-   node restarted before the ack re-sends it and the host counts it once. A diff the host refuses
-   with a code (its cycle closed, its version too stale) can never count: it is dropped, audited.
+   ``hosted.ack`` (in chunks when larger than one: :mod:`meshfl.hosted._chunks`), and the ack
+   acknowledges the outbox entry. Its diff id is the task id, so a node restarted before the ack
+   re-sends it and the host counts it once. A diff the host refuses with a code (its cycle closed,
+   its version too stale) can never count: it is dropped, audited; one whose chunks did not all get
+   through (the host restarted mid-transfer) is pushed again.
 2. **Ask** for a slot, when the node is idle (no task queued or running, nothing of that join in
    the outbox) and the host's last backoff has passed: ``hosted.request``; pull the version (and
    the plan, when its hash changed) only when the cached hash differs; then the same gate as a
@@ -22,7 +24,7 @@ import time
 import uuid
 
 from ..errors import MeshflError, RemoteError
-from ..hosted import _wire  # noqa: F401  (declares the hosted messages)
+from ..hosted import _chunks, _wire  # noqa: F401  (declares the hosted messages)
 from ..privacy import Request
 from ..wire import Message
 from ._joins import Joins, cache_blob, join_key
@@ -97,12 +99,14 @@ class HostedJoiner:
                 continue
             fields = {"model": f["model"], "ticket": f["ticket"], "diff_id": item.msg_id, "version": f["version"],
                       "samples": f["samples"], "metrics": f.get("metrics") or {}}
-            peer = self.node.peer
             try:
-                peer.call(item.dest, Message("hosted.push", {"model": f["model"], "ticket": f["ticket"]}),
-                          CALL_TIMEOUT_S)
-                ack = peer.call(item.dest, Message("hosted.diff", fields, tensors), CALL_TIMEOUT_S)
+                ack = _chunks.push(self._requester(item.dest), fields, tensors)
             except RemoteError as exc:
+                if exc.code in _chunks.RETRY_CODES:
+                    self.node.log.info("the diff of task %s did not get through whole (%s); retrying", item.msg_id,
+                                       exc.code)
+                    self._retry_at[item.msg_id] = time.monotonic() + RETRY_S
+                    continue
                 self.node.log.warning("host %s refused the diff of task %s (%s): %s", item.dest, item.msg_id,
                                       exc.code, exc.message)
                 self._forget(item.msg_id, item.dest, exc.code)
@@ -112,6 +116,10 @@ class HostedJoiner:
                 self._retry_at[item.msg_id] = time.monotonic() + RETRY_S
                 continue
             self._acknowledge(item.msg_id, item.dest, ack.fields)
+
+    def _requester(self, host: str):
+        """Requests to ``host`` for :mod:`meshfl.hosted._chunks`: each one in flight is a future."""
+        return lambda msg: self.node.peer.request(host, msg, CALL_TIMEOUT_S).result
 
     def _acknowledge(self, task_id: str, host: str, ack: dict) -> None:
         """The host counted the diff (once, ``duplicate`` if this was a re-send): forget it."""
@@ -185,10 +193,9 @@ class HostedJoiner:
     def _pull(self, join: dict, key: str, accepted: dict, cache: dict | None) -> dict:
         """The accepted version's tensors (and the plan, when its hash changed) into the cache."""
         plan = cache is None or cache["plan_hash"] != accepted["plan_hash"]
-        reply = self.node.peer.call(join["host"], Message("hosted.pull", {
-            "model": join["model"], "version": accepted["version"], "plan": plan}), CALL_TIMEOUT_S)
-        self.node.peer.send(join["host"], Message("hosted.pulled", {"model": join["model"]}))  # frees its slot
-        f = reply.fields
+        peer = self.node.peer
+        f, tensors = _chunks.pull(self._requester(join["host"]), lambda m: peer.send(join["host"], m), join["model"],
+                                  accepted["version"], plan, peer.limits.max_message_bytes)
         if f["plan_hash"] != accepted["plan_hash"] or (not plan and cache["plan_hash"] != f["plan_hash"]):
             raise MeshflError("the host's plan changed between request and pull", code="plan_changed")
         record = dict(cache or {})
@@ -196,7 +203,7 @@ class HostedJoiner:
             record.update(plan_source=f.get("plan_source") or "", plan_class=f.get("plan_class") or "",
                           model_args=f.get("model_args") or {})
         record.update(version=f["version"], version_hash=f["version_hash"], plan_hash=f["plan_hash"])
-        self.node.blobs.write(cache_blob(key), dict(reply.tensors))
+        self.node.blobs.write(cache_blob(key), tensors)
         self.joins.set_cache(key, record)
         return record
 
