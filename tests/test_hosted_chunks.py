@@ -1,0 +1,176 @@
+"""Hosted models larger than one chunk: pulled and pushed chunk by chunk (meshfl/hosted/_chunks.py),
+with a host whose message limit is well below the model's size."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import zmq
+
+from helpers.hosted import clients, make_host_home
+from helpers.plans import AddOnePlan
+from meshfl.errors import RemoteError
+from meshfl.hosted import Backoff, Host
+from meshfl.protocol import chunk_plan, layout_of
+from meshfl.wire import Message
+
+WIDE = {"width": 150_000}  # AddOnePlan: 1.05 M float32, about 4.2 MB
+LIMIT = 512 << 10  # the host's max_message_bytes: an eighth of the model
+CHUNK = 128 << 10  # 33 chunks a transfer: more than a window in flight
+
+
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.term()
+
+
+@pytest.fixture
+def host(tmp_path):
+    h = Host(make_host_home(tmp_path), max_message_bytes=LIMIT, chunk_bytes=CHUNK).start()
+    h.add_model("m", AddOnePlan, model_args=WIDE, server={"max_clients": 2, "cycle_length": 60})
+    yield h
+    h.close()
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def _ticket(client):
+    answer = client.request("m")
+    assert not isinstance(answer, Backoff), answer
+    return answer.fields
+
+
+def _nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_a_model_of_many_chunks_trains_through_a_cycle_with_light_clients(host, ctx):
+    v0 = host.model("m")
+    assert _nbytes(v0) > 8 * LIMIT
+    cs = clients(host, 2, AddOnePlan, context=ctx)
+    try:
+        t = _ticket(cs[0])
+        entry = cs[0].pull("m", 0)
+        for k in v0:  # every chunk in its place
+            torch.testing.assert_close(entry["tensors"][k], v0[k])
+        whole = {k: torch.ones_like(v) for k, v in v0.items()}
+        with pytest.raises(RemoteError) as exc:  # the same diff in one message: over the host's limit
+            cs[0].call(Message("hosted.diff", {"model": "m", "ticket": t["ticket"], "diff_id": "x", "version": 0,
+                                               "samples": 5}, whole))
+        assert exc.value.code == "oversize"
+        assert host.status("m")[0]["open"]["diffs"] == 0
+        for c in cs:
+            assert c.train_once("m")["duplicate"] is False
+        assert host.wait_version("m", 1, timeout=20)
+        [record] = [r for r in host.versions("m") if r["version"] == 1]
+        assert record["diffs"] == 2 and record["clients"] == 2
+        for k, v in host.model("m", 1).items():  # AddOnePlan: +1 on every parameter
+            torch.testing.assert_close(v, v0[k] + 1)
+        assert cs[0].pull("m", 1)["version"] == 1
+        wait_for(lambda: host._transfers.in_flight == 0 and not host._uploads)  # every slot, buffer given back
+    finally:
+        for c in cs:
+            c.close()
+
+
+def test_duplicated_and_replayed_chunks_change_nothing(host, ctx):
+    v0 = host.model("m")
+    c, other = clients(host, 2, AddOnePlan, context=ctx)
+    try:
+        ticket = _ticket(c)["ticket"]
+        layout = layout_of(v0)
+        chunks = chunk_plan(layout, CHUNK)
+        diff = {k: torch.full_like(v, 0.25) for k, v in v0.items()}
+        flat = {k: t.reshape(-1) for k, t in diff.items()}
+
+        def put(diff_id, index, data=None):
+            if data is None:
+                name, start, count = chunks[index]
+                data = flat[name][start : start + count]
+            return c.call(Message("hosted.put", {"model": "m", "diff_id": diff_id, "index": index}, {"data": data}))
+
+        def code(call):
+            with pytest.raises(RemoteError) as exc:
+                call()
+            return exc.value.code
+
+        assert code(lambda: put("d1", 0)) == "no_upload"  # no slot, no upload: nothing written
+        go = c.call(Message("hosted.push", {"model": "m", "ticket": ticket, "diff_id": "d1", "layout": layout}))
+        assert go.fields["chunk_bytes"] == CHUNK
+        for i in range(len(chunks)):
+            put("d1", i)
+        fields = {"model": "m", "ticket": ticket, "diff_id": "d1", "version": 0, "samples": 5,
+                  "chunks": len(chunks)}
+        put("d1", 3)  # a duplicated chunk
+        assert code(lambda: put("old", 3, torch.full((chunks[3][2],), 9.0))) == "no_upload"  # another diff's
+        assert code(lambda: put("d1", 3, torch.zeros(7))) == "bad_chunk"  # does not fit its place
+        assert code(lambda: put("d1", len(chunks), torch.zeros(7))) == "bad_chunk"  # no such chunk
+        assert c.call(Message("hosted.diff", fields)).fields["duplicate"] is False
+        assert code(lambda: put("d1", 3, torch.full((chunks[3][2],), 9.0))) == "no_upload"  # a replay after the ack
+        assert c.call(Message("hosted.push", {"model": "m", "ticket": ticket, "diff_id": "d1",
+                                              "layout": layout})).fields["duplicate"]  # acknowledged at once
+        t2 = _ticket(other)
+        other.pull("m", 0)
+        other.push("m", t2["ticket"], 0, diff, 5)
+        assert host.wait_version("m", 1, timeout=20)
+        for k, v in host.model("m", 1).items():
+            torch.testing.assert_close(v, v0[k] + 0.25)
+    finally:
+        c.close()
+        other.close()
+
+
+def test_a_chunked_diff_with_a_missing_chunk_is_incomplete_and_can_be_pushed_again(host, ctx):
+    v0 = host.model("m")
+    [c] = clients(host, 1, AddOnePlan, context=ctx)
+    try:
+        ticket = _ticket(c)["ticket"]
+        layout = layout_of(v0)
+        chunks = chunk_plan(layout, CHUNK)
+        c.call(Message("hosted.push", {"model": "m", "ticket": ticket, "diff_id": "d1", "layout": layout}))
+        fields = {"model": "m", "ticket": ticket, "diff_id": "d1", "version": 0, "samples": 5, "chunks": len(chunks)}
+        with pytest.raises(RemoteError) as exc:  # no chunk came (all of them lost)
+            c.call(Message("hosted.diff", fields))
+        assert exc.value.code == "incomplete_diff"
+        assert host.status("m")[0]["open"]["diffs"] == 0 and host._transfers.in_flight == 0
+        diff = {k: torch.full_like(v, 0.5) for k, v in v0.items()}
+        assert c.push("m", ticket, 0, diff, 5, diff_id="d1").fields["duplicate"] is False
+        assert host.status("m")[0]["open"]["diffs"] == 1
+    finally:
+        c.close()
+
+
+def test_bad_chunked_diffs_keep_their_codes_and_leave_the_model_untouched(host, ctx):
+    v0 = host.model("m")
+    [c] = clients(host, 1, AddOnePlan, context=ctx)
+    try:
+        ticket = _ticket(c)["ticket"]
+        name = next(k for k, v in v0.items() if v.numel() > 100_000)
+        good = {k: torch.full_like(v, 0.5) for k, v in v0.items()}
+        nan = {**good, name: good[name].clone()}
+        nan[name].view(-1)[-1] = float("nan")  # in the last chunk of a large tensor
+        cases = {"bad_shape": {**good, name: torch.zeros(3, 5)},
+                 "bad_dtype": {**good, name: good[name].half()},
+                 "bad_diff": {k: v for k, v in good.items() if k != name},
+                 "oversize": {**good, "extra": torch.zeros(10)},
+                 "non_finite": nan}
+        for want, diff in cases.items():
+            with pytest.raises(RemoteError) as exc:
+                c.push("m", ticket, 0, diff, 5)
+            assert exc.value.code == want, want
+        assert host.status("m")[0]["open"]["diffs"] == 0
+        assert c.push("m", ticket, 0, good, 5).fields["duplicate"] is False  # the buffer that held the NaN, reused
+        assert host.status("m")[0]["open"]["diffs"] == 1
+        for k, v in host.model("m").items():
+            torch.testing.assert_close(v, v0[k])  # no version yet: untouched
+    finally:
+        c.close()
