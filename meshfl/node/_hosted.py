@@ -6,7 +6,9 @@
    acknowledges the outbox entry. Its diff id is the task id, so a node restarted before the ack
    re-sends it and the host counts it once. A diff the host refuses with a code (its cycle closed,
    its version too stale) can never count: it is dropped, audited; one whose chunks did not all get
-   through (the host restarted mid-transfer) is pushed again.
+   through (the host restarted mid-transfer) is pushed again. A request in flight when the host's
+   link goes down (the host was killed) is given up at once, not at its timeout: its reply could
+   only come over that link, and every exchange here may be repeated.
 2. **Ask** for a slot, when the node is idle (no task queued or running, nothing of that join in
    the outbox) and the host's last backoff has passed: ``hosted.request``; pull the version (and
    the plan, when its hash changed) only when the cached hash differs; then the same gate as a
@@ -22,8 +24,9 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from concurrent.futures import TimeoutError as FutureTimeout
 
-from ..errors import MeshflError, RemoteError
+from ..errors import MeshflError, PeerUnavailable, RemoteError
 from ..hosted import _chunks, _wire  # noqa: F401  (declares the hosted messages)
 from ..privacy import Request
 from ..wire import Message
@@ -43,6 +46,7 @@ class HostedJoiner:
         self.joins = Joins(node.home.store, node.audit)
         self._retry_at: dict[str, float] = {}  # join or outbox id -> when to try again
         self._queued: dict[str, str] = {}  # join -> the task last queued for it
+        self._links: dict[str, int] = {}  # peer -> how many times its link went up or down
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"meshfl-hosted-{node.name}", daemon=True)
 
@@ -56,6 +60,10 @@ class HostedJoiner:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def on_link(self, peer_id: str) -> None:
+        """A link went up or down: what was asked over it before will get no answer."""
+        self._links[peer_id] = self._links.get(peer_id, 0) + 1
 
     def _main(self) -> None:
         stopping = self.node._stopping
@@ -118,8 +126,22 @@ class HostedJoiner:
             self._acknowledge(item.msg_id, item.dest, ack.fields)
 
     def _requester(self, host: str):
-        """Requests to ``host`` for :mod:`meshfl.hosted._chunks`: each one in flight is a future."""
-        return lambda msg: self.node.peer.request(host, msg, CALL_TIMEOUT_S).result
+        """Requests to ``host`` (for :mod:`meshfl.hosted._chunks`): each one in flight a future,
+        given up as soon as the host's link changes."""
+        def request(msg: Message):
+            link = self._links.get(host, 0)
+            future = self.node.peer.request(host, msg, CALL_TIMEOUT_S)
+
+            def wait() -> Message:
+                while True:
+                    try:
+                        return future.result(timeout=POLL_S)
+                    except FutureTimeout:
+                        if self._links.get(host, 0) != link:
+                            raise PeerUnavailable(f"the link to the host went down before {msg.type!r} was "
+                                                  "answered") from None
+            return wait
+        return request
 
     def _acknowledge(self, task_id: str, host: str, ack: dict) -> None:
         """The host counted the diff (once, ``duplicate`` if this was a re-send): forget it."""
@@ -172,7 +194,7 @@ class HostedJoiner:
         request = Message("hosted.request", {"model": model, "capabilities": {"kind": "node"},
                                              "cached": (cache or {}).get("version_hash", "")})
         try:
-            reply = peer.call(join["host"], request, CALL_TIMEOUT_S)
+            reply = self._requester(join["host"])(request)()
             if reply.type == "hosted.backoff":
                 self._retry_at[key] = time.monotonic() + float(reply.fields["retry_in"])
                 return
