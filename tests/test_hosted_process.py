@@ -102,9 +102,11 @@ def test_a_node_whose_host_is_killed_delivers_its_diff_after_the_restart_or_move
     B. while it holds its diff: the restarted host forgot the node's slot and a light client took it
        and closed the cycle, so the node's diff is refused (stale_version), dropped with an audit
        record, and the node trains the next cycle;
-    C. while it holds its diff, released while the host is down: the outbox delivers it after the
-       restart. The host's history is intact: every version is exactly one diff."""
+    C. with its push of that diff in flight (the host hung, then killed): the node gives the push up
+       when the link goes down, and the outbox delivers the diff after the restart. The host's history is intact: every version is exactly one diff."""
     import fcntl
+    import os
+    import signal
 
     from helpers.data import write_blobs_csv
     from meshfl.home import Home
@@ -194,9 +196,11 @@ def test_a_node_whose_host_is_killed_delivers_its_diff_after_the_restart_or_move
         wait_for(lambda: audit("hosted.diff_dropped"))
         assert [(d["task"], d["reason"]) for d in audit("hosted.diff_dropped")] == [(second, "stale_version")]
 
-        third = held_diff(3)  # C. it moved on to the next cycle; the host dies while it holds that diff
-        kill(proc)
-        release(third)  # pushed to a dead host: the outbox keeps it
+        third = held_diff(3)  # C. it moved on to the next cycle and holds that diff
+        os.kill(proc.pid, signal.SIGSTOP)  # the host hangs...
+        release(third)
+        wait_for(lambda: any(p.type == "hosted.push" for p in list(node.peer._pending.values())))
+        kill(proc)  # ...and dies with the node's push unanswered: the outbox keeps the diff
         proc = start_host(home)
         wait_for(lambda: len(versions()) == 4)
         wait_for(lambda: [a["task"] for a in audit("result.acknowledged")] == [first, third])

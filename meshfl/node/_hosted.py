@@ -47,6 +47,7 @@ class HostedJoiner:
         self._retry_at: dict[str, float] = {}  # join or outbox id -> when to try again
         self._queued: dict[str, str] = {}  # join -> the task last queued for it
         self._links: dict[str, int] = {}  # peer -> how many times its link went up or down
+        self._came_up: set[str] = set()  # hosts whose link came (back) up: retry what waits for them now
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"meshfl-hosted-{node.name}", daemon=True)
 
@@ -61,15 +62,20 @@ class HostedJoiner:
     def wake(self) -> None:
         self._wake.set()
 
-    def on_link(self, peer_id: str) -> None:
-        """A link went up or down: what was asked over it before will get no answer."""
+    def on_link(self, peer_id: str, up: bool) -> None:
+        """A link went up or down: what was asked over it before will get no answer; once it is
+        up, what failed on it is tried again at once."""
         self._links[peer_id] = self._links.get(peer_id, 0) + 1
+        if up:
+            self._came_up.add(peer_id)
+            self._wake.set()
 
     def _main(self) -> None:
         stopping = self.node._stopping
         while not stopping.is_set():
             wait = POLL_S
             try:
+                self._retry_now()
                 self._push_pending()
                 joins = self.joins.list()
                 if not joins and not self._items():
@@ -83,6 +89,15 @@ class HostedJoiner:
                 self.node.log.exception("serving hosted models failed")
             self._wake.wait(wait)
             self._wake.clear()
+
+    def _retry_now(self) -> None:
+        while self._came_up:
+            host = self._came_up.pop()
+            for item in self._items():
+                if item.dest == host:
+                    self._retry_at.pop(item.msg_id, None)
+            for key in [k for k in list(self._retry_at) if k.startswith(host + "/")]:
+                self._retry_at.pop(key, None)
 
     # ------------------------------------------------------------------ pushing diffs
     def _items(self) -> list:

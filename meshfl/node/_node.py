@@ -440,7 +440,7 @@ class Node:
     def _on_link(self, peer_id: str, up: bool) -> None:
         record_link(self.home.store, peer_id, up)  # for the console and `node status`: changes only
         self.directories.on_link(peer_id, up)
-        self.hosted.on_link(peer_id)
+        self.hosted.on_link(peer_id, up)
         if up:
             for item in self.outbox.pending(dest=peer_id):
                 self._send_result(item.dest, item.msg_id, item.envelope["fields"], mtype=_type(item.envelope))
