@@ -174,3 +174,25 @@ def test_bad_chunked_diffs_keep_their_codes_and_leave_the_model_untouched(host, 
             torch.testing.assert_close(v, v0[k])  # no version yet: untouched
     finally:
         c.close()
+
+
+def test_a_client_that_vanishes_mid_upload_frees_its_slot_at_the_transfer_timeout(tmp_path, ctx):
+    with Host(make_host_home(tmp_path), max_message_bytes=LIMIT, chunk_bytes=CHUNK, max_transfers=1,
+              transfer_timeout=0.5) as host:
+        host.add_model("m", AddOnePlan, model_args=WIDE, server={"max_clients": 2})
+        v0 = host.model("m")
+        gone, other = clients(host, 2, AddOnePlan, context=ctx)
+        try:
+            layout = layout_of(v0)
+            name, start, count = chunk_plan(layout, CHUNK)[0]
+            gone.call(Message("hosted.push", {"model": "m", "ticket": _ticket(gone)["ticket"], "diff_id": "g",
+                                              "layout": layout}))
+            gone.call(Message("hosted.put", {"model": "m", "diff_id": "g", "index": 0},
+                              {"data": torch.zeros(count)}))
+            gone.close()  # vanished with one chunk of 33 sent
+            t = _ticket(other)
+            diff = {k: torch.full_like(v, 0.5) for k, v in v0.items()}
+            assert other.push("m", t["ticket"], 0, diff, 5).fields["duplicate"] is False  # waited for the slot
+            assert host.status("m")[0]["open"]["diffs"] == 1 and "g" not in {u.diff_id for u in host._uploads.values()}
+        finally:
+            other.close()

@@ -81,7 +81,7 @@ def pull(request: Request, send: Send, model: str, version: int, plan: bool,
         asks = (Message("hosted.fetch", {"model": model, "version": f["version"], "index": i})
                 for i in range(len(chunks)))
         for i, got in enumerate(windowed(asks, request)):
-            if got.fields.get("index") != i:
+            if (got.fields.get("index"), got.fields.get("version")) != (i, f["version"]):
                 raise HostedError(f"chunk {got.fields.get('index')} came for chunk {i}", code="bad_chunk")
             place(out, chunks[i], got.tensors.get("data"))
         return f, out

@@ -204,7 +204,7 @@ class HostedJoiner:
             return
         if not self.node.peer.is_online(join["host"]):
             return
-        peer, model = self.node.peer, join["model"]
+        model = join["model"]
         cache = self.joins.cache(key)
         request = Message("hosted.request", {"model": model, "capabilities": {"kind": "node"},
                                              "cached": (cache or {}).get("version_hash", "")})
