@@ -512,17 +512,19 @@ class Host:
                          {"data": tensors[tensor].reshape(-1)[start : start + count]})
 
     def _before_push(self, msg: Message) -> Message | None:
-        """Before a slot is granted: a diff already counted is acknowledged at once, and a declared
-        layout that does not match the model is refused with the code its tensors would get."""
+        """Before a slot is granted to a diff that is to come in chunks: one already counted is
+        acknowledged at once, and a layout that does not match the model is refused with the code
+        its tensors would get (a small diff comes whole and is checked as it is)."""
         client, f = msg.sender, msg.fields
         live = self._get(f["model"])
+        specs = check_layout(f.get("layout") or [])
+        if sum(nbytes for _, _, nbytes in specs.values()) <= self.chunk_bytes:
+            return None
         done = self.home.store.read(lambda tx: tx.get(TICKETS, f"{f['model']}/{client}"))
         if done is not None and done["ticket"] == f["ticket"] and done["diff_id"] == f.get("diff_id"):
             return msg.reply("hosted.ack", {"model": f["model"], "diff_id": done["diff_id"], "cycle": done["cycle"],
                                             "duplicate": True})
-        if f.get("layout") is not None:
-            specs = check_layout(f["layout"])
-            self._check_layout(live, specs)
+        self._check_layout(live, specs)
         return None
 
     def _on_push(self, msg: Message) -> Message:

@@ -14,7 +14,7 @@ A client's exchange with a host, for one model:
    :mod:`meshfl.hosted._flow`; ``chunk_bytes`` when the diff is to go in chunks, each
    ``hosted.put`` -> ``hosted.got``), then ``hosted.diff`` (ticket, trained minus received or the
    count of chunks sent, sample count, metrics) -> ``hosted.ack``. Sending the same diff id again
-   is harmless: it is acknowledged again (already at ``hosted.push``) and counted once.
+   is harmless: it is acknowledged again (a chunked one already at ``hosted.push``) and counted once.
 """
 
 from __future__ import annotations
