@@ -635,7 +635,12 @@ class Host:
         for n in sorted(tensors):
             if not live.glob[n].is_floating_point():
                 continue
-            views = [v for _, v in tensors.pieces(n)] if isinstance(tensors, TensorMap) else [tensors[n]]
+            if isinstance(tensors, TensorMap):
+                views = [v for _, v in tensors.pieces(n)]
+            else:  # in pieces too: a float64 sum of a whole large tensor makes a temporary of twice its size
+                flat = tensors[n].reshape(-1)
+                step = max(1, self.chunk_bytes // flat.element_size())
+                views = [flat[i : i + step] for i in range(0, flat.numel(), step)]
             for v in views:  # a sum is NaN or infinite if any element is: one pass, no temporary tensor
                 if not bool(torch.isfinite(v.sum(dtype=torch.float64))) and not bool(torch.isfinite(v).all()):
                     raise HostedError(f"tensor {n!r} holds NaN or infinity", code="non_finite",
