@@ -11,7 +11,7 @@ import zmq
 
 from helpers.hosted import clients, make_host_home
 from helpers.plans import AddOnePlan
-from meshfl.errors import RemoteError
+from meshfl.errors import RemoteError, RequestTimeout
 from meshfl.hosted import Backoff, Host
 from meshfl.protocol import chunk_plan, layout_of
 from meshfl.wire import Message
@@ -196,3 +196,42 @@ def test_a_client_that_vanishes_mid_upload_frees_its_slot_at_the_transfer_timeou
             assert host.status("m")[0]["open"]["diffs"] == 1 and "g" not in {u.diff_id for u in host._uploads.values()}
         finally:
             other.close()
+
+
+def test_a_host_restarted_mid_upload_refuses_the_rest_and_the_push_is_made_again(tmp_path, ctx):
+    home = make_host_home(tmp_path)
+    host = Host(home, max_message_bytes=LIMIT, chunk_bytes=CHUNK).start()
+    host.add_model("m", AddOnePlan, model_args=WIDE, server={"max_clients": 1})
+    v0 = host.model("m")
+    [c] = clients(host, 1, AddOnePlan, context=ctx)
+    try:
+        ticket = _ticket(c)["ticket"]
+        layout = layout_of(v0)
+        diff = {k: torch.full_like(v, 0.5) for k, v in v0.items()}
+        name, start, count = chunk_plan(layout, CHUNK)[0]
+        first = diff[name].reshape(-1)[start : start + count]
+        c.call(Message("hosted.push", {"model": "m", "ticket": ticket, "diff_id": "d", "layout": layout}))
+        c.call(Message("hosted.put", {"model": "m", "diff_id": "d", "index": 0}, {"data": first}))
+        host.close()  # gone with one chunk of 33 in its upload buffer
+        host = Host(home, max_message_bytes=LIMIT, chunk_bytes=CHUNK).start()
+        wait_for(lambda: _put_code(c, first) == "no_upload")  # the rest of that upload is refused
+        assert c.push("m", ticket, 0, diff, 5, diff_id="d").fields["duplicate"] is False  # pushed whole again
+        assert host.wait_version("m", 1, timeout=20)
+        [record] = [r for r in host.versions("m") if r["version"] == 1]
+        assert record["diffs"] == 1
+        for k, v in host.model("m", 1).items():
+            torch.testing.assert_close(v, v0[k] + 0.5)
+    finally:
+        c.close()
+        host.close()
+
+
+def _put_code(client, data):
+    """The host's answer to a chunk of upload ``d`` (None while it does not answer yet)."""
+    try:
+        client.call(Message("hosted.put", {"model": "m", "diff_id": "d", "index": 0}, {"data": data}), timeout=1.0)
+    except RemoteError as exc:
+        return exc.code
+    except RequestTimeout:
+        return None
+    return "ok"
