@@ -34,14 +34,19 @@ Send = Callable[[Message], object]
 
 
 def windowed(msgs: Iterable[Message], request: Request, window: int = WINDOW) -> Iterator[Message]:
-    """The replies to ``msgs``, in order, with up to ``window`` requests in flight."""
+    """The replies to ``msgs``, in order, with up to ``window`` requests in flight. If one fails,
+    those still in flight are given up (a waiter's ``cancel``, where it has one)."""
     waiting: deque = deque()
-    for msg in msgs:
-        waiting.append(request(msg))
-        if len(waiting) >= window:
+    try:
+        for msg in msgs:
+            waiting.append(request(msg))
+            if len(waiting) >= window:
+                yield waiting.popleft()()
+        while waiting:
             yield waiting.popleft()()
-    while waiting:
-        yield waiting.popleft()()
+    finally:
+        for wait in waiting:
+            getattr(wait, "cancel", lambda: None)()
 
 
 def buffers(layout: list) -> dict[str, torch.Tensor]:

@@ -122,7 +122,16 @@ class Client:
         self._socket().send_multipart(encode(msg, DEFAULT_FRAME_BYTES), copy=False)
         self._expected.add(msg.id)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        return lambda: self._wait(msg, deadline)
+
+        def wait() -> Message:
+            return self._wait(msg, deadline)
+
+        def cancel() -> None:  # given up: its reply, should it come, is dropped
+            self._expected.discard(msg.id)
+            self._early.pop(msg.id, None)
+
+        wait.cancel = cancel  # type: ignore[attr-defined]
+        return wait
 
     def _wait(self, msg: Message, deadline: float) -> Message:
         reply = self._early.pop(msg.id, None)
