@@ -97,6 +97,15 @@ declare(
 INLINE_RESULT_BYTES = 4 << 20
 #: Size of one pulled chunk (one frame: libzmq moves 1 MB frames fastest here).
 CHUNK_BYTES = 1 << 20
+#: Chunks in flight per stream: the credit a sender gets at a time (results, hosted transfers).
+WINDOW = 16
+
+
+def layout_of(tensors) -> list:
+    """``[[name, dtype, shape, nbytes], ...]``: what a receiver needs to cut tensors into chunks."""
+    from .wire import DTYPE_NAMES
+
+    return [[name, DTYPE_NAMES[t.dtype], list(t.shape), t.numel() * t.element_size()] for name, t in tensors.items()]
 
 
 def chunk_plan(layout: list, chunk_bytes: int) -> list[tuple[str, int, int]]:

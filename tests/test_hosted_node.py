@@ -14,11 +14,13 @@ from meshfl.home import Home
 from meshfl.hosted import Host
 from meshfl.node import Node
 from meshfl.node._datasets import DatasetRegistry
-from meshfl.node._joins import Joins
+from meshfl.hosted._state import tensors_hash
+from meshfl.node._joins import Joins, cache_blob, join_key
 from meshfl.node._plans import PlanRegistry, plan_hash
 from meshfl.plans import plan_source
 from meshfl.privacy import PolicyTable
 from meshfl.store import Outbox
+from meshfl.store.blobs import BlobStore
 
 PLAN_HASH = plan_hash(plan_source(AddOnePlan))
 
@@ -40,13 +42,17 @@ def host(tmp_path):
 
 @pytest.fixture
 def node_home(tmp_path, host):
-    """A node home that trusts the host (with its endpoint), is enrolled there and joined model m."""
+    return make_node_home(tmp_path, host)
+
+
+def make_node_home(tmp_path, host, model="m"):
+    """A node home that trusts the host (with its endpoint), is enrolled there and joined ``model``."""
     with Home.init(tmp_path / "node", "node", "node", heartbeat=0.3, dead_after=3.0) as h:
         h.trust(host.card, host.endpoint)
         host.enroll([h.identity.card])
         DatasetRegistry(h.store, h.audit).add("blobs", ["blobs"], "csv", write_blobs_csv(tmp_path / "b.csv"),
                                               target="target")
-        Joins(h.store, h.audit).join(host.card.peer_id, "host", "m", "blobs")
+        Joins(h.store, h.audit).join(host.card.peer_id, "host", model, "blobs")
     return tmp_path / "node"
 
 
@@ -190,3 +196,22 @@ def test_a_node_joined_to_a_fedbuff_model_comes_back_for_each_new_version(host, 
             torch.testing.assert_close(t, v0[k] + 3)
         assert not host.wait_version("m", 1, timeout=0.5)  # the model it left gets nothing
         assert all(a["model"] == "a" for a in _audit(node, "task.accepted") if a.get("kind") == "hosted")
+
+
+def test_a_node_trains_a_model_of_several_chunks_through_a_host_whose_messages_are_smaller(tmp_path):
+    """A 4.2 MB model (five 1 MB chunks) pulled and pushed in chunks by a node, through a host that
+    takes no message over 2 MB."""
+    with Host(make_host_home(tmp_path), max_message_bytes=2 << 20) as host:
+        host.add_model("m", AddOnePlan, model_args={"width": 150_000}, server={"max_clients": 1})
+        v0 = host.model("m")
+        assert sum(t.numel() * t.element_size() for t in v0.values()) > 2 * (2 << 20)
+        _before_start(make_node_home(tmp_path, host))
+        with Node(tmp_path / "node") as node:
+            assert host.wait_version("m", 1, timeout=30)
+            for k, t in host.model("m", 1).items():
+                torch.testing.assert_close(t, v0[k] + 1)
+            wait_for(lambda: not len(node.outbox) and _audit(node, "result.acknowledged"))
+        key = join_key(host.card.peer_id, "m")
+        with Home.open(tmp_path / "node") as h:  # the pulled chunks, each in its place: the version's hash
+            record = Joins(h.store, h.audit).cache(key)
+            assert tensors_hash(BlobStore(h.path / "blobs").read(cache_blob(key))) == record["version_hash"]

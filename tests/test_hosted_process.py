@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import zmq
 from click.testing import CliRunner
 
 from helpers import plans as plan_module
-from helpers.hosted import blobs, make_host_home
+from helpers.hosted import blobs, host_cli, make_host_home, start_host
 from helpers.procs import kill, stop
 from meshfl.cli import main
 from meshfl.crypto import Identity, PeerCard
@@ -24,16 +23,7 @@ from meshfl.node._plans import plan_hash
 PLAN_FILE = Path(plan_module.__file__)
 
 
-def cli(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def start_host(home: Path) -> subprocess.Popen:
-    log = open(home / "host.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "meshfl.cli", "-v", "host", "start", "--home", str(home)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+cli = host_cli
 
 
 def ticket_when_up(client: Client, proc: subprocess.Popen, timeout: float = 60.0) -> dict:
@@ -98,3 +88,137 @@ def test_token_commands(tmp_path):
     assert row["revoked"]
     result = CliRunner().invoke(main, ["host", "status", "--home", str(home), "nope"])
     assert result.exit_code == 1 and "no hosted model" in result.output
+
+
+def _hosted_tasks(node, state):
+    return [t for t in node.queue.list() if t.state == state and t.payload.get("kind") == "hosted"]
+
+
+def test_a_node_whose_host_is_killed_delivers_its_diff_after_the_restart_or_moves_on(tmp_path):
+    """A joined node (GatedPlan: it waits at the test's gate; its dataset's policy holds each diff
+    for review) and its host, SIGKILLed three times and restarted on the same home:
+    A. while the node trains: its ticket still holds after the restart, the diff is counted once;
+    B. while it holds its diff: the restarted host forgot the node's slot and a light client took it
+       and closed the cycle, so the node's diff is refused (stale_version), dropped with an audit
+       record, and the node trains the next cycle;
+    C. with its push of that diff in flight (the host hung, then killed): the node gives the push up
+       when the link goes down, and the outbox delivers the diff after the restart. The host's history is intact: every version is exactly one diff."""
+    import fcntl
+    import os
+    import signal
+
+    from helpers.data import write_blobs_csv
+    from meshfl.home import Home
+    from meshfl.node import Node
+    from meshfl.node._datasets import DatasetRegistry
+    from meshfl.node._joins import Joins
+    from meshfl.node._plans import PlanRegistry
+    from meshfl.privacy import PolicyTable
+    from meshfl.wire import Message
+
+    home = make_host_home(tmp_path)
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    gate = gates / "gate"
+    gate.write_bytes(b"")
+    source = PLAN_FILE.read_text()
+    cli("host", "add-model", "m", "--home", home, "--plan", PLAN_FILE, "--class", "GatedPlan", "--max-clients", "1",
+        "--cycle-length", "600", "--training-args", orjson.dumps({"gate": str(gate), "test_fraction": 0}).decode())
+    host_card = PeerCard.from_text((home / "keys" / "identity.card").read_text())
+    with Home.init(tmp_path / "node", "node", "node", heartbeat=0.3, dead_after=3.0,
+                   sandbox_read_paths=[str(gates)]) as h:
+        h.trust(host_card, f"ipc://{tmp_path}/host.sock")
+        DatasetRegistry(h.store, h.audit).add("blobs", ["blobs"], "csv", write_blobs_csv(tmp_path / "b.csv"),
+                                              target="target")
+        PolicyTable(h.store, h.audit).set("blobs", review=True)
+        Joins(h.store, h.audit).join(host_card.peer_id, "host", "m", "blobs")
+        plans = PlanRegistry(h.store, h.audit)
+        plans.submit(source, "GatedPlan")
+        plans.approve(plan_hash(source))
+        node_card = h.identity.card
+    light = Identity.generate("light")
+    (tmp_path / "cards.txt").write_text(node_card.to_text() + "\n" + light.card.to_text() + "\n")
+    cli("host", "enroll", "--home", home, "--cards", tmp_path / "cards.txt")
+    ctx = zmq.Context()
+    client = Client(f"ipc://{tmp_path}/host.sock", host_card, identity=light, plans=[plan_hash(source)],
+                    context=ctx, timeout=2.0)
+
+    def versions():
+        while True:
+            try:
+                [m] = client.call(Message("hosted.status", {"model": "m"})).fields["models"]
+                return m["versions"]
+            except RequestTimeout:
+                assert proc.poll() is None, "the host exited"
+
+    def wait_for(predicate, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, "condition not met in time"
+            time.sleep(0.05)
+
+    def held_diff(number):
+        """The node's ``number``-th diff, held for review (the node trained it)."""
+        wait_for(lambda: len(_hosted_tasks(node, "done")) == number and node.outbox.held(buffers=False))
+        [item] = node.outbox.held(buffers=False)
+        return item.msg_id
+
+    def release(task_id):
+        node.release.decide(task_id, True)
+        node.notify_released()
+
+    def audit(kind):
+        return [r.fields for r in node.audit.records() if r.event == kind]
+
+    held = open(gate, "rb")
+    fcntl.flock(held, fcntl.LOCK_EX)  # the plan waits here
+    proc = start_host(home)
+    node = Node(tmp_path / "node").start()
+    try:
+        wait_for(lambda: _hosted_tasks(node, "running"))
+        kill(proc)  # A. while the node trains
+        proc = start_host(home)
+        fcntl.flock(held, fcntl.LOCK_UN)  # from here on the gate stays open
+        first = held_diff(1)
+        release(first)
+        wait_for(lambda: len(versions()) == 2)
+        wait_for(lambda: [a["task"] for a in audit("result.acknowledged")] == [first])
+
+        second = held_diff(2)  # B. the node asked again, trained on version 1 and holds its diff
+        kill(proc)
+        proc = start_host(home)
+        ticket = ticket_when_up(client, proc)  # the restarted host has room in the cycle again
+        assert ticket["cycle"] == 1 and ticket["version"] == 1
+        v1 = client.pull("m", 1)["tensors"]
+        client.push("m", ticket["ticket"], 1, {k: torch.full_like(v, 0.5) for k, v in v1.items()}, 10)
+        release(second)
+        wait_for(lambda: audit("hosted.diff_dropped"))
+        assert [(d["task"], d["reason"]) for d in audit("hosted.diff_dropped")] == [(second, "stale_version")]
+
+        third = held_diff(3)  # C. it moved on to the next cycle and holds that diff
+        os.kill(proc.pid, signal.SIGSTOP)  # the host hangs...
+        release(third)
+        wait_for(lambda: any(p.type == "hosted.push" for p in list(node.peer._pending.values())))
+        kill(proc)  # ...and dies with the node's push unanswered: the outbox keeps the diff
+        proc = start_host(home)
+        wait_for(lambda: len(versions()) == 4)
+        wait_for(lambda: [a["task"] for a in audit("result.acknowledged")] == [first, third])
+        assert not node.outbox.pending(buffers=False)  # (it trains on: a fourth diff may wait for review)
+        assert not {first, second, third} & {i.msg_id for i in node.outbox.held(buffers=False)}
+        assert not _hosted_tasks(node, "failed") and node.hosted._thread.is_alive()
+        history = versions()
+        assert [v["version"] for v in history] == [0, 1, 2, 3]
+        assert [v["diffs"] for v in history[1:]] == [1, 1, 1]
+        models = [client.pull("m", v)["tensors"] for v in range(4)]
+    finally:
+        node.stop()
+        held.close()
+        client.close()
+        ctx.term()
+        assert stop(proc) == 0
+    step = history[1]["samples"] / 100  # GatedPlan adds samples / 100; the light client's diff is 0.5
+    assert history[3]["samples"] == history[1]["samples"]
+    for k in models[0]:
+        torch.testing.assert_close(models[1][k], models[0][k] + step)
+        torch.testing.assert_close(models[2][k], models[1][k] + 0.5)
+        torch.testing.assert_close(models[3][k], models[2][k] + step)

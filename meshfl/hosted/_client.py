@@ -19,7 +19,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import zmq
@@ -27,8 +27,8 @@ import zmq
 from ..crypto import Identity, PeerCard
 from ..errors import HostedError, RemoteError, RequestTimeout, WireError
 from ..plans import DEFAULT_TRAINING_ARGS, load_plan_class, plan_source
-from ..wire import DEFAULT_FRAME_BYTES, DEFAULT_LIMITS, Limits, Message, decode, encode
-from . import _wire  # noqa: F401  (declares the hosted messages)
+from ..wire import DEFAULT_FRAME_BYTES, DEFAULT_LIMITS, Limits, Message, TensorMap, decode, encode
+from . import _chunks, _wire  # noqa: F401  (declares the hosted messages)
 from ._secure import SecureTurn, bound_of
 
 log = logging.getLogger("meshfl.hosted.client")
@@ -70,6 +70,8 @@ class Client:
         self._own_ctx = context is None
         self._ctx = context or zmq.Context(io_threads=1)
         self._sock: zmq.Socket | None = None
+        self._expected: set[str] = set()  # ids of requests in flight on this socket
+        self._early: dict[str, Message] = {}  # their replies that came before they were waited for
 
     def _socket(self) -> zmq.Socket:
         """The DEALER, dialed on first use and again after a timeout: libzmq does not retry a
@@ -90,6 +92,8 @@ class Client:
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
+        self._expected.clear()
+        self._early.clear()
 
     def close(self) -> None:
         self._hang_up()
@@ -110,26 +114,49 @@ class Client:
 
     def call(self, msg: Message, timeout: float | None = None) -> Message:
         """Send ``msg`` and wait for its reply; an error reply raises RemoteError with its code."""
+        return self._post(msg, timeout)()
+
+    def _post(self, msg: Message, timeout: float | None = None) -> Callable[[], Message]:
+        """Send a request now; the returned callable waits for its reply (a window of chunk
+        requests is several in flight, answered in any order)."""
         msg.sender = self.peer_id
-        sock = self._socket()
-        sock.send_multipart(encode(msg, DEFAULT_FRAME_BYTES), copy=False)
+        self._socket().send_multipart(encode(msg, DEFAULT_FRAME_BYTES), copy=False)
+        self._expected.add(msg.id)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while True:
+
+        def wait() -> Message:
+            return self._wait(msg, deadline)
+
+        def cancel() -> None:  # given up: its reply, should it come, is dropped
+            self._expected.discard(msg.id)
+            self._early.pop(msg.id, None)
+
+        wait.cancel = cancel  # type: ignore[attr-defined]
+        return wait
+
+    def _wait(self, msg: Message, deadline: float) -> Message:
+        reply = self._early.pop(msg.id, None)
+        while reply is None:
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(left * 1000):
+            sock = self._sock
+            if msg.id not in self._expected or sock is None or left <= 0 or not sock.poll(left * 1000):
                 self._hang_up()  # the next call dials afresh
                 raise RequestTimeout(f"no reply from the host to {msg.type!r} in time")
             frames = sock.recv_multipart(copy=False)
             try:
-                reply = decode(frames, self.limits)
+                got = decode(frames, self.limits)
             except WireError as exc:
                 log.warning("bad message from the host: %s", exc)
                 continue
-            if reply.reply_to != msg.id:
-                continue  # a late reply to an earlier request that timed out
-            if reply.type == "error":
-                raise RemoteError.from_wire(reply.fields, self.host_card.name)
-            return reply
+            if got.reply_to == msg.id:
+                reply = got
+            elif got.reply_to in self._expected:
+                self._early[got.reply_to] = got
+            # else: a late reply to an earlier request that timed out
+        self._expected.discard(msg.id)
+        if reply.type == "error":
+            raise RemoteError.from_wire(reply.fields, self.host_card.name)
+        return reply
 
     def request(self, model: str, capabilities: dict | None = None) -> Message | Backoff:
         cached = self._cache.get(model, {}).get("hash", "")
@@ -142,31 +169,34 @@ class Client:
     def pull(self, model: str, version: int) -> dict:
         """The version's tensors (and the plan, the first time), into this client's cache."""
         entry = self._cache.get(model)
-        reply = self.call(Message("hosted.pull", {"model": model, "version": version, "plan": entry is None}))
-        f = reply.fields
+        f, tensors = _chunks.pull(self._post, self._send, model, version, entry is None,
+                                  self.limits.max_message_bytes)  # and the hosted.pulled that frees its slot
         if entry is None:
             entry = {"plan": self._plan(f["plan_hash"], f.get("plan_source"), f.get("plan_class")),
                      "plan_hash": f["plan_hash"], "model_args": f.get("model_args") or {}}
         elif f["plan_hash"] != entry["plan_hash"]:
             raise HostedError("the host changed the model's plan", code="plan_not_approved")
-        self._send(Message("hosted.pulled", {"model": model}))  # frees the host's transfer slot at once
-        entry.update(hash=f["version_hash"], version=f["version"],
-                     tensors={k: reply.tensors[k].clone() for k in reply.tensors})
+        if isinstance(tensors, TensorMap):  # inline: views of the received frames
+            tensors = {k: tensors[k].clone() for k in tensors}
+        entry.update(hash=f["version_hash"], version=f["version"], tensors=dict(tensors))
         self._cache[model] = entry
         return entry
 
     def push(self, model: str, ticket: str, version: int, diff: dict, samples: int, metrics: dict | None = None,
              diff_id: str | None = None, retries: int = 2) -> Message:
-        """Send a diff; a timeout is retried with the same diff id (the host counts it once)."""
+        """Send a diff (in chunks when the host asks for them); a timeout, or chunks that did not
+        all get through, is retried with the same diff id (the host counts it once)."""
         diff_id = diff_id or os.urandom(8).hex()
         fields = {"model": model, "ticket": ticket, "diff_id": diff_id, "version": version, "samples": samples,
                   "metrics": metrics or {}}
         for attempt in range(retries + 1):
             try:
-                self.call(Message("hosted.push", {"model": model, "ticket": ticket}))  # a transfer slot
-                return self.call(Message("hosted.diff", fields, diff))
+                return _chunks.push(self._post, fields, diff)
             except RequestTimeout:
                 if attempt == retries:
+                    raise
+            except RemoteError as exc:
+                if exc.code not in _chunks.RETRY_CODES or attempt == retries:
                     raise
         raise AssertionError("unreachable")
 

@@ -8,7 +8,8 @@ answered, and a push is granted (``hosted.push`` -> ``hosted.go``, then the diff
 fewer than ``limit`` of its kind are in flight and, for pushes, while the cycle or buffer has
 room for another diff (``room``); later ones wait in a queue, answered as transfers end
 (``hosted.pulled``, the diff itself), room opens (a new version) or slots time out (a client that
-vanished mid-transfer). A waiting client simply sees a slower reply: no polling, no error.
+vanished mid-transfer: ``timeout`` seconds with no chunk of its transfer, since each chunk renews
+the slot). A waiting client simply sees a slower reply: no polling, no error.
 """
 
 from __future__ import annotations
@@ -29,14 +30,28 @@ class Transfers:
         self.timeout = timeout
         self._room = room or (lambda msg: True)
         self._busy: dict[str, tuple[float, str]] = {}  # client -> (when its slot expires, its model)
-        self._waiting: deque[tuple[Message, Start]] = deque()
+        self._waiting: deque[str] = deque()  # clients waiting for a slot, in order of arrival
+        self._requests: dict[str, list[tuple[Message, Start]]] = {}  # what each waiting client asked
 
     def admit(self, msg: Message, start: Start) -> Message | None:
         """The reply now if a slot is free (or the client holds one), else None: queued."""
         if msg.sender in self._busy or (len(self._busy) < self.limit and self._room(msg)):
-            return self._start(msg, start)
-        self._waiting.append((msg, start))
+            self._hold(msg)
+            return _run(msg, start)
+        if msg.sender not in self._requests:
+            self._waiting.append(msg.sender)
+        self._requests.setdefault(msg.sender, []).append((msg, start))
         return None
+
+    def touch(self, client: str) -> bool:
+        """Renew ``client``'s slot (a chunk of its transfer came); False if it holds none."""
+        if client not in self._busy:
+            return False
+        self._busy[client] = (time.monotonic() + self.timeout, self._busy[client][1])
+        return True
+
+    def holds(self, client: str) -> bool:
+        return client in self._busy
 
     def release(self, client: str) -> list[tuple[Message, Message]]:
         """End ``client``'s transfer; returns (request, reply) of those that start now."""
@@ -50,14 +65,17 @@ class Transfers:
         return self.poke()
 
     def poke(self) -> list[tuple[Message, Message]]:
-        """Start the waiting transfers that fit now, in their order (one with no room yet keeps its place)."""
+        """Give free slots to waiting clients in order (one with no room yet keeps its place); all
+        a client asked for (a window of chunk requests) starts with its slot."""
         out, kept = [], []
         while self._waiting and len(self._busy) < self.limit:
-            msg, start = self._waiting.popleft()
-            if self._room(msg):
-                out.append((msg, self._start(msg, start)))
-            else:
-                kept.append((msg, start))
+            client = self._waiting.popleft()
+            first = self._requests[client][0][0]
+            if not self._room(first):
+                kept.append(client)
+                continue
+            self._hold(first)
+            out.extend((msg, _run(msg, start)) for msg, start in self._requests.pop(client))
         self._waiting.extendleft(reversed(kept))
         return out
 
@@ -70,11 +88,10 @@ class Transfers:
 
     @property
     def queued(self) -> int:
-        return len(self._waiting)
+        return sum(len(r) for r in self._requests.values())
 
-    def _start(self, msg: Message, start: Start) -> Message:
+    def _hold(self, msg: Message) -> None:
         self._busy[msg.sender] = (time.monotonic() + self.timeout, str(msg.fields.get("model")))
-        return _run(msg, start)
 
 
 def _run(msg: Message, start: Start) -> Message:

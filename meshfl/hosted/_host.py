@@ -7,8 +7,10 @@ and pushes its diff (``hosted.push``, then ``hosted.diff``); model-sized transfe
 turn (:mod:`meshfl.hosted._flow`). Diffs are folded into the model's aggregator as they come
 (``update = global + diff``, weighted by samples - times ``1/sqrt(1+tau)`` in async mode), so a
 host holds about three models of memory per hosted model whatever the number of clients: the
-global, the aggregator's sum and one scratch buffer. Every diff is checked whole before anything
-is written; a refused one (coded :class:`~meshfl.errors.HostedError`) leaves the model untouched.
+global, the aggregator's sum and one scratch buffer, plus one per transfer slot. A model or diff
+larger than one chunk moves in chunks (:mod:`meshfl.hosted._chunks`), so no message is larger
+than a chunk whatever the model's size. Every diff is checked whole before anything is written;
+a refused one (coded :class:`~meshfl.errors.HostedError`) leaves the model untouched.
 
 Durability and restart: see :mod:`meshfl.hosted._state`. One lock serialises state changes: the
 peer's dispatcher thread runs requests, a timer thread closes cycles at their deadline.
@@ -34,9 +36,11 @@ from ..crypto import PeerCard
 from ..errors import ConfigError, HostedError, MeshflError, StoreError
 from ..home import Home
 from ..plans import DEFAULT_TRAINING_ARGS, load_plan_class, plan_source
+from ..protocol import CHUNK_BYTES, chunk_plan, layout_of
 from ..transport import Peer
-from ..wire import DEFAULT_LIMITS, DTYPE_NAMES, Message, TensorMap, error_message
+from ..wire import DEFAULT_LIMITS, DTYPE_NAMES, Message, TensorMap, check_layout, error_message
 from . import _wire  # noqa: F401  (declares the hosted messages)
+from ._chunks import Upload
 from ._commits import GroupCommit
 from ._config import ServerConfig, check_model_name, staleness_weight
 from ._flow import Transfers
@@ -65,6 +69,8 @@ class _Live:
         self.nbytes = sum(t.numel() * t.element_size() for t in glob.values())
         self.scratch = {k: torch.empty_like(t) for k, t in glob.items()}
         self.slots: DiffSlots | None = None  # set by the host: where the open cycle's diffs are kept
+        self.spare: list[dict] = []  # upload buffers of ended transfers, for the next ones
+        self.chunks: list = []  # the model's chunk plan (the host's chunk_bytes), set when loaded
         self.capabilities: dict[str, dict] = {}  # what accepted clients said they can do, for the diff records
         self.open: dict[str, str] = {}  # client -> its ticket for this cycle (async: this version), not yet used
         self.uncommitted: dict[str, str] = {}  # client -> its diff id: folded in, its record in the group commit
@@ -116,7 +122,7 @@ class Host:
 
     def __init__(self, home: str | Path | Home, *, listen: str | None = None, peer_options: dict | None = None,
                  max_message_bytes: int = 1 << 30, enroll_listen: str | None = None, max_transfers: int = 2,
-                 transfer_timeout: float = 15.0) -> None:
+                 transfer_timeout: float = 15.0, chunk_bytes: int = CHUNK_BYTES) -> None:
         self._own_home = not isinstance(home, Home)  # a Home handed in stays open after close()
         self.home = home if isinstance(home, Home) else Home.open(home)
         cfg = self.home.config
@@ -146,6 +152,8 @@ class Host:
         self._pushes = Transfers(max_transfers, transfer_timeout, room=self._push_room)
         self._commits: GroupCommit | None = None
         self._secure = SecureHost(self)
+        self.chunk_bytes = chunk_bytes  # a model or diff larger than this moves in chunks of it
+        self._uploads: dict[str, Upload] = {}  # client -> its chunked diff arriving (one per push slot)
         self.enroll_server = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -294,6 +302,7 @@ class Host:
                                  "tensors": self.state.blobs.read(state_blob(name, v))})
         cycle = self.home.store.read(lambda tx: tx.get(CYCLES, name))
         live = _Live(record, cycle, glob, agg)
+        live.chunks = chunk_plan(layout_of(glob), self.chunk_bytes)  # every version has the same layout
         agg.begin(glob, live.record["parameters"])
         live.slots = DiffSlots(self.state.blobs.folder / f"{name}.diffs", live.layout)
         dropped = []
@@ -466,15 +475,17 @@ class Host:
     def _handle(self, msg: Message) -> Message | None:
         if msg.type == "hosted.request":
             return self._on_request(msg)
-        if msg.type == "hosted.pull":
+        if msg.type in ("hosted.pull", "hosted.fetch"):
             with self._lock:
-                return self._pulls.admit(msg, self._on_pull)
+                return self._pulls.admit(msg, self._on_pull if msg.type == "hosted.pull" else self._on_fetch)
         if msg.type == "hosted.pulled":
             self._end_transfer(self._pulls, msg.sender)
             return None
         if msg.type == "hosted.push":
             with self._lock:
-                return self._pushes.admit(msg, lambda m: m.reply("hosted.go", {"model": m.fields["model"]}))
+                return self._before_push(msg) or self._pushes.admit(msg, self._on_push)
+        if msg.type == "hosted.put":
+            return self._on_put(msg)
         if msg.type == "hosted.diff":
             try:
                 answer = self._on_diff(msg)
@@ -502,6 +513,8 @@ class Host:
             self._reply_started(self._pulls.expire() + self._pushes.expire())
 
     def _reply_started(self, started: list[tuple[Message, Message]]) -> None:
+        for c in [c for c in self._uploads if not self._pushes.holds(c)]:
+            self._drop_upload(c)
         for request, reply in started:
             self.peer.reply(request, reply)
 
@@ -566,7 +579,85 @@ class Host:
         if msg.fields.get("plan"):
             fields.update(plan_source=live.record["plan_source"], plan_class=live.record["plan_class"],
                           model_args=live.record["model_args"])
+        if live.nbytes > self.chunk_bytes:  # announced here, pulled chunk by chunk (hosted.fetch)
+            fields.update(layout=layout_of(tensors), chunk_bytes=self.chunk_bytes)
+            tensors = {}
         return msg.reply("hosted.model", fields, tensors)
+
+    def _on_fetch(self, msg: Message) -> Message:
+        """One chunk of a version, a view of its tensors (the current one in memory, others mapped)."""
+        name, v, index = msg.fields["model"], msg.fields["version"], msg.fields["index"]
+        live = self._get(name)
+        if v == live.version:
+            tensors = live.glob
+        elif 0 <= v < live.version and self.state.blobs.exists(model_blob(name, v)):
+            tensors = self.state.blobs.read(model_blob(name, v))
+        else:
+            raise HostedError(f"version {v} of {name!r} is not kept", code="unknown_version")
+        if not 0 <= index < len(live.chunks):
+            raise HostedError(f"{name!r} has no chunk {index}", code="bad_chunk")
+        tensor, start, count = live.chunks[index]
+        return msg.reply("hosted.chunk", {"model": name, "version": v, "index": index},
+                         {"data": tensors[tensor].reshape(-1)[start : start + count]})
+
+    def _before_push(self, msg: Message) -> Message | None:
+        """Before a slot is granted to a diff that is to come in chunks: one already counted is
+        acknowledged at once, and a layout that does not match the model is refused with the code
+        its tensors would get (a small diff comes whole and is checked as it is)."""
+        client, f = msg.sender, msg.fields
+        live = self._get(f["model"])
+        specs = check_layout(f.get("layout") or [])
+        if sum(nbytes for _, _, nbytes in specs.values()) <= self.chunk_bytes:
+            return None
+        done = self.home.store.read(lambda tx: tx.get(TICKETS, f"{f['model']}/{client}"))
+        if done is not None and done["ticket"] == f["ticket"] and done["diff_id"] == f.get("diff_id"):
+            return msg.reply("hosted.ack", {"model": f["model"], "diff_id": done["diff_id"], "cycle": done["cycle"],
+                                            "duplicate": True})
+        self._check_layout(live, specs)
+        return None
+
+    def _on_push(self, msg: Message) -> Message:
+        """A transfer slot: a diff larger than a chunk gets an upload buffer (the same one again
+        when it is pushed again) and is asked for in chunks."""
+        client, f = msg.sender, msg.fields
+        live = self._get(f["model"])
+        declared = sum(nbytes for _, _, nbytes in check_layout(f.get("layout") or []).values())
+        if declared <= self.chunk_bytes or not f.get("diff_id"):
+            self._drop_upload(client)
+            return msg.reply("hosted.go", {"model": f["model"]})
+        upload = self._uploads.get(client)
+        if upload is None or (upload.model, upload.diff_id) != (f["model"], f["diff_id"]):
+            self._drop_upload(client)
+            buffer = live.spare.pop() if live.spare else {k: torch.empty_like(t) for k, t in live.glob.items()}
+            self._uploads[client] = Upload(f["model"], f["diff_id"], buffer, live.chunks)
+        return msg.reply("hosted.go", {"model": f["model"], "chunk_bytes": self.chunk_bytes})
+
+    def _on_put(self, msg: Message) -> Message:
+        """One chunk of a client's diff, written into its place (the same chunk again: no change)."""
+        client, f = msg.sender, msg.fields
+        with self._lock:
+            upload = self._uploads.get(client)
+            if upload is None or (upload.model, upload.diff_id) != (f["model"], f["diff_id"]) \
+                    or not self._pushes.touch(client):
+                raise HostedError("no upload of that diff is open (its slot ended): push it again", code="no_upload")
+            upload.put(f["index"], msg.tensors.get("data"))
+        return msg.reply("hosted.got", {"model": f["model"], "diff_id": f["diff_id"], "index": f["index"]})
+
+    def _drop_upload(self, client: str) -> None:
+        upload = self._uploads.pop(client, None)
+        if upload is not None and upload.model in self._live:
+            self._live[upload.model].spare.append(upload.buffer)
+
+    def _diff_tensors(self, msg: Message) -> Mapping:
+        """The diff's tensors: the message's own, or those its chunks brought (all of them)."""
+        count = msg.fields.get("chunks")
+        if count is None:
+            return msg.tensors
+        upload = self._uploads.get(msg.sender)
+        if upload is None or (upload.model, upload.diff_id) != (msg.fields["model"], msg.fields["diff_id"]) \
+                or not upload.complete(count):
+            raise HostedError("the diff's chunks did not all arrive: push it again", code="incomplete_diff")
+        return upload.buffer
 
     def _on_diff(self, msg: Message) -> Message | object | None:
         """Check a diff whole; a good one goes to the group commit (``_QUEUED``: its ack follows
@@ -614,13 +705,14 @@ class Host:
             if samples <= 0:
                 raise HostedError(f"samples must be > 0, got {samples}", code="bad_samples")
             metrics = _metrics(f.get("metrics") or {})
-            self._check_diff(live, msg.tensors)
+            tensors = self._diff_tensors(msg)
+            self._check_diff(live, tensors)
             weight = samples * (staleness_weight(tau) if cfg.mode == "async" else 1.0)
             slot = live.diffs  # the cycle's i-th diff takes slot i
             rec = {"client": client, "ticket": f["ticket"], "diff_id": diff_id, "base": version, "tau": tau,
                    "samples": samples, "weight": weight, "metrics": metrics, "at": time.time(), "slot": slot,
-                   "crc": live.slots.write(slot, msg.tensors), "capabilities": live.capabilities.pop(client, {})}
-            self._fold(live, msg.tensors, rec)
+                   "crc": live.slots.write(slot, tensors), "capabilities": live.capabilities.pop(client, {})}
+            self._fold(live, tensors, rec)
             live.count(client, rec)
             live.open.pop(client, None)
             live.uncommitted[client] = diff_id
@@ -667,9 +759,29 @@ class Host:
 
     def _check_diff(self, live: _Live, tensors: Mapping) -> None:
         """The whole diff, checked before anything is written: names, size, dtypes, shapes, finiteness."""
-        names = set(tensors)
         spec = getattr(tensors, "spec", None)
-        total = sum(spec(n)[2] if spec else tensors[n].numel() * tensors[n].element_size() for n in names)
+        self._check_layout(live, {n: spec(n) if spec else (tensors[n].dtype, tuple(tensors[n].shape),
+                                                           tensors[n].numel() * tensors[n].element_size())
+                                  for n in tensors})
+        for n in sorted(tensors):
+            if not live.glob[n].is_floating_point():
+                continue
+            if isinstance(tensors, TensorMap):
+                views = [v for _, v in tensors.pieces(n)]
+            else:  # in pieces too: a float64 sum of a whole large tensor makes a temporary of twice its size
+                flat = tensors[n].reshape(-1)
+                step = max(1, self.chunk_bytes // flat.element_size())
+                views = [flat[i : i + step] for i in range(0, flat.numel(), step)]
+            for v in views:  # a sum is NaN or infinite if any element is: one pass, no temporary tensor
+                if not bool(torch.isfinite(v.sum(dtype=torch.float64))) and not bool(torch.isfinite(v).all()):
+                    raise HostedError(f"tensor {n!r} holds NaN or infinity", code="non_finite",
+                                      details={"tensor": n})
+
+    @staticmethod
+    def _check_layout(live: _Live, specs: Mapping[str, tuple]) -> None:
+        """A diff's names, size, dtypes and shapes (``name -> (dtype, shape, nbytes)``) against the model."""
+        names = set(specs)
+        total = sum(nbytes for _, _, nbytes in specs.values())
         if total > min(live.config.max_diff_bytes, live.nbytes):
             raise HostedError(f"a diff of {total} bytes is larger than the model ({live.nbytes} bytes)",
                               code="oversize")
@@ -678,10 +790,7 @@ class Host:
             what = f"tensor {extra[0]!r} is not in the model" if extra else f"tensor {missing[0]!r} is missing"
             raise HostedError(f"the diff does not match the model: {what}", code="bad_diff")
         for n in sorted(names):
-            if spec:
-                dtype, shape, _ = spec(n)
-            else:
-                dtype, shape = tensors[n].dtype, tuple(tensors[n].shape)
+            dtype, shape, _ = specs[n]
             want_dtype, want_shape = live.layout[n]
             if DTYPE_NAMES.get(dtype) != want_dtype:
                 raise HostedError(f"tensor {n!r} is {DTYPE_NAMES.get(dtype, dtype)}, the model's is {want_dtype}",
@@ -689,14 +798,6 @@ class Host:
             if tuple(shape) != want_shape:
                 raise HostedError(f"tensor {n!r} has shape {tuple(shape)}, the model's is {want_shape}",
                                   code="bad_shape", details={"tensor": n})
-        for n in sorted(names):
-            if not live.glob[n].is_floating_point():
-                continue
-            views = [v for _, v in tensors.pieces(n)] if isinstance(tensors, TensorMap) else [tensors[n]]
-            for v in views:  # a sum is NaN or infinite if any element is: one pass, no temporary tensor
-                if not bool(torch.isfinite(v.sum(dtype=torch.float64))) and not bool(torch.isfinite(v).all()):
-                    raise HostedError(f"tensor {n!r} holds NaN or infinity", code="non_finite",
-                                      details={"tensor": n})
 
     def _fold(self, live: _Live, diff: Mapping, rec: dict) -> None:
         """Add ``global + diff`` (bool tensors: the diff is the value) to the aggregator."""

@@ -2,9 +2,13 @@
 
 1. **Push** what the outbox holds for hosts: each ``hosted.diff`` result (the task's pack holds
    trained minus received) goes ``hosted.push`` -> ``hosted.go``, then ``hosted.diff`` ->
-   ``hosted.ack``, and the ack acknowledges the outbox entry. Its diff id is the task id, so a
-   node restarted before the ack re-sends it and the host counts it once. A diff the host refuses
-   with a code (its cycle closed, its version too stale) can never count: it is dropped, audited.
+   ``hosted.ack`` (in chunks when larger than one: :mod:`meshfl.hosted._chunks`), and the ack
+   acknowledges the outbox entry. Its diff id is the task id, so a node restarted before the ack
+   re-sends it and the host counts it once. A diff the host refuses with a code (its cycle closed,
+   its version too stale) can never count: it is dropped, audited; one whose chunks did not all get
+   through (the host restarted mid-transfer) is pushed again. A request in flight when the host's
+   link goes down (the host was killed) is given up at once, not at its timeout: its reply could
+   only come over that link, and every exchange here may be repeated.
 2. **Ask** for a slot, when the node is idle (no task queued or running, nothing of that join in
    the outbox) and the host's last backoff has passed: ``hosted.request``; pull the version (and
    the plan, when its hash changed) only when the cached hash differs; then the same gate as a
@@ -26,9 +30,10 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from concurrent.futures import TimeoutError as FutureTimeout
 
-from ..errors import MeshflError, RemoteError
-from ..hosted import _wire  # noqa: F401  (declares the hosted messages)
+from ..errors import MeshflError, PeerUnavailable, RemoteError
+from ..hosted import _chunks, _wire  # noqa: F401  (declares the hosted messages)
 from ..hosted._secure import SecureTurn, bound_of
 from ..privacy import Request
 from ..wire import Message
@@ -49,6 +54,8 @@ class HostedJoiner:
         self._retry_at: dict[str, float] = {}  # join or outbox id -> when to try again
         self._queued: dict[str, str] = {}  # join -> the task last queued for it
         self._turns: dict[str, tuple[SecureTurn, float]] = {}  # task -> its secure cycle's turn, push deadline
+        self._links: dict[str, int] = {}  # peer -> how many times its link went up or down
+        self._came_up: set[str] = set()  # hosts whose link came (back) up: retry what waits for them now
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"meshfl-hosted-{node.name}", daemon=True)
 
@@ -63,11 +70,20 @@ class HostedJoiner:
     def wake(self) -> None:
         self._wake.set()
 
+    def on_link(self, peer_id: str, up: bool) -> None:
+        """A link went up or down: what was asked over it before will get no answer; once it is
+        up, what failed on it is tried again at once."""
+        self._links[peer_id] = self._links.get(peer_id, 0) + 1
+        if up:
+            self._came_up.add(peer_id)
+            self._wake.set()
+
     def _main(self) -> None:
         stopping = self.node._stopping
         while not stopping.is_set():
             wait = POLL_S
             try:
+                self._retry_now()
                 self._push_pending()
                 joins = self.joins.list()
                 if not joins and not self._items():
@@ -81,6 +97,15 @@ class HostedJoiner:
                 self.node.log.exception("serving hosted models failed")
             self._wake.wait(wait)
             self._wake.clear()
+
+    def _retry_now(self) -> None:
+        while self._came_up:
+            host = self._came_up.pop()
+            for item in self._items():
+                if item.dest == host:
+                    self._retry_at.pop(item.msg_id, None)
+            for key in [k for k in list(self._retry_at) if k.startswith(host + "/")]:
+                self._retry_at.pop(key, None)
 
     # ------------------------------------------------------------------ pushing diffs
     def _items(self) -> list:
@@ -105,12 +130,14 @@ class HostedJoiner:
                 continue
             fields = {"model": f["model"], "ticket": f["ticket"], "diff_id": item.msg_id, "version": f["version"],
                       "samples": f.get("samples", 0), "metrics": f.get("metrics") or {}}
-            peer = self.node.peer
             try:
-                peer.call(item.dest, Message("hosted.push", {"model": f["model"], "ticket": f["ticket"]}),
-                          CALL_TIMEOUT_S)
-                ack = peer.call(item.dest, Message("hosted.diff", fields, tensors), CALL_TIMEOUT_S)
+                ack = _chunks.push(self._requester(item.dest), fields, tensors)
             except RemoteError as exc:
+                if exc.code in _chunks.RETRY_CODES:
+                    self.node.log.info("the diff of task %s did not get through whole (%s); retrying", item.msg_id,
+                                       exc.code)
+                    self._retry_at[item.msg_id] = time.monotonic() + RETRY_S
+                    continue
                 self.node.log.warning("host %s refused the diff of task %s (%s): %s", item.dest, item.msg_id,
                                       exc.code, exc.message)
                 self._forget(item.msg_id, item.dest, exc.code)
@@ -122,6 +149,24 @@ class HostedJoiner:
             self._acknowledge(item.msg_id, item.dest, ack.fields)
             if item.msg_id in self._turns:
                 self._reveal(item.dest, *self._turns.pop(item.msg_id), f.get("metric_names") or [])
+
+    def _requester(self, host: str):
+        """Requests to ``host`` (for :mod:`meshfl.hosted._chunks`): each one in flight a future,
+        given up as soon as the host's link changes."""
+        def request(msg: Message):
+            link = self._links.get(host, 0)
+            future = self.node.peer.request(host, msg, CALL_TIMEOUT_S)
+
+            def wait() -> Message:
+                while True:
+                    try:
+                        return future.result(timeout=POLL_S)
+                    except FutureTimeout:
+                        if self._links.get(host, 0) != link:
+                            raise PeerUnavailable(f"the link to the host went down before {msg.type!r} was "
+                                                  "answered") from None
+            return wait
+        return request
 
     def _acknowledge(self, task_id: str, host: str, ack: dict) -> None:
         """The host counted the diff (once, ``duplicate`` if this was a re-send): forget it."""
@@ -202,12 +247,12 @@ class HostedJoiner:
             return
         if not self.node.peer.is_online(join["host"]):
             return
-        peer, model = self.node.peer, join["model"]
+        model = join["model"]
         cache = self.joins.cache(key)
         request = Message("hosted.request", {"model": model, "capabilities": {"kind": "node"},
                                              "cached": (cache or {}).get("version_hash", "")})
         try:
-            reply = peer.call(join["host"], request, CALL_TIMEOUT_S)
+            reply = self._requester(join["host"])(request)()
             if reply.type == "hosted.backoff":
                 self._retry_at[key] = time.monotonic() + float(reply.fields["retry_in"])
                 return
@@ -229,10 +274,9 @@ class HostedJoiner:
     def _pull(self, join: dict, key: str, accepted: dict, cache: dict | None) -> dict:
         """The accepted version's tensors (and the plan, when its hash changed) into the cache."""
         plan = cache is None or cache["plan_hash"] != accepted["plan_hash"]
-        reply = self.node.peer.call(join["host"], Message("hosted.pull", {
-            "model": join["model"], "version": accepted["version"], "plan": plan}), CALL_TIMEOUT_S)
-        self.node.peer.send(join["host"], Message("hosted.pulled", {"model": join["model"]}))  # frees its slot
-        f = reply.fields
+        peer = self.node.peer
+        f, tensors = _chunks.pull(self._requester(join["host"]), lambda m: peer.send(join["host"], m), join["model"],
+                                  accepted["version"], plan, peer.limits.max_message_bytes)
         if f["plan_hash"] != accepted["plan_hash"] or (not plan and cache["plan_hash"] != f["plan_hash"]):
             raise MeshflError("the host's plan changed between request and pull", code="plan_changed")
         record = dict(cache or {})
@@ -240,7 +284,7 @@ class HostedJoiner:
             record.update(plan_source=f.get("plan_source") or "", plan_class=f.get("plan_class") or "",
                           model_args=f.get("model_args") or {})
         record.update(version=f["version"], version_hash=f["version_hash"], plan_hash=f["plan_hash"])
-        self.node.blobs.write(cache_blob(key), dict(reply.tensors))
+        self.node.blobs.write(cache_blob(key), tensors)
         self.joins.set_cache(key, record)
         return record
 

@@ -34,12 +34,12 @@ from ..errors import MeshflError
 from ..home import Home
 from ..overlay import Overlay, OverlayRejected, bundle, unbundle
 from ..privacy import DPSpec, Ledger, Request, clip_and_noise, public_policy
-from ..protocol import CHUNK_BYTES, INLINE_RESULT_BYTES, chunk_plan
+from ..protocol import CHUNK_BYTES, INLINE_RESULT_BYTES, chunk_plan, layout_of
 from ..secagg import Encoding, NodeSession, NodeSessions, SecAggError, UpdateEncoder, frac_bits_for
 from ..store import Outbox, TaskQueue
 from ..store.blobs import BlobStore
 from ..transport import Peer
-from ..wire import DTYPE_NAMES, Message
+from ..wire import Message
 from ._datasets import DatasetRegistry
 from ._executor import Executor, TaskFailed
 from ._hosted import HostedJoiner
@@ -440,6 +440,7 @@ class Node:
     def _on_link(self, peer_id: str, up: bool) -> None:
         record_link(self.home.store, peer_id, up)  # for the console and `node status`: changes only
         self.directories.on_link(peer_id, up)
+        self.hosted.on_link(peer_id, up)
         if up:
             for item in self.outbox.pending(dest=peer_id):
                 self._send_result(item.dest, item.msg_id, item.envelope["fields"], mtype=_type(item.envelope))
@@ -551,8 +552,7 @@ class Node:
         tensors = None
         if fields["ok"]:
             tensors = self._result(task.id)
-            layout = [[name, DTYPE_NAMES[t.dtype], list(t.shape), t.numel() * t.element_size()]
-                      for name, t in tensors.items()]
+            layout = layout_of(tensors)
             nbytes = sum(row[3] for row in layout)
             fields["inline"] = nbytes <= INLINE_RESULT_BYTES
             if not fields["inline"]:

@@ -35,7 +35,7 @@ from ..aggregate import Aggregator, FedAvg, make_aggregator
 from ..errors import ConfigError, MeshflError
 from ..plans import DEFAULT_TRAINING_ARGS, SKLearnTrainingPlan, TrainingPlan, load_plan_class, local_keys, plan_source
 from ..privacy import DPSpec
-from ..protocol import chunk_plan
+from ..protocol import WINDOW, chunk_plan
 from ..secagg import add_mean, secure_metrics
 from ..store import Store, Table
 from ..store._codec import seq_key
@@ -48,7 +48,6 @@ from ._secure import SecureTrainingRound, secagg_options
 
 log = logging.getLogger("meshfl.researcher")
 
-WINDOW = 16  # chunks in flight per stream (1 MB each): the credit a node gets at a time
 STALL_S = 5.0  # a stream silent this long is asked again for what is missing
 EXPERIMENTS_TABLE = "experiments"  # one record per experiment: its settings and last checkpoint
 ROUNDS_TABLE = "rounds"  # one history entry per (experiment, round)

@@ -143,6 +143,20 @@ def encode(msg: Message, frame_bytes: int = DEFAULT_FRAME_BYTES) -> list:
     return [head, *frames]
 
 
+def check_layout(layout: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, tuple[torch.dtype, tuple[int, ...], int]]:
+    """A tensor layout from the wire (``[[name, dtype, shape, nbytes], ...]``, as an envelope
+    describes its tensors), checked the same way: name -> (dtype, shape, nbytes)."""
+    if not isinstance(layout, list) or len(layout) > limits.max_tensors:
+        raise WireError("a layout is a list of at most max_tensors descriptors", code="bad_envelope")
+    out = {}
+    for d in layout:
+        name, dtype, shape, nbytes = _check_descriptor(d, limits)
+        if name in out:
+            raise WireError(f"tensor {name!r} is described twice", code="bad_envelope")
+        out[name] = (dtype, shape, nbytes)
+    return out
+
+
 def peek_id(envelope: bytes | memoryview) -> str | None:
     """Best-effort message id of a possibly malformed envelope, to address an error reply."""
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,3 +38,21 @@ def clients(host: Host, n: int, plan, *, context: zmq.Context, samples: int = 40
     if enroll:
         host.enroll([c.card for c in out])
     return out
+
+
+def host_cli(*args) -> str:
+    """Run ``meshfl ARGS`` in this process (click's runner); fails the test on a non-zero exit."""
+    from click.testing import CliRunner
+
+    from meshfl.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def start_host(home: Path) -> subprocess.Popen:
+    """``meshfl host start`` as its own process (its own session: the test kills it by pid)."""
+    log = open(home / "host.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "meshfl.cli", "-v", "host", "start", "--home", str(home)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
