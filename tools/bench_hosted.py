@@ -3,16 +3,18 @@
 
 Part 1, cycles of ``--clients`` clients (each its own key and socket, ``--procs`` processes) on
 a model of ``--params`` float32: each client asks, pulls the model and pushes a diff; a cycle
-closes at the last one. Every client takes two turns: the first warms every connection (libzmq
-sets up a connection's buffers at its first transfer, about 10 KB per client, plain sockets too),
-the second is measured. Baselines: the same bytes (one small request, the model down, the diff
-up, a small ack per client) through plain pyzmq ROUTER/DEALER sockets from the same client
-processes, with CURVE on as the host has it (``raw_curve_s``) and off (``raw_plain_s``).
+closes at the last one. Baselines: the same bytes (one small request, the model down, the diff
+up, a small ack per client) through plain pyzmq ROUTER/DEALER sockets from client processes of
+their own, with CURVE on as the host has it (``raw_curve_s``) and off (``raw_plain_s``). The
+three sides take turns, cycle by cycle: a warm-up cycle each (libzmq sets up a connection's
+buffers at its first transfer, plain sockets too), then ``--turns`` measured ones; the figures
+are medians over those, with the spread of the per-cycle ratio (these machines are noisy).
 ``ratio_over_raw`` = host cycle time / raw CURVE time (goal <= 2); ``ratio_over_plaintext``
 against plaintext sockets is printed too: CURVE alone costs about 3x on bulk here
 (../shared/notes/limits-measured.md), so that figure cannot reach 2 with encryption on.
-``host_peak_in_models`` = the host's peak RSS during the measured cycle above its RSS just
-before it, in model sizes (goal <= 4, whatever the number of clients).
+``host_peak_in_models`` = the host's peak RSS during a measured cycle above its RSS just before
+it, in model sizes (median and max over the measured cycles; goal <= 4, whatever the number of
+clients).
 
 Part 2, convergence in wall time (this process: an in-process host, one thread per client): a
 non-IID split (two of four classes each) over ``--race-clients`` clients whose training takes
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,34 +84,35 @@ def client_procs(args, mode: str, endpoint: str, card: str, root: Path) -> list[
     per = [args.clients // args.procs + (1 if i < args.clients % args.procs else 0) for i in range(args.procs)]
     return [subprocess.Popen([sys.executable, __file__, "--role", "clients", "--mode", mode, "--n", str(n),
                               "--index", str(i), "--endpoint", endpoint, "--card", card, "--root", str(root),
-                              "--params", str(args.params)],
+                              "--params", str(args.params), "--turns", str(args.turns)],
                              stdout=subprocess.PIPE, text=True, env=ENV) for i, n in enumerate(per)]
 
 
-TURNS = 2  # a warm-up turn, then the measured one
+class Fleet:
+    """The client processes of one side (``mode``), taking their turns when told: turn 0 warms up
+    every connection, the later ones are measured."""
 
+    def __init__(self, args, mode: str, endpoint: str, card: str, root: Path, enroll=None) -> None:
+        self.root, self.mode = root, mode
+        self.procs = client_procs(args, mode, endpoint, card, root)
+        for p in self.procs:
+            wait_line(p, "cards")
+        if enroll is not None:
+            enroll()
+        for p in self.procs:
+            wait_line(p, "ready")
 
-def run_clients(procs: list, root: Path, enroll=None, between=None) -> list[float]:
-    """Let the client processes take their turns, all together each time: per turn, the time from
-    the first start to the last end. ``between(turn)`` runs before each turn starts."""
-    for p in procs:
-        wait_line(p, "cards")
-    if enroll is not None:
-        enroll()
-    for p in procs:
-        wait_line(p, "ready")
-    times = []
-    for turn in range(TURNS):
-        if between is not None:
-            between(turn)
-        (root / f"go{turn}").write_text("go")
-        spans = [json.loads(wait_line(p, "done")[5:]) for p in procs]
-        times.append(max(s[1] for s in spans) - min(s[0] for s in spans))
-    for p in procs:
-        p.wait(timeout=60)
-    for turn in range(TURNS):
-        (root / f"go{turn}").unlink()
-    return times
+    def turn(self, k: int) -> float:
+        """One turn of every client, all together: the time from the first start to the last end."""
+        go = self.root / f"go-{self.mode}-{k}"
+        go.write_text("go")
+        spans = [json.loads(wait_line(p, "done")[5:]) for p in self.procs]
+        go.unlink()
+        return max(s[1] for s in spans) - min(s[0] for s in spans)
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.wait(timeout=60)
 
 
 def part1(args, root: Path) -> dict:
@@ -121,6 +125,7 @@ def part1(args, root: Path) -> dict:
 
     inputs = max(1, -(-(args.params - 100) // 100))
     model_bytes = (inputs * 100 + 100) * 4
+    turns = args.turns + 1
     home = root / "host"
     with Home.init(home, "researcher", "host", listen=f"ipc://{root}/host.sock") as h:
         state = HostStore(h.store, home / "hosted")
@@ -129,51 +134,58 @@ def part1(args, root: Path) -> dict:
     host = subprocess.Popen([sys.executable, "-m", "meshfl.cli", "host", "start", "--home", str(home),
                              "--max-transfers", str(args.max_transfers)],
                             stdout=subprocess.PIPE, stderr=open(root / "host.log", "ab"), text=True, env=ENV)
-    endpoint = wait_line(host, "host listening on").split()[-1]
-    card = str(home / "keys" / "identity.card")
-
-    def enroll() -> None:
-        cards = [PeerCard.from_text(line) for f in sorted(root.glob("cards*.txt")) for line in f.read_text().split()]
-        with Home.open(home) as h:
-            enroll_cards(h, cards, "bench")
-
-    samples: list[int] = []
-    stop = threading.Event()
-    sampler = threading.Thread(target=sample_rss, args=(host.pid, stop, samples))
-    before: list[int] = []
-
-    def between(turn: int) -> None:  # the host's RSS before each turn; sampled during the measured one
-        before.append(rss(host.pid))
-        if turn == TURNS - 1:
-            sampler.start()
-
+    servers = {}
     try:
-        hosted = run_clients(client_procs(args, "hosted", endpoint, card, root), root, enroll, between)
-        stop.set()
-        sampler.join()
+        endpoint = wait_line(host, "host listening on").split()[-1]
+        card = str(home / "keys" / "identity.card")
+
+        def enroll() -> None:
+            cards = [PeerCard.from_text(line) for f in sorted(root.glob("cards-hosted*.txt"))
+                     for line in f.read_text().split()]
+            with Home.open(home) as h:
+                enroll_cards(h, cards, "bench")
+
+        fleets = {"hosted": Fleet(args, "hosted", endpoint, card, root, enroll)}
+        for mode in ("raw-curve", "raw"):
+            servers[mode] = subprocess.Popen(
+                [sys.executable, __file__, "--role", "raw-server", "--root", str(root), "--mode", mode,
+                 "--params", str(inputs * 100 + 100), "--n", str(args.clients * turns)],
+                stdout=subprocess.PIPE, text=True, env=ENV)
+            _, raw_endpoint, key = wait_line(servers[mode], "listening").split()
+            fleets[mode] = Fleet(args, mode, raw_endpoint, key, root)
+        times: dict[str, list[float]] = {mode: [] for mode in fleets}
+        peaks = []
+        for k in range(turns):  # the three sides take turns, so that machine noise hits them alike
+            base, samples, stop = rss(host.pid), [], threading.Event()
+            sampler = threading.Thread(target=sample_rss, args=(host.pid, stop, samples))
+            sampler.start()
+            times["hosted"].append(fleets["hosted"].turn(k))
+            stop.set()
+            sampler.join()
+            peaks.append(max(0, max(samples, default=base) - base) / model_bytes)
+            for mode in ("raw-curve", "raw"):
+                times[mode].append(fleets[mode].turn(k))
+        for fleet in fleets.values():
+            fleet.close()
     finally:
         host.terminate()
         host.wait(timeout=60)
-    for f in root.glob("cards*.txt"):
-        f.unlink()
-    raw = {}
-    for mode in ("raw", "raw-curve"):
-        server = subprocess.Popen([sys.executable, __file__, "--role", "raw-server", "--root", str(root),
-                                   "--params", str(inputs * 100 + 100), "--n", str(args.clients * TURNS),
-                                   "--mode", mode], stdout=subprocess.PIPE, text=True, env=ENV)
-        _, raw_endpoint, key = wait_line(server, "listening").split()
-        raw[mode] = run_clients(client_procs(args, mode, raw_endpoint, key, root), root)
-        server.wait(timeout=60)
-    base = before[-1]
-    peak = max(samples, default=base)
+        for server in servers.values():
+            server.wait(timeout=60)
+    measured = {mode: t[1:] for mode, t in times.items()}
+    ratios = [h / r for h, r in zip(measured["hosted"], measured["raw-curve"])]
+    plain = [h / r for h, r in zip(measured["hosted"], measured["raw"])]
     return {"clients": args.clients, "procs": args.procs, "max_transfers": args.max_transfers,
-            "params": inputs * 100 + 100, "model_bytes": model_bytes,
-            "host_cycle_s": round(hosted[-1], 3), "host_first_cycle_s": round(hosted[0], 3),
-            "raw_curve_s": round(raw["raw-curve"][-1], 3), "raw_plain_s": round(raw["raw"][-1], 3),
-            "ratio_over_raw": round(hosted[-1] / raw["raw-curve"][-1], 2),
-            "ratio_over_plaintext": round(hosted[-1] / raw["raw"][-1], 2),
-            "host_rss_before_mb": round(base / 2**20, 1), "host_rss_peak_mb": round(peak / 2**20, 1),
-            "host_peak_in_models": round(max(0, peak - base) / model_bytes, 2)}
+            "params": inputs * 100 + 100, "model_bytes": model_bytes, "measured_cycles": args.turns,
+            "host_cycle_s": round(statistics.median(measured["hosted"]), 3),
+            "host_first_cycle_s": round(times["hosted"][0], 3),
+            "raw_curve_s": round(statistics.median(measured["raw-curve"]), 3),
+            "raw_plain_s": round(statistics.median(measured["raw"]), 3),
+            "ratio_over_raw": round(statistics.median(ratios), 2),
+            "ratio_over_raw_spread": [round(min(ratios), 2), round(max(ratios), 2)],
+            "ratio_over_plaintext": round(statistics.median(plain), 2),
+            "host_peak_in_models": round(statistics.median(peaks[1:]), 2),
+            "host_peak_in_models_max": round(max(peaks[1:]), 2)}
 
 
 def clients_main(args) -> None:
@@ -189,7 +201,7 @@ def clients_main(args) -> None:
     root = Path(args.root)
     ctx = zmq.Context(io_threads=2)
     ids = [Identity.generate(f"p{args.index}c{i}") for i in range(args.n)]
-    (root / f"cards{args.index}.txt").write_text("\n".join(i.card.to_text() for i in ids) + "\n")
+    (root / f"cards-{args.mode}{args.index}.txt").write_text("\n".join(i.card.to_text() for i in ids) + "\n")
     print("cards", flush=True)
     if args.mode == "hosted":
         card = PeerCard.from_text(Path(args.card).read_text())
@@ -241,8 +253,8 @@ def clients_main(args) -> None:
             errors.append(repr(exc))
 
     turn = hosted_turn if args.mode == "hosted" else raw_turn
-    for k in range(TURNS):
-        go = root / f"go{k}"
+    for k in range(args.turns + 1):
+        go = root / f"go-{args.mode}-{k}"
         while not go.exists():
             time.sleep(0.01)
         start = time.time()
@@ -267,7 +279,7 @@ def raw_server_main(args) -> None:
     if args.mode == "raw-curve":  # no ZAP handler in this context: any client key is admitted
         public, secret = zmq.curve_keypair()
         s.curve_server, s.curve_publickey, s.curve_secretkey = True, public, secret
-    s.bind(f"ipc://{args.root}/raw.sock")
+    s.bind(f"ipc://{args.root}/{args.mode}.sock")
     print(f"listening {s.getsockopt_string(zmq.LAST_ENDPOINT)} {public.decode()}", flush=True)
     model = np.zeros(args.params, dtype=np.float32)
     mv = memoryview(model).cast("B")
@@ -365,6 +377,7 @@ def main() -> None:
     p.add_argument("--procs", type=int, default=2)
     p.add_argument("--params", type=int, default=100_000)
     p.add_argument("--max-transfers", type=int, default=2, help="the host's transfers in flight")
+    p.add_argument("--turns", type=int, default=3, help="measured cycles (after one warm-up cycle)")
     p.add_argument("--race-clients", type=int, default=50)
     p.add_argument("--delay", type=float, default=0.02, help="training time of the fastest race client (s)")
     p.add_argument("--buffer", type=int, default=10)

@@ -13,7 +13,8 @@ than a chunk whatever the model's size. Every diff is checked whole before anyth
 a refused one (coded :class:`~meshfl.errors.HostedError`) leaves the model untouched.
 
 Durability and restart: see :mod:`meshfl.hosted._state`. One lock serialises state changes: the
-peer's dispatcher thread runs requests, a timer thread closes cycles at their deadline.
+peer's dispatcher thread runs requests, a committer thread commits diffs' records in groups and
+acknowledges them (:mod:`meshfl.hosted._commits`), a timer thread closes cycles at their deadline.
 """
 
 from __future__ import annotations

@@ -16,15 +16,18 @@ client writes nothing and its ticket is still good after a restart; a restarted 
 forgotten how many clients it had accepted into the open cycle, so that cycle may accept up to
 ``max_clients`` more.
 
-Durability (SIGKILL, or an OS crash, at any instant): an accepted diff's tensors are written to
-its slot (:class:`DiffSlots`) and flushed first, then its record and its ticket's use commit in
-one transaction (diffs that came together share it: :mod:`._commits`), and only then is it
-folded into the in-memory running sum and acknowledged. Publishing a version writes its pack first, then commits
-the version record, the model's new version and the next cycle while deleting the cycle's diff
-records, in one transaction; packs left behind are removed at the next start. A restarted host
-rebuilds the running sum from the open cycle's stored diffs, so no acknowledged diff is lost and
-none is applied twice (a closed cycle's diffs no longer exist; a re-sent one matches its
-ticket's use and is acknowledged without being counted).
+Durability (SIGKILL at any instant): an accepted diff's tensors are written to its slot
+(:class:`DiffSlots`) and folded into the in-memory running sum, then its record and its
+ticket's use commit in one transaction (diffs that came together share it: :mod:`._commits`),
+and only then is it acknowledged; a version is made only from diffs whose records committed.
+Publishing a version writes its pack first, then commits the version record, the model's new
+version and the next cycle while deleting the cycle's diff records, in one transaction; packs
+left behind are removed at the next start. A restarted host rebuilds the running sum from the
+open cycle's committed diffs, so no acknowledged diff is lost and none is applied twice (a
+closed cycle's diffs no longer exist; a re-sent one matches its ticket's use and is
+acknowledged without being counted; one folded in but not committed died with the process, and
+its client, never acknowledged, sends it again). Slots and packs are not fsynced: after an OS
+crash a diff whose slot lost its bytes is dropped (its CRC-32 no longer matches).
 """
 
 from __future__ import annotations
