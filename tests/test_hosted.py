@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -13,7 +14,7 @@ from helpers.plans import AddOnePlan, TinyPlan
 from meshfl.crypto import Identity
 from meshfl.errors import ConfigError, RemoteError, RequestTimeout
 from meshfl.hosted import Backoff, Client, Host
-from meshfl.wire import Message
+from meshfl.wire import Message, decode, encode
 
 
 @pytest.fixture
@@ -239,6 +240,73 @@ def test_a_restarted_host_keeps_accepted_diffs_and_counts_them_once(tmp_path, ct
     finally:
         _close(cs)
         host.close()
+
+
+def test_a_diff_whose_slot_lost_its_bytes_is_dropped_at_restart_and_the_rest_count(tmp_path, ctx, caplog):
+    """Slots are not fsynced: an OS crash may lose a diff's bytes. The restarted host must notice
+    (its record's CRC) and drop that diff, never fold stale bytes in."""
+    home = make_host_home(tmp_path)
+    host = Host(home).start()
+    host.add_model("m", TinyPlan, server={"max_clients": 3, "cycle_length": 60})
+    cs = clients(host, 3, TinyPlan, context=ctx)
+    try:
+        t = [_ticket(c) for c in cs]
+        cs[0].push("m", t[0]["ticket"], 0, _diff(host, fill=1.0), 10, diff_id="a")
+        cs[1].push("m", t[1]["ticket"], 0, _diff(host, fill=2.0), 30, diff_id="b")
+        host.close()
+        slots = home / "hosted" / "m.diffs"
+        size = slots.stat().st_size // 2
+        with open(slots, "r+b") as f:  # slot 1 (b's) holds other bytes, as after a lost page
+            f.seek(size)
+            f.write(b"\0" * size)
+        host = Host(home).start()
+        assert host.status("m")[0]["open"]["diffs"] == 1
+        assert "lost their tensors" in caplog.text
+        cs[2].push("m", t[2]["ticket"], 0, _diff(host, fill=-1.0), 20, diff_id="c")
+        host.close()
+        host = Host(home).start()  # a's and c's diffs, never b's zeros
+        [st] = host.status("m")
+        assert st["open"]["diffs"] == 2 and st["version"] == 0
+    finally:
+        _close(cs)
+        host.close()
+
+
+def test_a_push_into_a_full_buffer_waits_for_the_next_version_instead_of_failing(host, ctx):
+    host.add_model("m", TinyPlan, server={"mode": "async", "buffer": 1, "max_staleness": 3, "max_clients": 10})
+    a, b = clients(host, 2, TinyPlan, context=ctx)
+    try:
+        ta, tb = _ticket(a), _ticket(b)
+        v0 = host.model("m")
+        original = host._commits._run
+        entered, release = threading.Event(), threading.Event()
+
+        def slow_commit(batch):  # hold a's record, folded in already, with b's push on its way
+            entered.set()
+            assert release.wait(10)
+            original(batch)
+
+        host._commits._run = slow_commit
+        pushed = []
+        thread = threading.Thread(target=lambda: pushed.append(a.push("m", ta["ticket"], 0, _diff(host, fill=1.0), 10)))
+        thread.start()
+        assert entered.wait(10)
+        go = b._socket()
+        go.send_multipart(encode(Message("hosted.push", {"model": "m", "ticket": tb["ticket"]}, sender=b.peer_id)))
+        wait_for(lambda: host._pushes.queued == 1)  # no room until version 1 exists: b waits, unrefused
+        assert not go.poll(200)
+        release.set()
+        thread.join(10)
+        assert go.poll(10000) and decode(go.recv_multipart()).type == "hosted.go"
+        assert pushed[0].fields["duplicate"] is False and host.wait_version("m", 1, timeout=10)
+        assert b.push("m", tb["ticket"], 0, _diff(host, fill=3.0), 10).fields["duplicate"] is False
+        assert host.wait_version("m", 2, timeout=10)  # b's diff, one version old, made version 2
+        v2 = host.model("m")
+        for k in v0:
+            torch.testing.assert_close(v2[k], v0[k] + 1.0 + 3.0)
+        assert host.versions("m")[-1]["staleness"] == {"1": 1}
+    finally:
+        _close([a, b])
 
 
 def test_a_server_optimizer_steps_on_the_average(host, ctx):
