@@ -9,7 +9,7 @@ import pytest
 import torch
 import zmq
 
-from helpers.hosted import blobs, clients, make_host_home
+from helpers.hosted import blobs, clients, make_host_home, wait_for
 from helpers.plans import AddOnePlan, TinyPlan
 from meshfl.crypto import Identity
 from meshfl.errors import ConfigError, RemoteError, RequestTimeout
@@ -17,30 +17,9 @@ from meshfl.hosted import Backoff, Client, Host
 from meshfl.wire import Message, decode, encode
 
 
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.term()
-
-
-@pytest.fixture
-def host(tmp_path):
-    h = Host(make_host_home(tmp_path)).start()
-    yield h
-    h.close()
-
-
 def _close(cs):
     for c in cs:
         c.close()
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def _ticket(client, model="m"):
@@ -218,18 +197,25 @@ def test_the_deadline_frees_the_slots_of_clients_that_vanished(host, ctx):
         _close([gone, stays, late])
 
 
-def test_a_restarted_host_keeps_accepted_diffs_and_counts_them_once(tmp_path, ctx):
+def _two_diffs_in_an_open_cycle(tmp_path, ctx):
+    """A host (then closed) whose open cycle of three holds the diffs of a (1.0 x 10 samples) and
+    b (2.0 x 30); returns its home, its version 0, the three clients and their tickets."""
     home = make_host_home(tmp_path)
     host = Host(home).start()
     host.add_model("m", TinyPlan, server={"max_clients": 3, "cycle_length": 60})
     v0 = host.model("m")
     cs = clients(host, 3, TinyPlan, context=ctx)
+    t = [_ticket(c) for c in cs]
+    cs[0].push("m", t[0]["ticket"], 0, _diff(host, fill=1.0), 10, diff_id="a")
+    cs[1].push("m", t[1]["ticket"], 0, _diff(host, fill=2.0), 30, diff_id="b")
+    host.close()
+    return home, v0, cs, t
+
+
+def test_a_restarted_host_keeps_accepted_diffs_and_counts_them_once(tmp_path, ctx):
+    home, v0, cs, t = _two_diffs_in_an_open_cycle(tmp_path, ctx)
+    host = Host(home).start()
     try:
-        t = [_ticket(c) for c in cs]
-        cs[0].push("m", t[0]["ticket"], 0, _diff(host, fill=1.0), 10, diff_id="a")
-        cs[1].push("m", t[1]["ticket"], 0, _diff(host, fill=2.0), 30, diff_id="b")
-        host.close()
-        host = Host(home).start()
         assert host.status("m")[0]["open"]["diffs"] == 2
         assert cs[1].push("m", t[1]["ticket"], 0, _diff(host, fill=2.0), 30, diff_id="b").fields["duplicate"]
         cs[2].push("m", t[2]["ticket"], 0, _diff(host, fill=-1.0), 20, diff_id="c")
@@ -245,28 +231,21 @@ def test_a_restarted_host_keeps_accepted_diffs_and_counts_them_once(tmp_path, ct
 def test_a_diff_whose_slot_lost_its_bytes_is_dropped_at_restart_and_the_rest_count(tmp_path, ctx, caplog):
     """Slots are not fsynced: an OS crash may lose a diff's bytes. The restarted host must notice
     (its record's CRC) and drop that diff, never fold stale bytes in."""
-    home = make_host_home(tmp_path)
+    home, v0, cs, t = _two_diffs_in_an_open_cycle(tmp_path, ctx)
+    slots = home / "hosted" / "m.diffs"
+    size = slots.stat().st_size // 2
+    with open(slots, "r+b") as f:  # slot 1 (b's) holds other bytes, as after a lost page
+        f.seek(size)
+        f.write(b"\0" * size)
     host = Host(home).start()
-    host.add_model("m", TinyPlan, server={"max_clients": 3, "cycle_length": 60})
-    cs = clients(host, 3, TinyPlan, context=ctx)
     try:
-        t = [_ticket(c) for c in cs]
-        cs[0].push("m", t[0]["ticket"], 0, _diff(host, fill=1.0), 10, diff_id="a")
-        cs[1].push("m", t[1]["ticket"], 0, _diff(host, fill=2.0), 30, diff_id="b")
-        host.close()
-        slots = home / "hosted" / "m.diffs"
-        size = slots.stat().st_size // 2
-        with open(slots, "r+b") as f:  # slot 1 (b's) holds other bytes, as after a lost page
-            f.seek(size)
-            f.write(b"\0" * size)
-        host = Host(home).start()
         assert host.status("m")[0]["open"]["diffs"] == 1
         assert "lost their tensors" in caplog.text
         cs[2].push("m", t[2]["ticket"], 0, _diff(host, fill=-1.0), 20, diff_id="c")
-        host.close()
-        host = Host(home).start()  # a's and c's diffs, never b's zeros
-        [st] = host.status("m")
-        assert st["open"]["diffs"] == 2 and st["version"] == 0
+        cs[1].push("m", t[1]["ticket"], 0, _diff(host, fill=2.0), 30, diff_id="b2")  # b sends it again
+        assert host.wait_version("m", 1, timeout=10)
+        for k, v in host.model("m").items():  # b's diff counted once, from its second sending
+            torch.testing.assert_close(v, v0[k] + (10 * 1.0 + 30 * 2.0 - 20 * 1.0) / 60)
     finally:
         _close(cs)
         host.close()

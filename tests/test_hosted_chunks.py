@@ -3,13 +3,11 @@ with a host whose message limit is well below the model's size."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
-import zmq
 
-from helpers.hosted import clients, make_host_home
+from helpers.hosted import clients, make_host_home, wait_for
 from helpers.plans import AddOnePlan
 from meshfl.errors import RemoteError, RequestTimeout
 from meshfl.hosted import Backoff, Host
@@ -22,25 +20,11 @@ CHUNK = 128 << 10  # 33 chunks a transfer: more than a window in flight
 
 
 @pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.term()
-
-
-@pytest.fixture
 def host(tmp_path):
     h = Host(make_host_home(tmp_path), max_message_bytes=LIMIT, chunk_bytes=CHUNK).start()
     h.add_model("m", AddOnePlan, model_args=WIDE, server={"max_clients": 2, "cycle_length": 60})
     yield h
     h.close()
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def _ticket(client):

@@ -7,7 +7,6 @@ import time
 
 import pytest
 import torch
-import zmq
 
 from helpers.hosted import clients, make_host_home
 from helpers.plans import TinyPlan
@@ -17,20 +16,6 @@ from meshfl.secagg import VECTOR
 
 SECURE = {"secure_aggregation": True, "cycle_length": 3.0, "setup_timeout": 2.0}
 ARGS = {"epochs": 1, "batch_size": 8, "lr": 0.1, "seed": 7}
-
-
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.term()
-
-
-@pytest.fixture
-def host(tmp_path):
-    h = Host(make_host_home(tmp_path)).start()
-    yield h
-    h.close()
 
 
 def _in_threads(cs, model="m"):

@@ -318,8 +318,14 @@ class Host:
         if dropped:
             log.warning("[%s] %s: %d diff(s) lost their tensors in a crash and are dropped", self.name, name,
                         len(dropped))
-            self.home.store.atomic(lambda tx: [tx.delete(DIFFS, diff_key(name, cycle["cycle"], r["client"], r["ticket"]))
-                                               for r in dropped])
+
+            def drop(tx) -> None:  # and its ticket's use: the client may send that diff again
+                for r in dropped:
+                    tx.delete(DIFFS, diff_key(name, cycle["cycle"], r["client"], r["ticket"]))
+                    if (tx.get(TICKETS, f"{name}/{r['client']}") or {}).get("ticket") == r["ticket"]:
+                        tx.delete(TICKETS, f"{name}/{r['client']}")
+
+            self.home.store.atomic(drop)
         self._live[name] = live
         if live.config.secure_aggregation:
             if restart:  # its masked vectors, if any, died with the process: useless without the reveal

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,14 @@ def blobs(n: int, seed: int, features: int = 4):
     y = rng.integers(0, 2, n)
     x = rng.normal(size=(n, features)) + y[:, None] * 2.0
     return torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    """Until ``predicate()`` holds: a bounded wait (an assertion error when it runs out)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
 
 
 def make_host_home(root: Path) -> Path:
