@@ -79,6 +79,7 @@ class _Live:
         self.secure = None  # the open secure cycle (:class:`~meshfl.hosted._secure.SecureCycle`)
         self.failed: dict | None = None  # how the last secure cycle failed, for its late clients and status
         self.unmasked = None  # the last secure cycle that made a version (for survivors late to reveal)
+        self.digest = ""  # the current version's hash (set by the host), asked for by every request
         self.reset_summary()
 
     def reset_summary(self) -> None:
@@ -303,6 +304,7 @@ class Host:
                                  "tensors": self.state.blobs.read(state_blob(name, v))})
         cycle = self.home.store.read(lambda tx: tx.get(CYCLES, name))
         live = _Live(record, cycle, glob, agg)
+        live.digest = self._version_hash(live, v)
         live.chunks = chunk_plan(layout_of(glob), self.chunk_bytes)  # every version has the same layout
         agg.begin(glob, live.record["parameters"])
         live.slots = DiffSlots(self.state.blobs.folder / f"{name}.diffs", live.layout)
@@ -451,7 +453,7 @@ class Host:
         if gone >= 0:
             self.state.blobs.delete(model_blob(name, gone))
             self.state.blobs.delete(state_blob(name, gone))
-        live.record, live.cycle = record, cycle
+        live.record, live.cycle, live.digest = record, cycle, digest
         live.glob = self.state.blobs.read(model_blob(name, v))
         live.agg.begin(live.glob, record["parameters"])
         live.reset_summary()
@@ -568,6 +570,8 @@ class Host:
                                             "reason": reason})
 
     def _version_hash(self, live: _Live, version: int) -> str:
+        if version == live.version and live.digest:
+            return live.digest
         rec = self.home.store.read(lambda tx: tx.get(VERSIONS, version_key(live.record["name"], version)))
         if rec is None:
             raise HostedError(f"{live.record['name']!r} has no version {version}", code="unknown_version")
@@ -579,7 +583,7 @@ class Host:
             live = self._get(name)
             digest = self._version_hash(live, v)
             blob = model_blob(name, v)
-            if not self.state.blobs.exists(blob):
+            if v != live.version and not self.state.blobs.exists(blob):
                 raise HostedError(f"version {v} of {name!r} is no longer kept", code="unknown_version")
             tensors = live.glob if v == live.version else self.state.blobs.read(blob)
         fields = {"model": name, "version": v, "version_hash": digest, "plan_hash": live.record["plan_hash"]}
