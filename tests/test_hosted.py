@@ -527,6 +527,28 @@ def test_transfers_beyond_the_limit_wait_their_turn(tmp_path, ctx):
         host.close()
 
 
+def test_a_request_brings_a_stale_model_with_its_ticket_and_holds_a_pull_slot_only_then(tmp_path, ctx):
+    host = Host(make_host_home(tmp_path), max_transfers=1).start()
+    try:
+        host.add_model("m", TinyPlan, server={"max_clients": 1, "cycle_length": 60})
+        a, b = clients(host, 2, TinyPlan, context=ctx)
+        try:
+            t = a.request("m", pull=True)
+            assert t.fields["inline"] and not t.fields["current"]  # the version came with the ticket
+            torch.testing.assert_close(a._cache["m"]["tensors"], host.model("m"))
+            wait_for(lambda: host._pulls.in_flight == 0)  # a's hosted.pulled gave the slot back
+            assert isinstance(b.request("m", pull=True), Backoff)  # the cycle is full: no slot taken
+            assert host._pulls.in_flight == 0
+            again = a.request("m", pull=True)  # its cache is current now: a plain acceptance
+            assert again.fields["current"] and not again.fields.get("inline") and not again.tensors
+            assert a.push("m", t.fields["ticket"], 0, _diff(host), 5).fields["duplicate"] is False
+            assert host.wait_version("m", 1, timeout=10)
+        finally:
+            _close([a, b])
+    finally:
+        host.close()
+
+
 def test_a_researcher_hosts_a_model_beside_its_experiments(tmp_path, ctx):
     from meshfl.researcher import Researcher
 

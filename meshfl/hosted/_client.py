@@ -158,19 +158,29 @@ class Client:
             raise RemoteError.from_wire(reply.fields, self.host_card.name)
         return reply
 
-    def request(self, model: str, capabilities: dict | None = None) -> Message | Backoff:
-        cached = self._cache.get(model, {}).get("hash", "")
+    def request(self, model: str, capabilities: dict | None = None, pull: bool = False) -> Message | Backoff:
+        """Ask to train. With ``pull``, a stale cached copy is replaced by the version the host
+        sends with the ticket when it fits one chunk (one round trip less); else :meth:`pull` it."""
+        entry = self._cache.get(model)
         reply = self.call(Message("hosted.request", {"model": model, "capabilities": capabilities or {},
-                                                     "cached": cached}))
+                                                     "cached": (entry or {}).get("hash", ""), "pull": pull,
+                                                     "plan": entry is None}))
         if reply.type == "hosted.backoff":
             return Backoff(reply.fields["retry_in"], reply.fields["reason"])
+        if reply.fields.get("inline"):
+            self._send(Message("hosted.pulled", {"model": model}))  # frees the host's transfer slot at once
+            self._keep(model, reply.fields, reply.tensors)
         return reply
 
     def pull(self, model: str, version: int) -> dict:
         """The version's tensors (and the plan, the first time), into this client's cache."""
-        entry = self._cache.get(model)
-        f, tensors = _chunks.pull(self._post, self._send, model, version, entry is None,
+        f, tensors = _chunks.pull(self._post, self._send, model, version, model not in self._cache,
                                   self.limits.max_message_bytes)  # and the hosted.pulled that frees its slot
+        return self._keep(model, f, tensors)
+
+    def _keep(self, model: str, f: dict, tensors) -> dict:
+        """A received version into the cache (the plan with it, the first time)."""
+        entry = self._cache.get(model)
         if entry is None:
             entry = {"plan": self._plan(f["plan_hash"], f.get("plan_source"), f.get("plan_class")),
                      "plan_hash": f["plan_hash"], "model_args": f.get("model_args") or {}}
@@ -204,7 +214,7 @@ class Client:
     def train_once(self, model: str, capabilities: dict | None = None) -> dict | Backoff:
         """Ask, pull if stale, train on the local data, push the diff. Returns the ack's fields
         with this client's metrics, or a :class:`Backoff`."""
-        answer = self.request(model, capabilities)
+        answer = self.request(model, capabilities, pull=True)
         if isinstance(answer, Backoff):
             return answer
         a = answer.fields

@@ -31,16 +31,16 @@ class Transfers:
         self._room = room or (lambda msg: True)
         self._busy: dict[str, tuple[float, str]] = {}  # client -> (when its slot expires, its model)
         self._waiting: deque[str] = deque()  # clients waiting for a slot, in order of arrival
-        self._requests: dict[str, list[tuple[Message, Start]]] = {}  # what each waiting client asked
+        self._requests: dict[str, list[tuple]] = {}  # what each waiting client asked: (request, start, keep)
 
-    def admit(self, msg: Message, start: Start) -> Message | None:
-        """The reply now if a slot is free (or the client holds one), else None: queued."""
+    def admit(self, msg: Message, start: Start, keep: Callable[[Message], object] | None = None) -> Message | None:
+        """The reply now if a slot is free (or the client holds one), else None: queued. With
+        ``keep``, the slot is given back at once unless ``keep(reply)`` (no transfer came of it)."""
         if msg.sender in self._busy or (len(self._busy) < self.limit and self._room(msg)):
-            self._hold(msg)
-            return _run(msg, start)
+            return self._start(msg, start, keep)
         if msg.sender not in self._requests:
             self._waiting.append(msg.sender)
-        self._requests.setdefault(msg.sender, []).append((msg, start))
+        self._requests.setdefault(msg.sender, []).append((msg, start, keep))
         return None
 
     def touch(self, client: str) -> bool:
@@ -70,12 +70,10 @@ class Transfers:
         out, kept = [], []
         while self._waiting and len(self._busy) < self.limit:
             client = self._waiting.popleft()
-            first = self._requests[client][0][0]
-            if not self._room(first):
+            if not self._room(self._requests[client][0][0]):
                 kept.append(client)
                 continue
-            self._hold(first)
-            out.extend((msg, _run(msg, start)) for msg, start in self._requests.pop(client))
+            out.extend((msg, self._start(msg, start, keep)) for msg, start, keep in self._requests.pop(client))
         self._waiting.extendleft(reversed(kept))
         return out
 
@@ -90,8 +88,12 @@ class Transfers:
     def queued(self) -> int:
         return sum(len(r) for r in self._requests.values())
 
-    def _hold(self, msg: Message) -> None:
+    def _start(self, msg: Message, start: Start, keep) -> Message:
         self._busy[msg.sender] = (time.monotonic() + self.timeout, str(msg.fields.get("model")))
+        reply = _run(msg, start)
+        if keep is not None and not keep(reply):
+            self._busy.pop(msg.sender, None)
+        return reply
 
 
 def _run(msg: Message, start: Start) -> Message:

@@ -535,7 +535,30 @@ class Host:
             return True
         return live.diffs + self._pushes.in_flight_for(live.record["name"]) < live.config.close_at
 
-    def _on_request(self, msg: Message) -> Message:
+    def _on_request(self, msg: Message) -> Message | None:
+        """A ticket or backoff. A client that asks (``pull``) gets a version of at most one chunk
+        with its ticket when its cached copy is stale: one round trip less, and the answer then
+        waits for a pull slot like a pull (the slot is kept only if the model went with it)."""
+        with self._lock:
+            live = self._get(msg.fields["model"])
+            if msg.fields.get("pull") and msg.fields.get("cached") != live.digest and not live.secure \
+                    and live.nbytes <= self.chunk_bytes:
+                return self._pulls.admit(msg, self._request_with_model, keep=lambda reply: reply.tensors)
+            return self._request_reply(msg)
+
+    def _request_with_model(self, msg: Message) -> Message:
+        """Decided when the pull slot is there (the version may have changed while it waited)."""
+        reply = self._request_reply(msg)
+        live = self._get(msg.fields["model"])
+        if reply.type == "hosted.accepted" and not reply.fields["current"] and not live.secure:
+            reply.fields["inline"] = True
+            if msg.fields.get("plan"):
+                reply.fields.update(plan_source=live.record["plan_source"], plan_class=live.record["plan_class"],
+                                    model_args=live.record["model_args"])
+            reply.tensors = live.glob
+        return reply
+
+    def _request_reply(self, msg: Message) -> Message:
         client, name = msg.sender, msg.fields["model"]
         with self._lock:
             live = self._get(name)

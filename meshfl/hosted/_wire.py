@@ -2,9 +2,11 @@
 
 A client's exchange with a host, for one model:
 
-1. ``hosted.request`` (capabilities, the version hash it has cached) -> ``hosted.accepted`` (a
+1. ``hosted.request`` (capabilities, the version hash it has cached, ``pull``: send the version
+   with my ticket if it is stale and fits one chunk) -> ``hosted.accepted`` (a
    ticket for this cycle, the version to train, the training arguments, whether its cached copy
-   is current) or ``hosted.backoff`` ("come back in ``retry_in`` seconds": not an error).
+   is current; ``inline``: the version itself, and step 2 is only its ``hosted.pulled``) or
+   ``hosted.backoff`` ("come back in ``retry_in`` seconds": not an error).
 2. ``hosted.pull`` -> ``hosted.model``: the version (and the plan source when asked), only when
    the cached hash differs. A model of at most one chunk rides inline; a larger one is announced
    by its ``layout`` and pulled chunk by chunk (``hosted.fetch`` -> ``hosted.chunk``, a window in
@@ -33,10 +35,13 @@ from __future__ import annotations
 from .. import protocol  # noqa: F401  (ping and pong, which every peer answers)
 from ..wire import declare
 
-declare("hosted.request", required={"model": "str"}, optional={"capabilities": "dict", "cached": "str"})
+declare("hosted.request", required={"model": "str"},
+        optional={"capabilities": "dict", "cached": "str", "pull": "bool", "plan": "bool"})
 declare("hosted.accepted", required={"model": "str", "ticket": "str", "cycle": "int", "version": "int",
                                      "version_hash": "str", "plan_hash": "str", "training_args": "dict",
-                                     "current": "bool", "deadline_in": "float"}, optional={"secure": "bool"})
+                                     "current": "bool", "deadline_in": "float"},
+        optional={"secure": "bool", "inline": "bool", "plan_source": "str", "plan_class": "str", "model_args": "dict"},
+        tensors=True)  # inline: the version rides along (asked with pull), answered by hosted.pulled
 declare("hosted.backoff", required={"model": "str", "retry_in": "float", "reason": "str"})
 declare("hosted.pull", required={"model": "str", "version": "int"}, optional={"plan": "bool"})
 declare("hosted.model", required={"model": "str", "version": "int", "version_hash": "str", "plan_hash": "str"},
