@@ -23,7 +23,6 @@ import contextlib
 import mmap
 import os
 import struct
-import threading
 from pathlib import Path
 from typing import Mapping
 
@@ -64,25 +63,34 @@ def write_pack(path: str | Path, tensors: Mapping[str, torch.Tensor], reuse: str
     ``reuse`` names a spare pack file to overwrite instead of a new one: its pages are already
     in memory, so writing a model costs a memcpy instead of page allocation.
     """
+    tmp = f"{path}.tmp"
+    fresh = True
+    if reuse is not None:
+        try:
+            os.replace(reuse, tmp)
+            fresh = False
+        except FileNotFoundError:
+            pass
+    size = _write_file(tmp, tensors, fresh)
+    os.replace(tmp, path)
+    return size
+
+
+def _write_file(tmp: str, tensors: Mapping[str, torch.Tensor], fresh: bool) -> int:
+    """Write a pack into file ``tmp`` (created, or overwritten in place unless ``fresh``); a
+    failed write leaves no file."""
     header, offset = [], 0
     for name in tensors:
         dtype, shape, nbytes = _spec(tensors, name)
         if dtype not in DTYPE_NAMES:
+            if not fresh:
+                os.unlink(tmp)
             raise StoreError(f"tensor {name!r}: unsupported dtype {dtype}", code="bad_value")
         header.append([name, DTYPE_NAMES[dtype], list(shape), offset, nbytes])  # offset from data start
         offset += -(-nbytes // _ALIGN) * _ALIGN
     head = orjson.dumps(header)
     data_start = _data_start(len(head))
-    tmp = f"{path}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT
-    if reuse is not None:
-        try:
-            os.replace(reuse, tmp)
-        except FileNotFoundError:
-            flags |= os.O_TRUNC
-    else:
-        flags |= os.O_TRUNC
-    fd = os.open(tmp, flags, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if fresh else 0), 0o600)
     try:
         os.ftruncate(fd, data_start + offset)
         os.pwrite(fd, MAGIC + struct.pack("<Q", len(head)) + head, 0)
@@ -94,7 +102,6 @@ def write_pack(path: str | Path, tensors: Mapping[str, torch.Tensor], reuse: str
         os.unlink(tmp)  # never a half-written pack, nor its temporary
         raise
     os.close(fd)
-    os.replace(tmp, path)
     return data_start + offset
 
 
@@ -197,21 +204,23 @@ class BlobStore:
         return os.path.join(self._dir, f".spare{i}")
 
     def write(self, name: str, tensors: Mapping[str, torch.Tensor]) -> int:
-        """Write a pack ``name`` (replacing one of that name, whose file becomes a spare)."""
-        size = write_pack(self._new(name), tensors, reuse=self._claim_spare())
-        self._install(name)
+        """Write a pack ``name`` (replacing one of that name, whose file becomes a spare): a spare
+        claimed as the temporary file, written, then renamed into place."""
+        path = self.path(name)
+        tmp = self._new(name) + ".tmp"
+        size = _write_file(tmp, tensors, fresh=not self._claim_spare(tmp))
+        self._install(tmp, path)
         return size
 
-    def _claim_spare(self) -> str | None:
-        """A spare file renamed to a name of this thread's own (no other writer can take it), or None."""
+    def _claim_spare(self, tmp: str) -> bool:
+        """Rename a spare file to ``tmp`` (atomic: no other writer can take it too); False if none."""
         for i in range(self.SPARES):
-            claimed = f"{self._spare(i)}.{os.getpid()}.{threading.get_ident()}"
             try:
-                os.rename(self._spare(i), claimed)
-                return claimed
+                os.rename(self._spare(i), tmp)
+                return True
             except FileNotFoundError:
                 continue
-        return None
+        return False
 
     def _keep_as_spare(self, path: str) -> bool:
         """Link ``path``'s file under a free spare name; False if every spare name is taken."""
@@ -226,15 +235,15 @@ class BlobStore:
     def _new(self, name: str) -> str:
         return self.path(name) + ".new"
 
-    def _install(self, name: str) -> None:
-        """Move pack ``name``'s new file into place; the file it replaces becomes a spare (linked
+    def _install(self, tmp: str, path: str) -> None:
+        """Move a written file into place at ``path``; the file it replaces becomes a spare (linked
         first, so the name is never missing). Writing fresh files instead would make every
         fsync on the disk (ext4 data=ordered) wait for their new blocks to reach it."""
         try:
-            self._keep_as_spare(self.path(name))
+            self._keep_as_spare(path)
         except FileNotFoundError:
             pass  # nothing to replace
-        os.replace(self._new(name), self.path(name))
+        os.replace(tmp, path)
 
     def read(self, name: str) -> dict[str, torch.Tensor]:
         return read_pack(self.path(name))
