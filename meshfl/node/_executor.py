@@ -38,6 +38,7 @@ class Executor:
             self._env[SANDBOX_ENV] = orjson.dumps(sandbox).decode()
         self.protections: dict | None = None  # what the last worker achieved (its ready line)
         self._proc: subprocess.Popen | None = None
+        self._selectors: dict[int, selectors.BaseSelector] = {}  # pid -> its pipe's selector, made once
         self._lock = threading.Lock()
 
     def _spawn(self) -> subprocess.Popen:
@@ -47,7 +48,7 @@ class Executor:
             stdout=subprocess.PIPE,
             env=self._env,
         )
-        line = self._read_line(proc, timeout=120)
+        line = self._read_line(proc, timeout=120, sel=self._selector(proc))
         ready = orjson.loads(line) if line else {}
         if not ready.get("ready"):
             self._kill(proc)
@@ -58,20 +59,29 @@ class Executor:
         log.info("[%s] training worker started (pid %d)", self.name, proc.pid)
         return proc
 
-    @staticmethod
-    def _read_line(proc: subprocess.Popen, timeout: float) -> bytes | None:
-        """One result line; b"" if the worker died (end of file), None if the time ran out."""
-        with selectors.DefaultSelector() as sel:
+    def _selector(self, proc: subprocess.Popen) -> selectors.BaseSelector:
+        """The selector on ``proc``'s result pipe, one per worker (not one per task: an epoll
+        instance each time showed in a small round's profile)."""
+        sel = self._selectors.get(proc.pid)
+        if sel is None:
+            sel = self._selectors[proc.pid] = selectors.DefaultSelector()
             sel.register(proc.stdout, selectors.EVENT_READ)
-            if not sel.select(timeout):
-                return None
-            return proc.stdout.readline()
+        return sel
 
     @staticmethod
-    def _kill(proc: subprocess.Popen) -> None:
+    def _read_line(proc: subprocess.Popen, timeout: float, sel: selectors.BaseSelector) -> bytes | None:
+        """One result line; b"" if the worker died (end of file), None if the time ran out."""
+        if not sel.select(timeout):
+            return None
+        return proc.stdout.readline()
+
+    def _kill(self, proc: subprocess.Popen) -> None:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        sel = self._selectors.pop(proc.pid, None)
+        if sel is not None:
+            sel.close()
         for f in (proc.stdin, proc.stdout):
             if f:
                 f.close()
@@ -79,21 +89,27 @@ class Executor:
     def start(self) -> None:
         """Start the warm worker ahead of the first task."""
         with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
-                self._proc = self._spawn()
+            self._live()
+
+    def _live(self) -> subprocess.Popen:
+        """The warm worker, a fresh one if it is gone (a dead one's pipes and selector closed)."""
+        if self._proc is not None and self._proc.poll() is not None:
+            self._kill(self._proc)
+            self._proc = None
+        if self._proc is None:
+            self._proc = self._spawn()
+        return self._proc
 
     def run(self, job: dict, timeout: float) -> dict:
         """Run one job; returns the worker's result dict or raises :class:`TaskFailed`."""
         with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
-                self._proc = self._spawn()
-            proc = self._proc
+            proc = self._live()
             try:
                 proc.stdin.write(orjson.dumps(job) + b"\n")
                 proc.stdin.flush()
             except (BrokenPipeError, OSError):
                 pass  # the worker is dead: the read below sees it
-            line = self._read_line(proc, timeout)
+            line = self._read_line(proc, timeout, self._selector(proc))
             if not line:
                 self._kill(proc)
                 self._proc = None

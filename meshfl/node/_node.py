@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -109,6 +110,7 @@ class Node:
         self._trusted_names: dict[str, str] = {}
         self._running_task: dict | None = None
         self._packs: dict[str, dict] = {}  # task id -> mapped result pack, while it is being pulled
+        self._scratch_dir = os.path.join(self.home.path, "scratch", "task")  # see _scratch
         self._lock: NodeLock | None = None
         self.hosted = HostedJoiner(self)  # the hosted models the operator joined (meshfl node join)
 
@@ -502,7 +504,7 @@ class Node:
         client_dp = (p.get("dp") or {}).get("mode") == "client"
         try:
             dataset = self.datasets.get(p["dataset"])
-            self._recheck(task, dataset)  # approval, policy or budget may have changed since acceptance
+            grant = self._recheck(task, dataset)  # approval, policy or budget may have changed since acceptance
             job = {
                 "task_id": task.id,
                 "plan_source": p["plan_source"],
@@ -515,7 +517,7 @@ class Node:
                 "allow_cuda": self.home.config.allow_cuda,
                 # the node itself masks or noises the change; a host takes the diff
                 "delta": bool(p.get("secagg")) or client_dp or p.get("kind") == "hosted",
-                "update_norm": self.gate.policy(p["dataset"]).review,  # for the operator's review
+                "update_norm": grant.policy.review,  # for the operator's review
                 "dp": p.get("dp"),
                 "mechanism": (p.get("privacy") or {}).get("mechanism"),
                 "preprocess": p.get("preprocess"),
@@ -523,7 +525,7 @@ class Node:
             }
             limit = self.home.config.task_timeout  # the operator's limit: a researcher may only lower it
             timeout = min(limit, float(p["training_args"].get("timeout") or limit))
-            job["scratch"] = self._scratch(task.id)
+            job["scratch"] = self._scratch()
             job["cpu_seconds"] = self.home.config.plan_cpu_seconds or timeout
             result = self.executor.run(job, timeout)
             delta = None
@@ -539,7 +541,7 @@ class Node:
         finally:
             cancelled = self._running_task["cancelled"]
             self._running_task = None
-            self._drop_scratch(task.id)
+            self._drop_scratch()
         if cancelled:
             result = {"ok": False, "error": TaskFailed("the researcher cancelled the experiment", code="cancelled").to_wire()}
         fields["ok"] = bool(result.get("ok"))
@@ -595,7 +597,7 @@ class Node:
                                     summed_over=self._summed_over(p)))
             ops = analytics.parse(p["query"], self.home.config.analytics_max_bins)
             job = {"kind": "stats", "task_id": task.id, "query": p["query"], "dataset": record, "secure": bool(secure),
-                   "scratch": self._scratch(task.id), "cpu_seconds": self.home.config.plan_cpu_seconds or None}
+                   "scratch": self._scratch(), "cpu_seconds": self.home.config.plan_cpu_seconds or None}
             result = self.executor.run(job, self.home.config.task_timeout)
             if not result.get("ok"):
                 raise MeshflError(result["error"]["message"], code=result["error"]["code"])
@@ -623,7 +625,7 @@ class Node:
             fields.update(ok=False, error={"code": "internal", "message": "the node failed to answer this query"})
         finally:
             self._running_task = None
-            self._drop_scratch(task.id)
+            self._drop_scratch()
         held, fields = self.release.finish(task, fields, {"type": mtype},
                                            {"suppressed": fields.get("suppressed"), "rows": fields.get("rows")})
         if not fields["ok"]:
@@ -648,23 +650,32 @@ class Node:
         self.masked.keep(task_id, vector)
         return self.masked.tensors(task_id)
 
-    def _scratch(self, task_id: str) -> str:
-        """A fresh folder the task's plan may write in (removed after the task)."""
-        path = self.home.path / "scratch" / task_id
+    def _scratch(self) -> str:
+        """The empty folder the task's plan may write in (emptied after each task). One folder,
+        reused: the runner runs one task at a time, and a mkdir + rmdir per task cost more than
+        looking into it."""
+        path = self._scratch_dir
         try:
-            path.mkdir(mode=0o700, parents=True)
-        except FileExistsError:  # left by a crash during that task: start it clean
-            shutil.rmtree(path)
-            path.mkdir(mode=0o700)
-        return str(path)
-
-    def _drop_scratch(self, task_id: str) -> None:
-        path = self.home.path / "scratch" / task_id
-        try:
-            os.rmdir(path)  # the common case: the plan wrote nothing there
+            os.mkdir(path, 0o700)
         except FileNotFoundError:
-            pass
-        except OSError:
+            os.makedirs(path, 0o700)
+        except FileExistsError:  # kept empty after the last task, or left by a crash during one
+            self._drop_scratch()
+            os.makedirs(path, 0o700, exist_ok=True)
+        return path
+
+    def _drop_scratch(self) -> None:
+        """Remove what the plan wrote (the common case: nothing; the empty folder stays)."""
+        path = self._scratch_dir
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):  # never a link to elsewhere
+                os.unlink(path)
+                return
+            with os.scandir(path) as entries:
+                written = next(entries, None) is not None
+        except FileNotFoundError:
+            return
+        if written:
             shutil.rmtree(path, ignore_errors=True)
 
     def _client_dp(self, task_id: str, payload: dict, result: dict) -> dict | None:
@@ -685,10 +696,10 @@ class Node:
         self.blobs.delete(f"{task_id}.base")
         return None
 
-    def _recheck(self, task, dataset: dict) -> None:
-        """The gate again, just before the task runs (without a new reservation)."""
+    def _recheck(self, task, dataset: dict):
+        """The gate again, just before the task runs (without a new reservation); its grant."""
         p = task.payload
-        self.gate.check(Request(p.get("kind", "training"), p["researcher"], dataset,
+        return self.gate.check(Request(p.get("kind", "training"), p["researcher"], dataset,
                                 researcher_name=self._trusted_names.get(p["researcher"], ""),
                                 plan_source=p["plan_source"], plan_name=p["plan_class"],
                                 secagg=bool(p.get("secagg")),

@@ -172,8 +172,11 @@ def nudge_node(home_path) -> bool:
     return True
 
 
+_CRASH_POINT = os.environ.get("MESHFL_CRASH_POINT")  # read once: it is checked on every release
+
+
 def crash_point(name: str) -> None:
     """Fault injection for crash tests: SIGKILL this process at ``name`` when the environment's
-    ``MESHFL_CRASH_POINT`` names it (never set outside tests)."""
-    if os.environ.get("MESHFL_CRASH_POINT") == name:
+    ``MESHFL_CRASH_POINT`` named it as the process started (never set outside tests)."""
+    if _CRASH_POINT == name:
         os.kill(os.getpid(), signal.SIGKILL)

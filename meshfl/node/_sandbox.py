@@ -19,8 +19,8 @@ Protections, from strongest to weakest (docs/security.md says what each one cove
   tripwire, not a boundary: code in the same interpreter can get around it (with ctypes already
   loaded by a library, say). It catches careless or naive plans and leaves evidence; the
   namespaces and limits above are what the kernel enforces.
-* **Scratch folder** - each task runs in a folder of its own (the working directory and
-  ``TMPDIR``), which the node removes after the task.
+* **Scratch folder** - each task runs in the node's scratch folder (the working directory and
+  ``TMPDIR``), which the node empties after every task.
 
 A plan that trips any of these fails its task with ``plan_violation`` (audited); the worker then
 exits, so no later task shares its interpreter.

@@ -397,7 +397,9 @@ def _serve(job: dict, jail, settings: dict) -> tuple[dict, bool]:
     scratch = job.get("scratch")
     if scratch:
         os.chdir(scratch)
-        os.environ["TMPDIR"] = tempfile.tempdir = scratch
+        if os.environ.get("TMPDIR") != scratch:  # the same folder task after task
+            os.environ["TMPDIR"] = scratch
+        tempfile.tempdir = scratch
     if jail is not None:
         dataset = (job.get("dataset") or {}).get("path")
         state_out = job.get("state_out")  # this experiment's state on this node, written anew

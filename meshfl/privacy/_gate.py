@@ -73,8 +73,7 @@ class Gate:
 
     def may_use(self, researcher: str, researcher_name: str, dataset: str) -> bool:
         """Whether the researcher may see and use the dataset at all (search filters on this)."""
-        allowed = self.policy(dataset).researchers
-        return allowed is None or researcher in allowed or (bool(researcher_name) and researcher_name in allowed)
+        return _admits(self.policy(dataset), researcher, researcher_name)
 
     def check(self, request: Request) -> Grant:
         """Decide ``request``; :class:`PolicyRefused` (or the plan registry's error) if refused."""
@@ -82,7 +81,7 @@ class Gate:
         plan_hash = self._check_plan(request) if request.plan_source is not None else None
         policy = self.policy(name)
         refuse = _refuser(name)
-        if not self.may_use(request.researcher, request.researcher_name, name):
+        if not _admits(policy, request.researcher, request.researcher_name):
             raise refuse(f"researcher {request.researcher_name or request.researcher} may not use dataset {name}",
                          "policy_denied", rule="researchers")
         if request.kind in self._kinds_off:
@@ -139,6 +138,11 @@ def public_policy(policy: Policy, minimum_samples: int) -> dict[str, Any]:
             "require_secagg": policy.require_secagg, "require_dp": policy.needs_dp,
             "min_noise": policy.min_noise, "review": policy.review,
             "min_cell": policy.min_cell or minimum_samples, "exact_extremes": policy.exact_extremes}
+
+
+def _admits(policy: Policy, researcher: str, researcher_name: str) -> bool:
+    allowed = policy.researchers
+    return allowed is None or researcher in allowed or (bool(researcher_name) and researcher_name in allowed)
 
 
 def _refuser(dataset: str):

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 from ..errors import MeshflError
 from ..store import AuditLog, Store
+from ..store._codec import decode_value
 
 TABLE = "policies"
 #: The request kinds a node serves; a policy allows a subset of them. ``hosted``: training for a
@@ -144,11 +145,18 @@ class PolicyTable:
     def __init__(self, store: Store, audit: AuditLog | None = None) -> None:
         self._table = store.table(TABLE)
         self._audit = audit
+        self._parsed: dict[bytes | None, Policy] = {None: Policy()}  # stored record -> its (frozen) Policy
 
     def get(self, dataset: str) -> Policy:
-        """The dataset's policy (the default one if none was set)."""
-        record = self._table.get(dataset)
-        return Policy() if record is None else Policy.from_dict(record)
+        """The dataset's policy (the default one if none was set), read anew each time (another
+        process may change it); a record seen before is not parsed and checked again."""
+        raw = self._table.get_bytes(dataset)
+        policy = self._parsed.get(raw)
+        if policy is None:
+            if len(self._parsed) > 64:
+                self._parsed = {None: self._parsed[None]}
+            policy = self._parsed[raw] = Policy.from_dict(decode_value(raw, f"{TABLE}[{dataset!r}]"))
+        return policy
 
     def set(self, dataset: str, by: str = "operator", **changes: Any) -> Policy:
         """Change some rules of ``dataset``'s policy (the others stay); returns the new policy."""

@@ -23,7 +23,6 @@ import contextlib
 import mmap
 import os
 import struct
-import threading
 from pathlib import Path
 from typing import Mapping
 
@@ -64,25 +63,34 @@ def write_pack(path: str | Path, tensors: Mapping[str, torch.Tensor], reuse: str
     ``reuse`` names a spare pack file to overwrite instead of a new one: its pages are already
     in memory, so writing a model costs a memcpy instead of page allocation.
     """
+    tmp = f"{path}.tmp"
+    fresh = True
+    if reuse is not None:
+        try:
+            os.replace(reuse, tmp)
+            fresh = False
+        except FileNotFoundError:
+            pass
+    size = _write_file(tmp, tensors, fresh)
+    os.replace(tmp, path)
+    return size
+
+
+def _write_file(tmp: str, tensors: Mapping[str, torch.Tensor], fresh: bool) -> int:
+    """Write a pack into file ``tmp`` (created, or overwritten in place unless ``fresh``); a
+    failed write leaves no file."""
     header, offset = [], 0
     for name in tensors:
         dtype, shape, nbytes = _spec(tensors, name)
         if dtype not in DTYPE_NAMES:
+            if not fresh:
+                os.unlink(tmp)
             raise StoreError(f"tensor {name!r}: unsupported dtype {dtype}", code="bad_value")
         header.append([name, DTYPE_NAMES[dtype], list(shape), offset, nbytes])  # offset from data start
         offset += -(-nbytes // _ALIGN) * _ALIGN
     head = orjson.dumps(header)
     data_start = _data_start(len(head))
-    tmp = f"{path}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT
-    if reuse is not None:
-        try:
-            os.replace(reuse, tmp)
-        except FileNotFoundError:
-            flags |= os.O_TRUNC
-    else:
-        flags |= os.O_TRUNC
-    fd = os.open(tmp, flags, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if fresh else 0), 0o600)
     try:
         os.ftruncate(fd, data_start + offset)
         os.pwrite(fd, MAGIC + struct.pack("<Q", len(head)) + head, 0)
@@ -94,7 +102,6 @@ def write_pack(path: str | Path, tensors: Mapping[str, torch.Tensor], reuse: str
         os.unlink(tmp)  # never a half-written pack, nor its temporary
         raise
     os.close(fd)
-    os.replace(tmp, path)
     return data_start + offset
 
 
@@ -115,17 +122,28 @@ def pwrite_all(fd: int, views, pos: int) -> int:
 
 def update_pack(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
     """Overwrite every tensor of the pack at ``path`` in place with ``tensors`` (the same names,
-    dtypes and shapes): how a worker returns its result in the very file it got the model in."""
+    dtypes and shapes): how a worker returns its result in the very file it got the model in.
+    The header is read with ``pread`` (no mapping: an unmap per task showed in a small round)."""
     label = os.path.basename(path)
-    with _open_pack(path, "r+b") as (f, mm):
-        header, data_start = _parse_header(mm, label)
-        mm.close()
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        raise StoreError(f"pack {label} is missing", code="not_found") from None
+    try:
+        head = os.pread(fd, 4096, 0)
+        if len(head) >= 16 and head[:8] == MAGIC:
+            (hlen,) = struct.unpack("<Q", head[8:16])
+            if len(head) < 16 + hlen <= os.fstat(fd).st_size:
+                head += os.pread(fd, 16 + hlen - len(head), len(head))
+        header, data_start = _parse_header(head, label)
         layout = {name: (dtype, list(shape)) for name, dtype, shape, _, _ in header}
         given = {name: (DTYPE_NAMES.get(t.dtype), list(t.shape)) for name, t in tensors.items()}
         if given != layout:
             raise StoreError(f"tensors do not match the layout of pack {label}", code="bad_value")
         for name, _, _, off, _ in header:
-            pwrite_all(f.fileno(), byte_views(tensors, name), data_start + off)
+            pwrite_all(fd, byte_views(tensors, name), data_start + off)
+    finally:
+        os.close(fd)
 
 
 def read_pack(path: str | Path) -> dict[str, torch.Tensor]:
@@ -164,7 +182,9 @@ def _open_pack(path: str | Path, mode: str):
 
 
 def _parse_header(mm, label: str) -> tuple[list, int]:
-    """A pack's header rows and the offset its data starts at."""
+    """A pack's header rows and the offset its data starts at (``mm``: its mapping, or its first bytes)."""
+    if len(mm) < 16:
+        raise StoreError(f"pack {label} is truncated", code="corrupt")
     if mm[:8] != MAGIC:
         raise StoreError(f"{label} is not a tensor pack", code="corrupt")
     (hlen,) = struct.unpack("<Q", mm[8:16])
@@ -197,21 +217,23 @@ class BlobStore:
         return os.path.join(self._dir, f".spare{i}")
 
     def write(self, name: str, tensors: Mapping[str, torch.Tensor]) -> int:
-        """Write a pack ``name`` (replacing one of that name, whose file becomes a spare)."""
-        size = write_pack(self._new(name), tensors, reuse=self._claim_spare())
-        self._install(name)
+        """Write a pack ``name`` (replacing one of that name, whose file becomes a spare): a spare
+        claimed as the temporary file, written, then renamed into place."""
+        path = self.path(name)
+        tmp = self._new(name) + ".tmp"
+        size = _write_file(tmp, tensors, fresh=not self._claim_spare(tmp))
+        self._install(tmp, path)
         return size
 
-    def _claim_spare(self) -> str | None:
-        """A spare file renamed to a name of this thread's own (no other writer can take it), or None."""
+    def _claim_spare(self, tmp: str) -> bool:
+        """Rename a spare file to ``tmp`` (atomic: no other writer can take it too); False if none."""
         for i in range(self.SPARES):
-            claimed = f"{self._spare(i)}.{os.getpid()}.{threading.get_ident()}"
             try:
-                os.rename(self._spare(i), claimed)
-                return claimed
+                os.rename(self._spare(i), tmp)
+                return True
             except FileNotFoundError:
                 continue
-        return None
+        return False
 
     def _keep_as_spare(self, path: str) -> bool:
         """Link ``path``'s file under a free spare name; False if every spare name is taken."""
@@ -226,15 +248,15 @@ class BlobStore:
     def _new(self, name: str) -> str:
         return self.path(name) + ".new"
 
-    def _install(self, name: str) -> None:
-        """Move pack ``name``'s new file into place; the file it replaces becomes a spare (linked
+    def _install(self, tmp: str, path: str) -> None:
+        """Move a written file into place at ``path``; the file it replaces becomes a spare (linked
         first, so the name is never missing). Writing fresh files instead would make every
         fsync on the disk (ext4 data=ordered) wait for their new blocks to reach it."""
         try:
-            self._keep_as_spare(self.path(name))
+            self._keep_as_spare(path)
         except FileNotFoundError:
             pass  # nothing to replace
-        os.replace(self._new(name), self.path(name))
+        os.replace(tmp, path)
 
     def read(self, name: str) -> dict[str, torch.Tensor]:
         return read_pack(self.path(name))

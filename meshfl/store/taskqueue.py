@@ -93,6 +93,8 @@ class TaskQueue:
             tx.put(self._meta, "last", lane)
             return self._save(tx, task, state=RUNNING, attempts=task.attempts + 1)
 
+        if not self._store.read(lambda tx: tx.count(self._lanes)):
+            return None  # nothing pending: no write transaction (a runner asks after every task)
         return self._store.atomic(claim)
 
     def done(self, task_id: str, result: dict | None = None) -> Task:
