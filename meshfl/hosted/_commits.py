@@ -22,6 +22,7 @@ class GroupCommit:
 
     def __init__(self, run: Callable[[list], None], name: str) -> None:
         self._run = run
+        self._name = name
         self._items: list = []
         self._cond = threading.Condition()
         self._closed = False
@@ -51,4 +52,4 @@ class GroupCommit:
             try:
                 self._run(batch)
             except Exception:  # a bug of ours: logged; those clients get no ack
-                log.exception("committing %d diff(s) failed", len(batch))
+                log.exception("[%s] committing %d diff(s) failed", self._name, len(batch))
