@@ -114,6 +114,13 @@ class Fleet:
         for p in self.procs:
             p.wait(timeout=60)
 
+    def kill(self) -> None:
+        """After a failure: no client process outlives the benchmark."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
 
 def part1(args, root: Path) -> dict:
     from bench_hosted_plan import WidePlan
@@ -134,7 +141,7 @@ def part1(args, root: Path) -> dict:
     host = subprocess.Popen([sys.executable, "-m", "meshfl.cli", "host", "start", "--home", str(home),
                              "--max-transfers", str(args.max_transfers)],
                             stdout=subprocess.PIPE, stderr=open(root / "host.log", "ab"), text=True, env=ENV)
-    servers = {}
+    servers, fleets = {}, {}
     try:
         endpoint = wait_line(host, "host listening on").split()[-1]
         card = str(home / "keys" / "identity.card")
@@ -145,7 +152,7 @@ def part1(args, root: Path) -> dict:
             with Home.open(home) as h:
                 enroll_cards(h, cards, "bench")
 
-        fleets = {"hosted": Fleet(args, "hosted", endpoint, card, root, enroll)}
+        fleets["hosted"] = Fleet(args, "hosted", endpoint, card, root, enroll)
         for mode in ("raw-curve", "raw"):
             servers[mode] = subprocess.Popen(
                 [sys.executable, __file__, "--role", "raw-server", "--root", str(root), "--mode", mode,
@@ -168,9 +175,13 @@ def part1(args, root: Path) -> dict:
         for fleet in fleets.values():
             fleet.close()
     finally:
+        for fleet in fleets.values():
+            fleet.kill()
         host.terminate()
         host.wait(timeout=60)
         for server in servers.values():
+            if server.poll() is None:
+                server.kill()
             server.wait(timeout=60)
     measured = {mode: t[1:] for mode, t in times.items()}
     ratios = [h / r for h, r in zip(measured["hosted"], measured["raw-curve"])]
