@@ -251,6 +251,39 @@ def test_a_diff_whose_slot_lost_its_bytes_is_dropped_at_restart_and_the_rest_cou
         host.close()
 
 
+def test_a_failed_group_commit_refuses_the_diff_and_the_model_takes_nothing_until_a_restart(tmp_path, ctx):
+    """The sum in memory then holds a diff the store does not: the host must not build on it."""
+    home = make_host_home(tmp_path)
+    host = Host(home).start()
+    host.add_model("m", TinyPlan, server={"max_clients": 3, "cycle_length": 60})
+    cs = clients(host, 2, TinyPlan, context=ctx)
+    try:
+        t = [_ticket(c) for c in cs]
+        atomic = host.home.store.atomic
+
+        def failing(fn):  # the disk is full, say, for the committer's transaction
+            if threading.current_thread().name.startswith("meshfl-commit"):
+                raise OSError("no space left on device")
+            return atomic(fn)
+
+        host.home.store.atomic = failing
+        with pytest.raises(RemoteError) as exc:
+            cs[0].push("m", t[0]["ticket"], 0, _diff(host, fill=1.0), 10, diff_id="a")
+        assert _code(exc) == "store_failed"
+        host.home.store.atomic = atomic
+        with pytest.raises(RemoteError) as exc:  # even with the store back: until a restart
+            cs[1].push("m", t[1]["ticket"], 0, _diff(host, fill=2.0), 10, diff_id="b")
+        assert _code(exc) == "store_failed"
+        host.close()
+        host = Host(home).start()  # nothing of a's diff committed: the cycle is empty, a may send it again
+        assert host.status("m")[0]["open"]["diffs"] == 0
+        assert cs[0].push("m", t[0]["ticket"], 0, _diff(host, fill=1.0), 10, diff_id="a").fields["duplicate"] is False
+        assert host.status("m")[0]["open"]["diffs"] == 1
+    finally:
+        _close(cs)
+        host.close()
+
+
 def test_a_push_into_a_full_buffer_waits_for_the_next_version_instead_of_failing(host, ctx):
     host.add_model("m", TinyPlan, server={"mode": "async", "buffer": 1, "max_staleness": 3, "max_clients": 10})
     a, b = clients(host, 2, TinyPlan, context=ctx)
