@@ -3,7 +3,6 @@ what was in flight on the old connection is sent again, so the round does not wa
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -12,6 +11,7 @@ import torch
 
 from helpers.plans import AddOnePlan
 from helpers.procs import make_homes
+from meshfl.launch.slurm import free_port
 from meshfl.node import Node
 from meshfl.researcher import Experiment, Researcher
 from meshfl.testing.netns import ImpairmentRelay
@@ -20,9 +20,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_a_train_request_lost_in_a_reset_is_sent_again_when_the_node_reconnects(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port("127.0.0.1")
     relay = ImpairmentRelay(tmp_path / "relay.sock")
     link = relay.add("node0", ("127.0.0.1", 0), ("127.0.0.1", port))
     r_path, (n_path,) = make_homes(tmp_path, 1, AddOnePlan, listen=f"tcp://127.0.0.1:{port}",

@@ -310,6 +310,28 @@ def test_a_node_refused_at_first_gets_in_once_trusted(tmp_path):
         hub.close()
 
 
+def test_a_node_dialing_another_peers_address_warns_once_per_redial(tmp_path, caplog):
+    """A stale endpoint (another peer took the port) fails each CURVE handshake, and libzmq
+    retries every 100 ms: the log shows the redials the node schedules, not every retry."""
+    hub = Peer(Identity.generate("hub")).start()
+    other = Peer(Identity.generate("other"), listen=f"ipc://{tmp_path}/other.sock").start()
+    node = Peer(Identity.generate("node")).start()
+
+    def refusals():
+        return [r.getMessage() for r in caplog.records if "[node] handshake with hub refused" in r.getMessage()]
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="meshfl.transport"):
+            node.trust(hub.identity.card, other.endpoint)
+            assert wait_until(lambda: refusals(), timeout=10)
+            assert not node.wait_online([hub.peer_id], 0.7)  # the first redial comes after 1 s
+            assert len(refusals()) == 1, refusals()
+    finally:
+        node.close()
+        other.close()
+        hub.close()
+
+
 def test_listening_on_a_taken_address_fails_at_once(tmp_path):
     hub = Peer(Identity.generate("hub"), listen="tcp://127.0.0.1:0").start()
     try:

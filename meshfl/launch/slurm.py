@@ -35,6 +35,7 @@ import importlib.util
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -214,7 +215,7 @@ def _researcher(run: Path, spec: LaunchSpec, home_path: Path, signals: "_Signals
     code = 1
     try:
         bind = interface_address(spec.interface) if spec.interface else "0.0.0.0"
-        port = spec.port or _free_port(bind)
+        port = spec.port or free_port(bind)
         address = bind if spec.interface else socket.gethostname()
         with Home.init(home_path, "researcher", RESEARCHER, listen=f"tcp://{bind}:{port}") as home:
             _publish(run / CARDS_DIR / f"{RESEARCHER}.json",
@@ -363,10 +364,32 @@ def interface_address(name: str) -> str:
     return socket.inet_ntoa(packed[20:24])
 
 
-def _free_port(bind: str) -> int:
-    with socket.socket() as sock:
+def free_port(bind: str) -> int:
+    """A port free on ``bind`` now, for a listener that binds it later.
+
+    It is drawn below the kernel's ephemeral range: a port from that range (what a bind to
+    port 0 gives) may meanwhile go to any outgoing connection on the host, and the listener's
+    bind then fails with "Address already in use".
+    """
+    low = _ephemeral_low()
+    below = range(max(1024, low - 8192), low)
+    for port in random.sample(below, min(64, len(below))):
+        with socket.socket() as sock:
+            try:
+                sock.bind((bind, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # no free port below the range: the old way, racy but working
         sock.bind((bind, 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def _home_dir(spec: LaunchSpec, name: str) -> Path:

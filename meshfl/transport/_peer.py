@@ -507,9 +507,10 @@ class Peer:
         elif event == zmq.EVENT_DISCONNECTED:
             self._dealer_up.discard(peer_id)
             self._set_online(peer_id, False)
-        else:
+        elif peer_id not in self._redial_at:
             # libzmq gives up on a peer that refused our key; try again later, backing off, so a
             # node started before its researcher trusted it still gets in once it is trusted.
+            # Failures before that redial (libzmq may keep retrying on its own) add nothing.
             delay = min(30.0, 2 * self._redial_delay.get(peer_id, 0.5))
             self._redial_delay[peer_id] = delay
             self._redial_at[peer_id] = time.monotonic() + delay

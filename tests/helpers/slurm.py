@@ -13,6 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from meshfl.launch.slurm import free_port
+
 COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scancel", "sinfo", "squeue")
 START_TIMEOUT_S = 30.0
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
@@ -27,12 +29,6 @@ def missing() -> str | None:
     if absent:
         return f"Slurm/munge commands missing ({', '.join(absent)}): apt-get install slurm-wlm munge"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -57,8 +53,8 @@ class SlurmCluster:
         return f"""\
 ClusterName={self.name}
 SlurmctldHost={self.host}
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port("")}
+SlurmdPort={free_port("")}
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
