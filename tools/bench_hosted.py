@@ -14,7 +14,10 @@ against plaintext sockets is printed too: CURVE alone costs about 3x on bulk her
 (../shared/notes/limits-measured.md), so that figure cannot reach 2 with encryption on.
 ``host_peak_in_models`` = the host's peak RSS during a measured cycle above its RSS just before
 it, in model sizes (median and max over the measured cycles; goal <= 4, whatever the number of
-clients).
+clients). ``host_kept_in_models_per_cycle`` is what of that stays after each measured cycle: on
+a young host most of it is libzmq's per-connection message queues being touched for the first
+time, about 0.5 KB per client per cycle of four small requests until some 56 KB per client,
+then flat (tools/bench_zmq_queues.py measures that on plain pyzmq sockets).
 
 Part 2, convergence in wall time (this process: an in-process host, one thread per client): a
 non-IID split (two of four classes each) over ``--race-clients`` clients whose training takes
@@ -161,9 +164,10 @@ def part1(args, root: Path) -> dict:
             _, raw_endpoint, key = wait_line(servers[mode], "listening").split()
             fleets[mode] = Fleet(args, mode, raw_endpoint, key, root)
         times: dict[str, list[float]] = {mode: [] for mode in fleets}
-        peaks = []
+        peaks, bases = [], []
         for k in range(turns):  # the three sides take turns, so that machine noise hits them alike
             base, samples, stop = rss(host.pid), [], threading.Event()
+            bases.append(base)
             sampler = threading.Thread(target=sample_rss, args=(host.pid, stop, samples))
             sampler.start()
             times["hosted"].append(fleets["hosted"].turn(k))
@@ -172,6 +176,7 @@ def part1(args, root: Path) -> dict:
             peaks.append(max(0, max(samples, default=base) - base) / model_bytes)
             for mode in ("raw-curve", "raw"):
                 times[mode].append(fleets[mode].turn(k))
+        bases.append(rss(host.pid))
         for fleet in fleets.values():
             fleet.close()
     finally:
@@ -196,7 +201,8 @@ def part1(args, root: Path) -> dict:
             "ratio_over_raw_spread": [round(min(ratios), 2), round(max(ratios), 2)],
             "ratio_over_plaintext": round(statistics.median(plain), 2),
             "host_peak_in_models": round(statistics.median(peaks[1:]), 2),
-            "host_peak_in_models_max": round(max(peaks[1:]), 2)}
+            "host_peak_in_models_max": round(max(peaks[1:]), 2),
+            "host_kept_in_models_per_cycle": round((bases[-1] - bases[1]) / args.turns / model_bytes, 2)}
 
 
 def clients_main(args) -> None:
