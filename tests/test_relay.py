@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from meshfl.launch.slurm import free_port
 from meshfl.testing.netns import ImpairmentRelay
 
 
@@ -120,8 +121,7 @@ def test_reset_aborts_both_ends(relay, server):
 
 
 def test_a_refused_target_is_refused_by_the_relay_too(relay):
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        closed_port = probe.getsockname()[1]  # nothing listens here once the probe is closed
+    closed_port = free_port("127.0.0.1")  # below the range a bind to port 0 draws from: no other test listens there
     link = relay.add("l", ("127.0.0.1", 0), ("127.0.0.1", closed_port))
     with pytest.raises(ConnectionResetError):  # (under load the reset can beat connect() back to us)
         with _dial(link) as client:
