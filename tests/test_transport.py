@@ -318,14 +318,18 @@ def test_a_node_dialing_another_peers_address_warns_once_per_redial(tmp_path, ca
     node = Peer(Identity.generate("node")).start()
 
     def refusals():
-        return [r.getMessage() for r in caplog.records if "[node] handshake with hub refused" in r.getMessage()]
+        return [r for r in caplog.records if "[node] handshake with hub refused" in r.getMessage()]
 
     try:
         with caplog.at_level(logging.WARNING, logger="meshfl.transport"):
             node.trust(hub.identity.card, other.endpoint)
             assert wait_until(lambda: refusals(), timeout=10)
-            assert not node.wait_online([hub.peer_id], 0.7)  # the first redial comes after 1 s
-            assert len(refusals()) == 1, refusals()
+            assert not node.wait_online([hub.peer_id], 0.7)
+            # one warning per redial, and the redials back off from 1 s (a busy machine only
+            # spaces them more); libzmq's own retries in between add none
+            times = [r.created for r in refusals()]
+            gaps = [b - a for a, b in zip(times, times[1:])]
+            assert all(gap >= 0.9 for gap in gaps), [r.getMessage() for r in refusals()]
     finally:
         node.close()
         other.close()

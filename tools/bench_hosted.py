@@ -15,9 +15,9 @@ against plaintext sockets is printed too: CURVE alone costs about 3x on bulk her
 ``host_peak_in_models`` = the host's peak RSS during a measured cycle above its RSS just before
 it, in model sizes (median and max over the measured cycles; goal <= 4, whatever the number of
 clients). ``host_kept_in_models_per_cycle`` is what of that stays after each measured cycle: on
-a young host most of it is libzmq's per-connection message queues being touched for the first
-time, about 0.5 KB per client per cycle of four small requests until some 56 KB per client,
-then flat (tools/bench_zmq_queues.py measures that on plain pyzmq sockets).
+a young host about half of it is libzmq's per-connection message queues being touched for the
+first time, about 0.5 KB per client per cycle of four small requests until some 56 KB per
+client, then flat (tools/bench_zmq_queues.py measures that on plain pyzmq sockets).
 
 Part 2, convergence in wall time (this process: an in-process host, one thread per client): a
 non-IID split (two of four classes each) over ``--race-clients`` clients whose training takes
