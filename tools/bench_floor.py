@@ -176,6 +176,8 @@ class FloorSide:
 
 def run_floor(params: int, k: int, rounds: int) -> dict:
     """Rounds of tools/bench_floor.py's lean durable baseline (after one warm-up)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as meshfl's researcher does in a round: idle intra-op threads spin
     with tempfile.TemporaryDirectory(prefix="meshfl-bench-floor-") as tmp:
         side = FloorSide(k, Path(tmp))
         try:
@@ -183,6 +185,7 @@ def run_floor(params: int, k: int, rounds: int) -> dict:
             times = [side.round_trip(model) for _ in range(1 + rounds)][1:]
         finally:
             side.close()
+            torch.set_num_threads(threads)
     return {"floor_median_round_s": round(statistics.median(times), 4), "floor_round_times_s": [round(t, 4) for t in times]}
 
 
