@@ -391,3 +391,44 @@ def test_a_link_that_comes_up_after_a_failed_handshake_stays_up():
         node.close()
         if hub is not None:
             hub.close()
+
+
+declare("t.note")
+
+
+def test_an_inline_peer_serves_on_its_io_thread_and_keeps_the_order_of_what_it_sends(tmp_path):
+    """A handler run inline (as a host's and a researcher's are) answers like a dispatched one;
+    what another thread queued for a peer before the handler's reply reaches that peer first."""
+    ran_on, order = [], []
+
+    def hub_handler(msg: Message) -> Message | None:
+        ran_on.append(threading.current_thread().name)
+        if msg.type == "t.boom":
+            raise ValueError("secret detail that must not leak")
+        # Another thread queues a note for the sender while this handler holds the I/O thread.
+        queued = threading.Thread(target=lambda: hub.send(msg.sender, Message("t.note")))
+        queued.start()
+        queued.join()
+        return msg.reply("t.echo", msg.fields)
+
+    def node_handler(msg: Message) -> None:
+        order.append(msg.type)  # inline too: notes and replies are seen in the order they came
+
+    hub = Peer(Identity.generate("hub"), listen=f"ipc://{tmp_path}/hub.sock", handler=hub_handler, inline=True).start()
+    node = Peer(Identity.generate("node"), handler=node_handler, inline=True).start()
+    try:
+        hub.trust(node.identity.card)
+        node.trust(hub.identity.card, hub.endpoint)
+        assert wait_until(lambda: node.is_online(hub.peer_id))
+        for n in range(20):
+            future = node.request(hub.peer_id, Message("t.echo", {"n": n}), timeout=10)
+            future.add_done_callback(lambda f: order.append("reply"))
+            assert future.result().fields == {"n": n}
+        assert order == ["t.note", "reply"] * 20
+        assert set(ran_on) == {f"meshfl-io-{hub.name}"}
+        with pytest.raises(RemoteError) as info:
+            node.call(hub.peer_id, Message("t.boom"), timeout=10)
+        assert info.value.code == "internal" and "secret" not in str(info.value)
+    finally:
+        node.close()
+        hub.close()

@@ -139,7 +139,10 @@ class Host:
         options = {"heartbeat": cfg.heartbeat, "dead_after": cfg.dead_after,
                    "limits": dataclasses.replace(DEFAULT_LIMITS, max_message_bytes=max_message_bytes),
                    **(peer_options or {})}
-        self.peer = Peer(self.home.identity, listen=endpoint, handler=self._handle, **options)
+        # Its handlers only decide and queue (diffs commit on a thread of their own), so they run on the
+        # I/O thread; its light clients are many, so libzmq pings none of them (see Peer).
+        self.peer = Peer(self.home.identity, listen=endpoint, handler=self._handle, inline=True, ping_dialers=False,
+                         **options)
         self.name = cfg.name
         self.state = HostStore(self.home.store, self.home.path / "hosted")
         self._lock = threading.RLock()

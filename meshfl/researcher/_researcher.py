@@ -38,8 +38,10 @@ class Researcher:
         if not endpoint:
             raise ConfigError("a researcher needs a listen endpoint (meshfl init --listen, or listen=...)")
         options = {"heartbeat": cfg.heartbeat, "dead_after": cfg.dead_after, **(peer_options or {})}
+        # Its handler only routes results to the round waiting for them (and the overlay only
+        # relays), so it runs on the I/O thread: a thread hand-off less per result.
         self.peer = Peer(self.home.identity, listen=endpoint, handler=self._handle, on_link=self._on_link,
-                         **options)
+                         inline=True, **options)
         self.overlay = Overlay(self.peer, self._on_overlay_message)  # relays node-to-node ciphertext
         self.name = cfg.name
         self._routes: dict[str, queue.SimpleQueue] = {}
