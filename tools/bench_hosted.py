@@ -61,6 +61,16 @@ def rss(pid: int) -> int:
     return 0
 
 
+IDLE_S = 3.0  # how long the idle cost is measured
+
+
+def cpu_s(pid: int) -> float:
+    """The CPU seconds (user + system, all threads) process ``pid`` has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def sample_rss(pid: int, stop: threading.Event, out: list) -> None:
     while not stop.is_set():
         try:
@@ -86,7 +96,8 @@ def client_procs(args, mode: str, endpoint: str, card: str, root: Path) -> list[
     ``card`` is then the server's public key)."""
     per = [args.clients // args.procs + (1 if i < args.clients % args.procs else 0) for i in range(args.procs)]
     return [subprocess.Popen([sys.executable, __file__, "--role", "clients", "--mode", mode, "--n", str(n),
-                              "--index", str(i), "--endpoint", endpoint, "--card", card, "--root", str(root),
+                              "--index", str(i), "--endpoint", endpoint, f"--card={card}",  # a z85 key may start with "-"
+                              "--root", str(root),
                               "--params", str(args.params), "--turns", str(args.turns)],
                              stdout=subprocess.PIPE, text=True, env=ENV) for i, n in enumerate(per)]
 
@@ -114,6 +125,7 @@ class Fleet:
         return max(s[1] for s in spans) - min(s[0] for s in spans)
 
     def close(self) -> None:
+        (self.root / f"stop-{self.mode}").write_text("stop")
         for p in self.procs:
             p.wait(timeout=60)
 
@@ -164,19 +176,29 @@ def part1(args, root: Path) -> dict:
             _, raw_endpoint, key = wait_line(servers[mode], "listening").split()
             fleets[mode] = Fleet(args, mode, raw_endpoint, key, root)
         times: dict[str, list[float]] = {mode: [] for mode in fleets}
-        peaks, bases = [], []
+        peaks, bases, host_cpu = [], [], []
         for k in range(turns):  # the three sides take turns, so that machine noise hits them alike
             base, samples, stop = rss(host.pid), [], threading.Event()
             bases.append(base)
             sampler = threading.Thread(target=sample_rss, args=(host.pid, stop, samples))
             sampler.start()
+            cpu0 = cpu_s(host.pid)
             times["hosted"].append(fleets["hosted"].turn(k))
+            host_cpu.append(cpu_s(host.pid) - cpu0)
             stop.set()
             sampler.join()
             peaks.append(max(0, max(samples, default=base) - base) / model_bytes)
             for mode in ("raw-curve", "raw"):
                 times[mode].append(fleets[mode].turn(k))
         bases.append(rss(host.pid))
+        # Idle, every client still connected: what holding a thousand links costs the host and
+        # the raw CURVE server (libzmq heartbeats made the host's grow with the clients).
+        idle0 = {"host": cpu_s(host.pid), "raw": cpu_s(servers["raw-curve"].pid)}
+        time.sleep(IDLE_S)
+        idle = {k: round(100 * (cpu_s(pid) - idle0[k]) / IDLE_S, 1)
+                for k, pid in (("host", host.pid), ("raw", servers["raw-curve"].pid))}
+        for mode in servers:
+            (root / f"stop-{mode}-server").write_text("stop")
         for fleet in fleets.values():
             fleet.close()
     finally:
@@ -202,7 +224,12 @@ def part1(args, root: Path) -> dict:
             "ratio_over_plaintext": round(statistics.median(plain), 2),
             "host_peak_in_models": round(statistics.median(peaks[1:]), 2),
             "host_peak_in_models_max": round(max(peaks[1:]), 2),
-            "host_kept_in_models_per_cycle": round((bases[-1] - bases[1]) / args.turns / model_bytes, 2)}
+            "host_kept_in_models_per_cycle": round((bases[-1] - bases[1]) / args.turns / model_bytes, 2),
+            # the run is CPU-bound on small machines: the host's share of it, per cycle
+            "host_cpu_s_per_cycle": round(statistics.median(host_cpu[1:]), 3),
+            "host_idle_cpu_percent": idle["host"], "raw_curve_idle_cpu_percent": idle["raw"],
+            "host_cycle_times_s": [round(t, 3) for t in measured["hosted"]],
+            "raw_curve_times_s": [round(t, 3) for t in measured["raw-curve"]]}
 
 
 def clients_main(args) -> None:
@@ -284,6 +311,8 @@ def clients_main(args) -> None:
         if errors:
             raise SystemExit(f"{len(errors)} client(s) failed, first: {errors[0]}")
         print("done " + json.dumps([start, time.time()]), flush=True)
+    while not (root / f"stop-{args.mode}").exists():  # closing a thousand sockets would slow the
+        time.sleep(0.05)                              # other sides' turns: only after them all
     for c in clients:
         c.close()
     ctx.term()
@@ -312,6 +341,8 @@ def raw_server_main(args) -> None:
         else:
             diffs += 1
             s.send_multipart([msg[0], b"ack"])
+    while not Path(args.root, f"stop-{args.mode}-server").exists():  # connected, idle: measured too
+        time.sleep(0.05)
     s.close(linger=1000)
     ctx.term()
 
