@@ -108,6 +108,7 @@ class Fleet:
 
     def __init__(self, args, mode: str, endpoint: str, card: str, root: Path, enroll=None) -> None:
         self.root, self.mode = root, mode
+        self.cpu: list[float] = []
         self.procs = client_procs(args, mode, endpoint, card, root)
         for p in self.procs:
             wait_line(p, "cards")
@@ -117,10 +118,13 @@ class Fleet:
             wait_line(p, "ready")
 
     def turn(self, k: int) -> float:
-        """One turn of every client, all together: the time from the first start to the last end."""
+        """One turn of every client, all together: the time from the first start to the last end
+        (and the CPU the client processes used for it, in ``self.cpu``)."""
         go = self.root / f"go-{self.mode}-{k}"
+        before = sum(cpu_s(p.pid) for p in self.procs)
         go.write_text("go")
         spans = [json.loads(wait_line(p, "done")[5:]) for p in self.procs]
+        self.cpu.append(sum(cpu_s(p.pid) for p in self.procs) - before)
         go.unlink()
         return max(s[1] for s in spans) - min(s[0] for s in spans)
 
@@ -176,7 +180,7 @@ def part1(args, root: Path) -> dict:
             _, raw_endpoint, key = wait_line(servers[mode], "listening").split()
             fleets[mode] = Fleet(args, mode, raw_endpoint, key, root)
         times: dict[str, list[float]] = {mode: [] for mode in fleets}
-        peaks, bases, host_cpu = [], [], []
+        peaks, bases, host_cpu, raw_cpu = [], [], [], []
         for k in range(turns):  # the three sides take turns, so that machine noise hits them alike
             base, samples, stop = rss(host.pid), [], threading.Event()
             bases.append(base)
@@ -189,7 +193,10 @@ def part1(args, root: Path) -> dict:
             sampler.join()
             peaks.append(max(0, max(samples, default=base) - base) / model_bytes)
             for mode in ("raw-curve", "raw"):
+                cpu0 = cpu_s(servers[mode].pid)
                 times[mode].append(fleets[mode].turn(k))
+                if mode == "raw-curve":
+                    raw_cpu.append(cpu_s(servers[mode].pid) - cpu0)
         bases.append(rss(host.pid))
         # Idle, every client still connected: what holding a thousand links costs the host and
         # the raw CURVE server (libzmq heartbeats made the host's grow with the clients).
@@ -227,6 +234,9 @@ def part1(args, root: Path) -> dict:
             "host_kept_in_models_per_cycle": round((bases[-1] - bases[1]) / args.turns / model_bytes, 2),
             # the run is CPU-bound on small machines: the host's share of it, per cycle
             "host_cpu_s_per_cycle": round(statistics.median(host_cpu[1:]), 3),
+            "hosted_clients_cpu_s_per_cycle": round(statistics.median(fleets["hosted"].cpu[1:]), 3),
+            "raw_curve_server_cpu_s_per_turn": round(statistics.median(raw_cpu[1:]), 3),
+            "raw_curve_clients_cpu_s_per_turn": round(statistics.median(fleets["raw-curve"].cpu[1:]), 3),
             "host_idle_cpu_percent": idle["host"], "raw_curve_idle_cpu_percent": idle["raw"],
             "host_cycle_times_s": [round(t, 3) for t in measured["hosted"]],
             "raw_curve_times_s": [round(t, 3) for t in measured["raw-curve"]]}
@@ -279,9 +289,9 @@ def clients_main(args) -> None:
     def hosted_turn(c) -> None:  # Client.train_once's steps, without the training
         t = c.request("m", pull=True).fields  # the model comes with the ticket
         entry = c._cache["m"] if t.get("inline") else c.pull("m", t["version"])
-        model = entry["tensors"]
-        diff = {k: torch.full_like(v, 1e-3) for k, v in model.items()}
-        c.push("m", t["ticket"], t["version"], diff, 10)
+        # The received tensors go back as the diff, as the raw clients echo the bytes they got:
+        # both sides move the same bytes, and neither allocates a model per turn.
+        c.push("m", t["ticket"], t["version"], entry["tensors"], 10)
 
     def raw_turn(s) -> None:
         s.send(b"req")
