@@ -18,6 +18,9 @@ clients). ``host_kept_in_models_per_cycle`` is what of that stays after each mea
 a young host about half of it is libzmq's per-connection message queues being touched for the
 first time, about 0.5 KB per client per cycle of four small requests until some 56 KB per
 client, then flat (tools/bench_zmq_queues.py measures that on plain pyzmq sockets).
+The run is CPU-bound on small machines, so the CPU of each side per cycle is printed too
+(``host_cpu_s_per_cycle``, ``hosted_clients_cpu_s_per_cycle`` and the raw server's and clients'),
+and what holding every client's link costs while nothing moves (``host_idle_cpu_percent``).
 
 Part 2, convergence in wall time (this process: an in-process host, one thread per client): a
 non-IID split (two of four classes each) over ``--race-clients`` clients whose training takes
