@@ -101,8 +101,9 @@ class Peer:
         inline: bool = False,
         ping_dialers: bool = True,
     ) -> None:
-        """``inline``: run the handler on the I/O thread itself, not the dispatcher: two thread
-        hand-offs less per request, for handlers that never wait on the network (a host's).
+        """``inline``: run the handler and ``on_link`` on the I/O thread itself, not the
+        dispatcher: two thread hand-offs less per request, for handlers that never wait on the
+        network (a host's, a researcher's).
         ``ping_dialers=False``: no libzmq heartbeat on the ROUTER's connections; TCP keepalive
         finds dead ones instead. libzmq cancels a heartbeat timer by a linear search of all its
         timers, so with thousands of connections pinging each one costs O(connections) (a host's
@@ -519,7 +520,7 @@ class Peer:
         if changed:
             self.log.info("link to %s %s", self._names.get(peer_id, peer_id), "up" if up else "down")
             if self._on_link is not None:
-                self._inbox.put(("link", peer_id, up))
+                self._link_event(peer_id, up)
 
     def _answer_zap(self) -> None:
         request = self._zap.recv_multipart()
@@ -609,7 +610,7 @@ class Peer:
             if was_online and self._on_link is not None:
                 # It reconnected before it counted as gone: what we had queued on its old
                 # connection may be lost, so tell the owner its link is up (again).
-                self._inbox.put(("link", sender, True))
+                self._link_event(sender, True)
             return
         if msg.type == "hb":
             return
@@ -654,12 +655,23 @@ class Peer:
             if item is None:
                 return
             if isinstance(item, tuple):
-                try:
-                    self._on_link(item[1], item[2])
-                except Exception:
-                    self.log.exception("link callback failed")
+                self._call_on_link(item[1], item[2])
                 continue
             self._handle(item)
+
+    def _link_event(self, peer_id: str, up: bool) -> None:
+        """Tell the owner a link went up or down, in order with the messages around it: on the
+        dispatcher, or at once where the handler runs inline."""
+        if self._inline:
+            self._call_on_link(peer_id, up)
+        else:
+            self._inbox.put(("link", peer_id, up))
+
+    def _call_on_link(self, peer_id: str, up: bool) -> None:
+        try:
+            self._on_link(peer_id, up)
+        except Exception:
+            self.log.exception("link callback failed")
 
     def _handle(self, msg: Message) -> None:
         handler = self._routes.get(msg.type, self._handler)
