@@ -7,7 +7,7 @@ msg)`` reaches the peer: through the DEALER we dialed, else through our ROUTER b
 Threads: one I/O thread owns every socket (ZeroMQ sockets are not thread-safe); callers hand it
 work through a queue and a wake-up pipe, so the public API is thread-safe. Incoming requests go to
 one dispatcher thread that runs the user's handler, so a slow handler never stalls the sockets;
-a peer whose handlers never wait (a host's) runs them on the I/O thread instead (``inline``).
+a peer whose handlers never wait (a host's, a researcher's) runs them on the I/O thread instead (``inline``).
 Replies are matched to requests by message id and resolve ``concurrent.futures.Future`` objects.
 
 Security: CURVE on every link by default. Our ZAP handler admits only keys in the trust table; each
@@ -274,7 +274,7 @@ class Peer:
     def _command(self, *cmd: Any) -> None:
         if self._closed and cmd[0] != "stop":
             raise TransportError(f"peer {self.name} is closed")
-        if cmd[0] == "send" and self._io_ident == threading.get_ident():  # (an inline handler's reply)
+        if cmd[0] == "send" and self._io_ident == threading.get_ident():  # a send made on the I/O thread
             stop = self._drain_commands()  # first what other threads queued before, in order
             if stop is not None:  # close() asked the I/O thread to stop: it still will
                 self._cmds.put(("stop", stop))
