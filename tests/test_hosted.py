@@ -284,6 +284,20 @@ def test_a_failed_group_commit_refuses_the_diff_and_the_model_takes_nothing_unti
         host.close()
 
 
+def test_a_diff_of_large_finite_values_is_not_mistaken_for_a_non_finite_one(host, ctx):
+    host.add_model("m", TinyPlan, server={"max_clients": 1, "cycle_length": 30})
+    v0 = host.model("m")
+    (c,) = clients(host, 1, TinyPlan, context=ctx)
+    try:
+        big = _diff(host, fill=1e38)  # finite, but its float32 sum overflows
+        assert not torch.isfinite(big["weight"].sum())
+        assert c.push("m", _ticket(c)["ticket"], 0, big, 1).fields["duplicate"] is False
+        assert host.wait_version("m", 1, timeout=10)
+        torch.testing.assert_close(host.model("m")["weight"], v0["weight"] + 1e38)
+    finally:
+        _close([c])
+
+
 def test_a_push_into_a_full_buffer_waits_for_the_next_version_instead_of_failing(host, ctx):
     host.add_model("m", TinyPlan, server={"mode": "async", "buffer": 1, "max_staleness": 3, "max_clients": 10})
     a, b = clients(host, 2, TinyPlan, context=ctx)
