@@ -298,6 +298,58 @@ def test_a_diff_of_large_finite_values_is_not_mistaken_for_a_non_finite_one(host
         _close([c])
 
 
+def _discarded(host) -> list[dict]:
+    return [r.fields for r in host.home.audit.records() if r.event == "hosted.cycle_discarded"]
+
+
+def test_an_aggregate_that_overflows_makes_no_version_and_the_next_cycle_starts_on_the_same_one(host, ctx):
+    near_max = 3e38  # finite, as is every diff: global + diff is not (float32 tops out at 3.4e38)
+    initial = {k: torch.full_like(v, near_max) for k, v in TinyPlan().init_model().state_dict().items()}
+    host.add_model("m", TinyPlan, server={"max_clients": 2, "cycle_length": 30}, initial=initial)
+    a, b = clients(host, 2, TinyPlan, context=ctx)
+    try:
+        for c in (a, b):
+            c.push("m", _ticket(c)["ticket"], 0, _diff(host, fill=near_max), 10)
+        [status] = host.status("m")
+        assert status["version"] == 0 and status["cycle"] == 1 and status["open"]["diffs"] == 0
+        assert [r["version"] for r in status["versions"]] == [0]
+        for k, v in host.model("m").items():
+            torch.testing.assert_close(v, initial[k])
+        [event] = _discarded(host)
+        assert event["reason"] == "non_finite_aggregate" and event["cycle"] == 0 and event["diffs"] == 2
+        with pytest.raises(RemoteError) as exc:  # a ticket names its cycle: the discarded one's are done
+            a.push("m", _ticket(b)["ticket"], 0, _diff(host, fill=-1.0), 10)
+        assert _code(exc) == "not_accepted"
+        for c in (a, b):  # the next cycle takes diffs as usual
+            c.push("m", _ticket(c)["ticket"], 0, _diff(host, fill=-near_max), 10)
+        assert host.wait_version("m", 1, timeout=10)
+        for v in host.model("m").values():
+            torch.testing.assert_close(v, torch.zeros_like(v))
+    finally:
+        _close([a, b])
+
+
+def test_a_buffer_that_overflows_leaves_the_server_momentum_as_it_was(host, ctx):
+    server = {"mode": "async", "buffer": 1, "max_clients": 10,
+              "aggregator": {"name": "fedavgm", "server_lr": 1.0, "momentum": 0.5}}
+    host.add_model("m", TinyPlan, server=server)
+    v0 = host.model("m")
+    a, b, c = clients(host, 3, TinyPlan, context=ctx)
+    try:
+        a.push("m", _ticket(a)["ticket"], 0, _diff(host, fill=1.0), 10)  # momentum b = 1, the model + 1
+        assert host.wait_version("m", 1, timeout=10)
+        b.push("m", _ticket(b)["ticket"], 1, _diff(host, fill=3.4e38), 10)  # b would be 3.4e38 + 0.5: inf
+        [event] = _discarded(host)
+        assert event["reason"] == "non_finite_aggregate" and event["version"] == 1
+        assert host.status("m")[0]["version"] == 1
+        c.push("m", _ticket(c)["ticket"], 1, _diff(host, fill=2.0), 10)  # b = 0.5 * 1 + 2, untouched by b's
+        assert host.wait_version("m", 2, timeout=10)
+        for k, v in host.model("m").items():
+            torch.testing.assert_close(v, v0[k] + 1.0 + 2.5)
+    finally:
+        _close([a, b, c])
+
+
 def test_a_push_into_a_full_buffer_waits_for_the_next_version_instead_of_failing(host, ctx):
     host.add_model("m", TinyPlan, server={"mode": "async", "buffer": 1, "max_staleness": 3, "max_clients": 10})
     a, b = clients(host, 2, TinyPlan, context=ctx)

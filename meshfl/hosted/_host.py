@@ -301,15 +301,11 @@ class Host:
         name = record["name"]
         v = record["version"]
         glob = self.state.blobs.read(model_blob(name, v))
-        agg = make_aggregator(record["aggregator"])
-        if self.state.blobs.exists(state_blob(name, v)):
-            agg.load_state_dict({"meta": {"name": agg.name, "rounds": v},
-                                 "tensors": self.state.blobs.read(state_blob(name, v))})
         cycle = self.home.store.read(lambda tx: tx.get(CYCLES, name))
-        live = _Live(record, cycle, glob, agg)
+        live = _Live(record, cycle, glob, self._aggregator(record))
         live.digest = self._version_hash(live, v)
         live.chunks = chunk_plan(layout_of(glob), self.chunk_bytes)  # every version has the same layout
-        agg.begin(glob, live.record["parameters"])
+        live.agg.begin(glob, live.record["parameters"])
         live.slots = DiffSlots(self.state.blobs.folder / f"{name}.diffs", live.layout)
         dropped = []
         for rec in self.state.diffs(name, cycle["cycle"]):
@@ -340,6 +336,16 @@ class Host:
                 self._secure.open(live)
         elif live.diffs and live.diffs >= live.config.close_at:
             self._publish(live)  # the host died between the last diff and its version
+
+    def _aggregator(self, record: dict):
+        """The model's aggregator as it stood at its current version (a server optimizer's state
+        read back from that version's pack)."""
+        agg = make_aggregator(record["aggregator"])
+        name, v = record["name"], record["version"]
+        if self.state.blobs.exists(state_blob(name, v)):
+            agg.load_state_dict({"meta": {"name": agg.name, "rounds": v},
+                                 "tensors": self.state.blobs.read(state_blob(name, v))})
+        return agg
 
     def _clean_packs(self) -> None:
         keep = set()
@@ -428,10 +434,18 @@ class Host:
         name = live.record["name"]
         old_cycle = live.cycle["cycle"]
         new_state = live.agg.finish()
+        agg_tensors = live.agg.state_dict()["tensors"]
+        overflow = _non_finite(new_state) or _non_finite(agg_tensors)
+        if overflow is not None:  # finite diffs can still overflow float32 in their sum or on the model
+            log.warning("[%s] %s cycle %d: the aggregate of %d diff(s) is not finite (tensor %r): no version "
+                        "made, the cycle's diffs are discarded and the next cycle starts on version %d",
+                        self.name, name, old_cycle, live.diffs, overflow, live.version)
+            self._next_cycle(live, "hosted.cycle_discarded", reason="non_finite_aggregate", tensor=overflow,
+                             diffs=live.diffs)
+            return
         v = live.version + 1
         digest = tensors_hash(new_state)
         self.state.blobs.write(model_blob(name, v), new_state)
-        agg_tensors = live.agg.state_dict()["tensors"]
         if agg_tensors:
             self.state.blobs.write(state_blob(name, v), agg_tensors)
         now = time.time()
@@ -469,19 +483,31 @@ class Host:
                  summary["clients"])
 
     def _next_cycle(self, live: _Live, event: str, **audit: Any) -> None:
-        """Open the next cycle on the same version (a secure cycle failed or was abandoned)."""
+        """Open the next cycle on the same version, dropping the open one's diffs (a secure cycle
+        failed or was abandoned; an aggregate was not finite). Cycle mode's tickets name their
+        cycle, so they end with it; async tickets name the version, which stays."""
         name = live.record["name"]
-        cycle = _new_cycle(live.cycle["cycle"] + 1, live.version, time.time(), live.config)
+        old_cycle = live.cycle["cycle"]
+        cycle = _new_cycle(old_cycle + 1, live.version, time.time(), live.config)
+        diffs = self.state.diffs(name, old_cycle)
 
         def write(tx) -> None:
             tx.put(CYCLES, name, cycle)
-            self.home.audit.append(event, model=name, cycle=live.cycle["cycle"], version=live.version, **audit)
+            for rec in diffs:
+                tx.delete(DIFFS, diff_key(name, old_cycle, rec["client"], rec["ticket"]))
+            self.home.audit.append(event, model=name, cycle=old_cycle, version=live.version, **audit)
 
         self.home.store.atomic(write)
-        live.cycle, live.open, live.capabilities = cycle, {}, {}
+        live.cycle, live.capabilities = cycle, {}
+        if live.config.mode == "cycle":
+            live.open = {}
+        live.agg = self._aggregator(live.record)  # finish() may have stepped a server optimizer
         live.agg.begin(live.glob, live.record["parameters"])
         live.reset_summary()
-        self._secure.open(live)
+        if live.config.secure_aggregation:
+            self._secure.open(live)
+        self._reply_started(self._pushes.poke())  # pushes waiting for room in this cycle
+        self._cond.notify_all()
 
     # ------------------------------------------------------------------ requests
     def _handle(self, msg: Message) -> Message | None:
@@ -942,6 +968,17 @@ def revoke_in(home: Home, peer_id: str) -> bool:
         return True
 
     return home.store.atomic(write)
+
+
+def _non_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The first floating tensor holding NaN or infinity, if any (a sum first, as for a diff: no
+    temporary unless it overflows)."""
+    for n in sorted(tensors):
+        t = tensors[n]
+        if t.is_floating_point() and not bool(torch.isfinite(t.sum(dtype=torch.float32))) \
+                and not bool(torch.isfinite(t).all()):
+            return n
+    return None
 
 
 def _new_cycle(number: int, version: int, now: float, config: ServerConfig) -> dict:
