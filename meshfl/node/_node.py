@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .. import __version__, analytics
+from .._gc import freeze_startup_objects
 from ..directory import NodeDirectories
 from ..errors import MeshflError
 from ..home import Home
@@ -175,6 +176,7 @@ class Node:
             signal.signal(sig, lambda *_: done.set())
         signal.signal(signal.SIGUSR1, lambda *_: self.notify_released())  # `meshfl result release`
         self.start()
+        freeze_startup_objects()
         self._lock.note(nudge=True)  # this process takes SIGUSR1 (one that did not would die of it)
         try:
             done.wait()

@@ -24,6 +24,7 @@ import orjson
 import torch
 
 from .._extras import require
+from .._gc import freeze_startup_objects
 from ..aggregate._scaffold import SLOT
 from ..errors import MeshflError
 from ..plans import DEFAULT_TRAINING_ARGS, TorchTrainingPlan, TrainingPlan, load_plan_class, local_keys
@@ -380,6 +381,7 @@ def main(settings: dict | None = None, protections: dict | None = None) -> None:
     if settings and settings.get("audit_hook", True):
         jail = _sandbox.Jail(_sandbox.python_roots(), settings.get("read_paths") or [])
         _sandbox.install(jail)
+    freeze_startup_objects()
     out.write(orjson.dumps({"ready": True, "protections": protections}) + b"\n")
     for line in sys.stdin.buffer:
         job = orjson.loads(line)
