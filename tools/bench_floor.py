@@ -38,6 +38,54 @@ import zmq
 
 MAP_SIZE = 1 << 30
 FRAME = 1 << 20  # tensors travel as 1 MB frames, as meshfl's and raw pyzmq's do
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid``, all its threads (from /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def own_cpu_s() -> float:
+    return time.process_time()
+
+
+class CpuPerRound:
+    """CPU a round costs, by kind of process: the nodes (``nodes``, their pids), their workers
+    (the nodes' child processes) and this process (the researcher). The round is CPU-bound on
+    a small machine, so this says where its time goes. :meth:`exclude` takes out this process's
+    CPU spent on something else between rounds (the raw-pyzmq round trips)."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+        self.workers = [child for pid in nodes for child in _children(pid)]
+        self._start = self._now()
+        self._excluded = 0.0
+
+    def _now(self) -> tuple[float, float, float]:
+        return (sum(map(cpu_s, self.nodes)), sum(map(cpu_s, self.workers)), own_cpu_s())
+
+    def exclude(self, seconds: float) -> None:
+        self._excluded += seconds
+
+    def figures(self, rounds: int) -> dict:
+        end = self._now()
+        node, worker, own = (b - a for a, b in zip(self._start, end))
+        ms = 1000.0 / rounds
+        out = {"node_each": node * ms / len(self.nodes), "worker_each": worker * ms / max(1, len(self.workers)),
+               "researcher": (own - self._excluded) * ms}
+        out["total"] = node * ms + worker * ms + out["researcher"]
+        return {k: round(v, 2) for k, v in out.items()}
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
 
 
 def _frames(buf) -> list:
@@ -175,18 +223,23 @@ class FloorSide:
 
 
 def run_floor(params: int, k: int, rounds: int) -> dict:
-    """Rounds of tools/bench_floor.py's lean durable baseline (after one warm-up)."""
+    """Rounds of tools/bench_floor.py's lean durable baseline (after one warm-up), and the CPU
+    they cost by kind of process."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as meshfl's researcher does in a round: idle intra-op threads spin
     with tempfile.TemporaryDirectory(prefix="meshfl-bench-floor-") as tmp:
         side = FloorSide(k, Path(tmp))
         try:
             model = torch.zeros(params)
-            times = [side.round_trip(model) for _ in range(1 + rounds)][1:]
+            side.round_trip(model)  # warm-up
+            cpu = CpuPerRound([child.pid for child in side.children])
+            times = [side.round_trip(model) for _ in range(rounds)]
+            cpu_ms = cpu.figures(rounds)
         finally:
             side.close()
             torch.set_num_threads(threads)
-    return {"floor_median_round_s": round(statistics.median(times), 4), "floor_round_times_s": [round(t, 4) for t in times]}
+    return {"floor_median_round_s": round(statistics.median(times), 4), "floor_round_times_s": [round(t, 4) for t in times],
+            "floor_cpu_ms_per_round": cpu_ms}
 
 
 def main() -> None:

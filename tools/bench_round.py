@@ -9,6 +9,9 @@ so machine noise hits both alike. Prints JSON: median round time of each and the
 researcher's peak RSS above its baseline in model sizes, and the fixed cost of a small round;
 with each series' quartiles and extremes, and those of the per-round ratio (each meshfl round
 over the raw round trip right after it), since one median hides how noisy these machines are.
+Each case also reports the CPU a round costs by kind of process (a node, its worker, the
+researcher; the floor's alike): on a small machine the round is CPU-bound, so this says where
+its time goes, and it is steadier than wall time.
 
 Right after the small case, the same round runs as tools/bench_floor.py: a lean script that does
 only the durable work the design requires (a synced commit of each task, of its result and of
@@ -40,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_floor import run_floor  # noqa: E402
+from bench_floor import CpuPerRound, own_cpu_s, run_floor  # noqa: E402
 from bench_wire import RawSide, rss_mb  # noqa: E402
 from meshfl.home import Home  # noqa: E402
 from meshfl.node._datasets import DatasetRegistry  # noqa: E402
@@ -136,16 +139,23 @@ def run_case(params: int, k: int, rounds: int, root: Path) -> dict:
         peak = PeakRss()
         base = rss_mb()
         raw_times: list[float] = []
+        cpu: list[CpuPerRound] = []
 
         def between_rounds(entry: dict) -> None:
             if entry["round"] == 1 + rss_rounds:
                 peak.active.clear()
             if entry["round"] >= 1 + rss_rounds:
+                spent = own_cpu_s()
                 raw_times.append(raw.round_trip(exp.global_state, entry["round"]))
+                if cpu:
+                    cpu[0].exclude(own_cpu_s() - spent)
+            if entry["round"] == 1 + rss_rounds:  # the timed rounds start
+                cpu.append(CpuPerRound([node.pid for node in nodes]))
 
         peak.active.set()
         exp.on_round = between_rounds
         history = exp.run()
+        cpu_ms = cpu[0].figures(rounds)
         peak.close()
         raw_times = raw_times[1:]  # the first raw round trip warms up too
         mesh_times = [h["seconds"] for h in history[1 + rss_rounds :]]
@@ -165,6 +175,8 @@ def run_case(params: int, k: int, rounds: int, root: Path) -> dict:
             "researcher_rss_baseline_mb": round(base),
             "researcher_peak_rss_above_baseline_mb": round(peak.peak - base),
             "researcher_peak_above_baseline_in_models": round((peak.peak - base) / model_mb, 2) if model_mb else None,
+            # CPU per round by kind of process: the round is CPU-bound here, so this is where its time goes
+            "meshfl_cpu_ms_per_round": cpu_ms,
             "meshfl_round_times_s": mesh_times,
             "raw_round_times_s": [round(t, 4) for t in raw_times],
         }
@@ -211,6 +223,8 @@ def main() -> None:
         "ratio_small_over_floor": small["ratio_meshfl_over_floor"],
         "small_round_ms": round(small["meshfl_median_round_s"] * 1000, 2),
         "small_round_floor_ms": round(floor["floor_median_round_s"] * 1000, 2),
+        "small_round_cpu_ms": small["meshfl_cpu_ms_per_round"]["total"],
+        "small_round_floor_cpu_ms": floor["floor_cpu_ms_per_round"]["total"],
     }
     if not args.small_only:
         large = out["cases"][1]
