@@ -48,10 +48,6 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def own_cpu_s() -> float:
-    return time.process_time()
-
-
 class CpuPerRound:
     """CPU a round costs, by kind of process: the nodes (``nodes``, their pids), their workers
     (the nodes' child processes) and this process (the researcher). The round is CPU-bound on
@@ -65,7 +61,7 @@ class CpuPerRound:
         self._excluded = 0.0
 
     def _now(self) -> tuple[float, float, float]:
-        return (sum(map(cpu_s, self.nodes)), sum(map(cpu_s, self.workers)), own_cpu_s())
+        return (sum(map(cpu_s, self.nodes)), sum(map(cpu_s, self.workers)), time.process_time())
 
     def exclude(self, seconds: float) -> None:
         self._excluded += seconds

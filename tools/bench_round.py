@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_floor import CpuPerRound, own_cpu_s, run_floor  # noqa: E402
+from bench_floor import CpuPerRound, run_floor  # noqa: E402
 from bench_wire import RawSide, rss_mb  # noqa: E402
 from meshfl.home import Home  # noqa: E402
 from meshfl.node._datasets import DatasetRegistry  # noqa: E402
@@ -145,10 +146,10 @@ def run_case(params: int, k: int, rounds: int, root: Path) -> dict:
             if entry["round"] == 1 + rss_rounds:
                 peak.active.clear()
             if entry["round"] >= 1 + rss_rounds:
-                spent = own_cpu_s()
+                spent = time.process_time()
                 raw_times.append(raw.round_trip(exp.global_state, entry["round"]))
                 if cpu:
-                    cpu[0].exclude(own_cpu_s() - spent)
+                    cpu[0].exclude(time.process_time() - spent)
             if entry["round"] == 1 + rss_rounds:  # the timed rounds start
                 cpu.append(CpuPerRound([node.pid for node in nodes]))
 
