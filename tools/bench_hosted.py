@@ -17,7 +17,8 @@ it, in model sizes (median and max over the measured cycles; goal <= 4, whatever
 clients). ``host_kept_in_models_per_cycle`` is what of that stays after each measured cycle: on
 a young host about half of it is libzmq's per-connection message queues being touched for the
 first time, about 0.5 KB per client per cycle of four small requests until some 56 KB per
-client, then flat (tools/bench_zmq_queues.py measures that on plain pyzmq sockets).
+client, then flat (tools/bench_zmq_queues.py measures that on plain pyzmq sockets). Both are
+printed cycle by cycle too (``host_peak_in_models_per_cycle``, ``host_kept_in_models_per_cycle_each``).
 The run is CPU-bound on small machines, so the CPU of each side per cycle is printed too
 (``host_cpu_s_per_cycle``, ``hosted_clients_cpu_s_per_cycle`` and the raw server's and clients'),
 and what holding every client's link costs while nothing moves (``host_idle_cpu_percent``).
@@ -234,6 +235,8 @@ def part1(args, root: Path) -> dict:
             "ratio_over_plaintext": round(statistics.median(plain), 2),
             "host_peak_in_models": round(statistics.median(peaks[1:]), 2),
             "host_peak_in_models_max": round(max(peaks[1:]), 2),
+            "host_peak_in_models_per_cycle": [round(p, 2) for p in peaks[1:]],
+            "host_kept_in_models_per_cycle_each": [round((b - a) / model_bytes, 2) for a, b in zip(bases[1:], bases[2:])],
             "host_kept_in_models_per_cycle": round((bases[-1] - bases[1]) / args.turns / model_bytes, 2),
             # the run is CPU-bound on small machines: the host's share of it, per cycle
             "host_cpu_s_per_cycle": round(statistics.median(host_cpu[1:]), 3),
