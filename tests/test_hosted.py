@@ -317,9 +317,6 @@ def test_an_aggregate_that_overflows_makes_no_version_and_the_next_cycle_starts_
             torch.testing.assert_close(v, initial[k])
         [event] = _discarded(host)
         assert event["reason"] == "non_finite_aggregate" and event["cycle"] == 0 and event["diffs"] == 2
-        with pytest.raises(RemoteError) as exc:  # a ticket names its cycle: the discarded one's are done
-            a.push("m", _ticket(b)["ticket"], 0, _diff(host, fill=-1.0), 10)
-        assert _code(exc) == "not_accepted"
         for c in (a, b):  # the next cycle takes diffs as usual
             c.push("m", _ticket(c)["ticket"], 0, _diff(host, fill=-near_max), 10)
         assert host.wait_version("m", 1, timeout=10)
@@ -338,11 +335,11 @@ def test_a_buffer_that_overflows_leaves_the_server_momentum_as_it_was(host, ctx)
     try:
         a.push("m", _ticket(a)["ticket"], 0, _diff(host, fill=1.0), 10)  # momentum b = 1, the model + 1
         assert host.wait_version("m", 1, timeout=10)
-        b.push("m", _ticket(b)["ticket"], 1, _diff(host, fill=3.4e38), 10)  # b would be 3.4e38 + 0.5: inf
+        b.push("m", _ticket(b)["ticket"], 1, _diff(host, fill=3.4e38), 10)  # 10 samples x 3.4e38: inf
         [event] = _discarded(host)
         assert event["reason"] == "non_finite_aggregate" and event["version"] == 1
         assert host.status("m")[0]["version"] == 1
-        c.push("m", _ticket(c)["ticket"], 1, _diff(host, fill=2.0), 10)  # b = 0.5 * 1 + 2, untouched by b's
+        c.push("m", _ticket(c)["ticket"], 1, _diff(host, fill=2.0), 10)  # momentum 0.5 * 1 + 2: b's left no trace
         assert host.wait_version("m", 2, timeout=10)
         for k, v in host.model("m").items():
             torch.testing.assert_close(v, v0[k] + 1.0 + 2.5)

@@ -489,11 +489,10 @@ class Host:
         name = live.record["name"]
         old_cycle = live.cycle["cycle"]
         cycle = _new_cycle(old_cycle + 1, live.version, time.time(), live.config)
-        diffs = self.state.diffs(name, old_cycle)
 
         def write(tx) -> None:
             tx.put(CYCLES, name, cycle)
-            for rec in diffs:
+            for rec in self.state.diffs(name, old_cycle):  # joins this transaction
                 tx.delete(DIFFS, diff_key(name, old_cycle, rec["client"], rec["ticket"]))
             self.home.audit.append(event, model=name, cycle=old_cycle, version=live.version, **audit)
 
