@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from helpers.data import write_blobs_csv
-from helpers.hostile_plans import GreedyPlan, ScratchPlan, ShellPlan, SnoopPlan, SocketPlan, SpinPlan
+from helpers.hostile_plans import GreedyPlan, ScratchPlan, ShellPlan, SnoopPlan, SocketPlan, SpinPlan, WreckPlan
 from helpers.plans import TinyPlan
 from meshfl.node._sandbox import protections
 from meshfl.researcher import Experiment, RoundFailed
@@ -27,7 +27,7 @@ def mesh():
     with FederatedMesh(1, node_config={"plan_memory_mb": CAP_MB, "plan_cpu_seconds": 3.0}) as m:
         node = m.nodes[0]
         node.datasets.add("blobs", ["blobs"], "csv", write_blobs_csv(node.home.path / "blobs.csv", n=40), target="target")
-        for plan in (TinyPlan, GreedyPlan, SocketPlan, SnoopPlan, ShellPlan, SpinPlan, ScratchPlan):
+        for plan in (TinyPlan, GreedyPlan, SocketPlan, SnoopPlan, ShellPlan, SpinPlan, ScratchPlan, WreckPlan):
             m.approve(plan)
         yield m
 
@@ -74,6 +74,13 @@ def test_a_plan_that_opens_a_socket_fails_even_if_it_swallows_the_refusal(mesh):
 
 def test_a_plan_that_reads_etc_passwd_fails(mesh):
     assert "/etc/passwd" in _violation(mesh, SnoopPlan)
+
+
+def test_a_plan_that_deletes_a_file_of_the_node_fails_and_the_file_stays(mesh):
+    victim = mesh.nodes[0].home.path / "victim.txt"
+    victim.write_text("the operator's")
+    assert "os.remove" in _violation(mesh, WreckPlan, victim=str(victim))
+    assert victim.read_text() == "the operator's"
 
 
 def test_a_plan_that_forks_a_shell_fails(mesh):

@@ -14,8 +14,10 @@ Protections, from strongest to weakest (docs/security.md says what each one cove
   task's allowance: the kernel stops the worker (SIGXCPU) when a task exceeds it.
 * **Audit hook** (PEP 578) - refuses, and records, socket creation, starting processes (fork,
   exec, spawn, system), loading native libraries with ctypes, signalling other processes, making
-  links, and opening or listing files outside the task's dataset, its scratch folder, its model
-  pack, the folders the operator allowed and Python's own installation (read-only). This is a
+  links, opening or listing files outside the task's dataset, its scratch folder, its model
+  pack, the folders the operator allowed and Python's own installation (read-only), and
+  removing, renaming, or changing modes, owners or sizes anywhere but in what the task may write
+  (its scratch folder, its pack and its state). This is a
   tripwire, not a boundary: code in the same interpreter can get around it (with ctypes already
   loaded by a library, say). It catches careless or naive plans and leaves evidence; the
   namespaces and limits above are what the kernel enforces.
@@ -52,6 +54,12 @@ _BLOCKED = {
     "os.symlink": "made a symbolic link",
     "os.link": "made a hard link",
 }
+#: Events that destroy or alter what is there without opening a file, and where in each one's
+#: arguments its paths are, each with the index of its ``dir_fd`` (-1: not relative to one).
+#: Making a folder is not among them: libraries make cache folders of their own (torch's
+#: inductor makes one in /tmp), and an empty folder harms nobody.
+_CHANGES = {"os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.chmod": ((0, 2),), "os.chown": ((0, 3),),
+            "os.truncate": ((0, None),), "os.rename": ((0, 2), (1, 3))}
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 _SYSTEM_READS = ("/proc/self/", f"/proc/{os.getpid()}/", "/sys/devices/system/cpu/", "/sys/fs/cgroup/",
                  "/dev/null", "/dev/urandom", "/dev/random", "/proc/cpuinfo", "/proc/meminfo", "/etc/localtime")
@@ -162,6 +170,12 @@ class Jail:
             self._refuse(f"the plan {_BLOCKED[event]} ({event})")
         elif event == "open":
             self._check_open(args)
+        elif event in _CHANGES:
+            for path_at, dir_fd_at in _CHANGES[event]:
+                path = args[path_at]
+                dir_fd = args[dir_fd_at] if dir_fd_at is not None else -1
+                if isinstance(path, (str, bytes)) and not _under(_real(path, dir_fd), self.task_writes):
+                    self._refuse(f"the plan changed {_show(path)} ({event}), outside its scratch folder")
         elif event in ("os.listdir", "os.scandir"):
             path = args[0] if args else "."
             if isinstance(path, (str, bytes)) and not self._may_read(_real(path)):
@@ -219,9 +233,13 @@ def _roots(paths: list[str]) -> tuple[str, ...]:
     return tuple(_real(p) for p in paths if p)
 
 
-def _real(path: Any) -> str:
+def _real(path: Any, dir_fd: int | None = -1) -> str:
+    """The real path of ``path``; one relative to an open folder (``dir_fd``, as ``shutil.rmtree``
+    removes) is taken from where that folder is."""
     if isinstance(path, bytes):
         path = os.fsdecode(path)
+    if dir_fd not in (None, -1) and not os.path.isabs(path):
+        path = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
     return os.path.realpath(path)
 
 

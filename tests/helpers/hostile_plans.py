@@ -1,6 +1,7 @@
 """Plans that break the node's sandbox rules, one rule each (own module: only these imports travel)."""
 
 import os
+import shutil
 import socket
 import subprocess
 
@@ -70,8 +71,22 @@ class SpinPlan(TorchTrainingPlan):
             x += 1
 
 
+class WreckPlan(TorchTrainingPlan):
+    """Deletes a file of the node's (``args["victim"]``), and carries on if that fails."""
+
+    def init_model(self, features=4, classes=2):
+        return nn.Linear(features, classes)
+
+    def train(self, model, train, args, device):
+        try:
+            os.remove(args["victim"])
+        except OSError:
+            pass
+        return {"steps": 0}
+
+
 class ScratchPlan(TorchTrainingPlan):
-    """Writes into its working folder (its scratch folder) and reports where that is."""
+    """Writes into its working folder (its scratch folder), tidies up there, and reports where that is."""
 
     def init_model(self, features=4, classes=2):
         return nn.Linear(features, classes)
@@ -79,7 +94,10 @@ class ScratchPlan(TorchTrainingPlan):
     def train(self, model, train, args, device):
         with open("notes.txt", "w") as f:
             f.write("intermediate results")
-        torch.save({"w": model.weight.detach()}, "checkpoint.pt")
+        os.makedirs("tmp/epochs")
+        torch.save({"w": model.weight.detach()}, "tmp/epochs/1.pt")
+        os.rename("tmp/epochs/1.pt", "checkpoint.pt")
+        shutil.rmtree("tmp")  # removes relative to the folder it opened (dir_fd)
         here = os.getcwd()
         return {"in_scratch": float(os.path.basename(os.path.dirname(here)) == "scratch"),
                 "wrote": float(os.path.exists(os.path.join(here, "checkpoint.pt")))}
