@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from helpers.data import write_blobs_csv
-from helpers.hostile_plans import GreedyPlan, ScratchPlan, ShellPlan, SnoopPlan, SocketPlan, SpinPlan, WreckPlan
+from helpers.hostile_plans import GreedyPlan, ScratchPlan, ShellPlan, SnoopPlan, SocketPlan, SpinPlan, UncapPlan, WreckPlan
 from helpers.plans import TinyPlan
 from meshfl.node._sandbox import protections
 from meshfl.researcher import Experiment, RoundFailed
@@ -27,7 +27,8 @@ def mesh():
     with FederatedMesh(1, node_config={"plan_memory_mb": CAP_MB, "plan_cpu_seconds": 3.0}) as m:
         node = m.nodes[0]
         node.datasets.add("blobs", ["blobs"], "csv", write_blobs_csv(node.home.path / "blobs.csv", n=40), target="target")
-        for plan in (TinyPlan, GreedyPlan, SocketPlan, SnoopPlan, ShellPlan, SpinPlan, ScratchPlan, WreckPlan):
+        for plan in (TinyPlan, GreedyPlan, SocketPlan, SnoopPlan, ShellPlan, SpinPlan, ScratchPlan, WreckPlan,
+                     UncapPlan):
             m.approve(plan)
         yield m
 
@@ -89,6 +90,10 @@ def test_a_plan_that_forks_a_shell_fails(mesh):
 
 def test_a_plan_that_burns_cpu_past_its_cap_fails(mesh):
     assert "CPU-time cap" in _violation(mesh, SpinPlan)
+
+
+def test_a_plan_that_lifts_its_own_cpu_cap_fails(mesh):
+    assert "resource limits" in _violation(mesh, UncapPlan)
 
 
 def test_a_plan_writes_only_in_its_scratch_folder_which_is_removed_after(mesh):

@@ -11,7 +11,9 @@ Protections, from strongest to weakest (docs/security.md says what each one cove
   copy-on-write mappings; unlike ``RLIMIT_AS`` it leaves room for CUDA's address-space
   reservations). An allocation beyond it fails inside the plan.
 * **CPU-time cap** - ``RLIMIT_CPU``, reset before each task to what the worker has used plus the
-  task's allowance: the kernel stops the worker (SIGXCPU) when a task exceeds it.
+  task's allowance: the kernel stops the worker (SIGXCPU) when a task exceeds it. It is the soft
+  limit (a hard one could not be raised for the next task), so the audit hook refuses a plan's
+  own ``setrlimit``.
 * **Audit hook** (PEP 578) - refuses, and records, socket creation, starting processes (fork,
   exec, spawn, system), loading native libraries with ctypes, signalling other processes, making
   links, opening or listing files outside the task's dataset, its scratch folder, its model
@@ -53,6 +55,8 @@ _BLOCKED = {
     "ctypes.dlopen": "loaded a native library",
     "os.symlink": "made a symbolic link",
     "os.link": "made a hard link",
+    "resource.setrlimit": "changed its resource limits (the CPU-time cap is one)",
+    "resource.prlimit": "changed or read resource limits with prlimit",
 }
 #: Events that destroy or alter what is there without opening a file, and where in each one's
 #: arguments its paths are, each with the index of its ``dir_fd`` (-1: not relative to one).

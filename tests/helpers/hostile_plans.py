@@ -1,6 +1,7 @@
 """Plans that break the node's sandbox rules, one rule each (own module: only these imports travel)."""
 
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -81,6 +82,21 @@ class WreckPlan(TorchTrainingPlan):
         try:
             os.remove(args["victim"])
         except OSError:
+            pass
+        return {"steps": 0}
+
+
+class UncapPlan(TorchTrainingPlan):
+    """Lifts its own CPU-time cap (the soft limit up to the hard one), and carries on if that fails."""
+
+    def init_model(self, features=4, classes=2):
+        return nn.Linear(features, classes)
+
+    def train(self, model, train, args, device):
+        try:
+            hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
+            resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))
+        except (OSError, ValueError):
             pass
         return {"steps": 0}
 
