@@ -59,7 +59,8 @@ _BLOCKED = {
     "resource.prlimit": "changed or read resource limits with prlimit",
 }
 #: Events that destroy or alter what is there without opening a file, and where in each one's
-#: arguments its paths are, each with the index of its ``dir_fd`` (-1: not relative to one).
+#: arguments its paths are, each with the index of its ``dir_fd`` (None: it has none; CPython
+#: reports an absent ``dir_fd`` as -1).
 #: Making a folder is not among them: libraries make cache folders of their own (torch's
 #: inductor makes one in /tmp), and an empty folder harms nobody.
 _CHANGES = {"os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.chmod": ((0, 2),), "os.chown": ((0, 3),),
@@ -237,12 +238,12 @@ def _roots(paths: list[str]) -> tuple[str, ...]:
     return tuple(_real(p) for p in paths if p)
 
 
-def _real(path: Any, dir_fd: int | None = -1) -> str:
+def _real(path: Any, dir_fd: int = -1) -> str:
     """The real path of ``path``; one relative to an open folder (``dir_fd``, as ``shutil.rmtree``
     removes) is taken from where that folder is."""
     if isinstance(path, bytes):
         path = os.fsdecode(path)
-    if dir_fd not in (None, -1) and not os.path.isabs(path):
+    if dir_fd != -1 and not os.path.isabs(path):
         path = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
     return os.path.realpath(path)
 
